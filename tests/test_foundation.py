@@ -1,0 +1,142 @@
+"""The reference models, the tokenizer, the chat template, and the installed command."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests import reference as ref
+
+SPECIAL = {"<start_of_image>": 255999, "<end_of_image>": 256000, "<image_soft_token>": 262144,
+           "<end_of_turn>": 106, "<bos>": 2, "<eos>": 1}
+
+
+def _tokenizer(path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _image(seed, size=(320, 240)):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _chat(image, text="Describe this image."):
+    return [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+
+
+def test_tokenizer_maps_special_tokens_both_ways(tiny_dir):
+    tok = _tokenizer(tiny_dir)
+    for text, idx in SPECIAL.items():
+        assert tok.convert_tokens_to_ids(text) == idx, text
+        assert tok.convert_ids_to_tokens(idx) == text, idx
+        assert tok.encode(text, add_special_tokens=False) == [idx], text
+
+
+def test_tokenizer_agrees_with_llama_cpp_on_real_text(tiny_dir, gemma270m_gguf):
+    """Our rebuilt tokenizer splits text exactly as llama.cpp does on the original GGUF."""
+    import llama_cpp
+    llm = llama_cpp.Llama(str(gemma270m_gguf), n_ctx=64, vocab_only=True, verbose=False)
+    tok = _tokenizer(tiny_dir)
+    text = (Path(__file__).parent / "data" / "medical_text.txt").read_text()
+    samples = [text, "hello world", "  two  spaces\n\n\ttab 12345 émoji 🙂", "CT: -1024 HU; T2-FLAIR."]
+    for s in samples:
+        ours = tok.encode(s, add_special_tokens=False)
+        theirs = llm.tokenize(s.encode("utf-8"), add_bos=False, special=False)
+        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
+        assert ours == theirs, f"first difference at token {first} of {s[:40]!r}: {ours[:12]} vs {theirs[:12]}"
+
+
+def test_chat_template_folds_system_into_first_user_turn(tiny_dir):
+    tok = _tokenizer(tiny_dir)
+    msgs = [{"role": "system", "content": "You are a helpful medical assistant."},
+            {"role": "user", "content": [{"type": "text", "text": "What is a normal heart rate?"}]},
+            {"role": "assistant", "content": "60 to 100 beats per minute."},
+            {"role": "user", "content": "And in children?"}]
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert text == ("<bos><start_of_turn>user\nYou are a helpful medical assistant.\n\n"
+                    "What is a normal heart rate?<end_of_turn>\n"
+                    "<start_of_turn>model\n60 to 100 beats per minute.<end_of_turn>\n"
+                    "<start_of_turn>user\nAnd in children?<end_of_turn>\n<start_of_turn>model\n")
+
+
+def test_tiny_has_medgemma_structure(tiny_dir):
+    import json
+
+    cfg = json.loads((tiny_dir / "config.json").read_text())
+    v, t = cfg["vision_config"], cfg["text_config"]
+    assert (v["image_size"], v["patch_size"], cfg["mm_tokens_per_image"]) == (896, 14, 256)
+    assert {"sliding_attention", "full_attention"} == set(t["layer_types"])
+    assert t["vocab_size"] == 262208 and cfg.get("tie_word_embeddings", True)
+    for width in (t["hidden_size"], t["intermediate_size"], t["num_attention_heads"] * t["head_dim"]):
+        assert width % 256 == 0, width
+
+
+def test_tiny_weights_are_not_flat(tiny_dir):
+    """No tensor may be constant: a zero projector or flat norm would hide export bugs."""
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_dir / "model.safetensors"), "np") as f:
+        flat = [k for k in f.keys() if f.get_tensor(k).size > 1 and np.ptp(f.get_tensor(k)) == 0]
+        names = list(f.keys())
+    assert not flat, f"constant tensors: {flat}"
+    assert any(n.startswith("language_model.model.") for n in names)  # published MedGemma spelling
+    assert any(n.startswith("vision_tower.vision_model.") for n in names)
+    assert "multi_modal_projector.mm_input_projection_weight" in names
+
+
+def test_tiny_generates_from_text_and_one_image(tiny_dir):
+    ids, _ = ref.greedy_generate(tiny_dir, _chat(_image(0)), max_new_tokens=6)
+    assert len(ids) == 6
+    ids_text, _ = ref.greedy_generate(
+        tiny_dir, [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}], max_new_tokens=6)
+    assert len(ids_text) == 6
+
+
+def test_two_images_change_the_next_token_clearly(tiny_dir):
+    a = ref.next_token_logits(tiny_dir, _chat(_image(1)))
+    b = ref.next_token_logits(tiny_dir, _chat(_image(2)))
+    rel = np.abs(a - b).max() / np.abs(a).max()
+    print(f"relative max logit change between two images: {rel:.4f}")
+    assert rel > 0.05, f"images barely matter: relative change {rel:.2e}"
+
+
+def test_one_grey_level_changes_image_features(tiny_dir):
+    rng = np.random.default_rng(3)
+    px = rng.integers(1, 255, (896, 896, 3)).astype(np.float32)
+    to_model = lambda u8: ((u8 / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)[None].astype(np.float32)
+    f0 = ref.image_features(tiny_dir, to_model(px))
+    f1 = ref.image_features(tiny_dir, to_model(px + 1))
+    rel = np.abs(f0 - f1).max() / np.abs(f0).max()
+    print(f"relative feature change for one grey level: {rel:.2e}")
+    assert rel > 1e-4, f"a one-level shift is invisible: {rel:.2e}"
+
+
+def test_gemma3_270m_agrees_with_llama_cpp_teacher_forced(gemma270m_dir, gemma270m_gguf):
+    """Real weights: transformers on our checkpoint vs llama.cpp on the original GGUF, top-1 ≥ 95 %."""
+    import llama_cpp
+    text = (Path(__file__).parent / "data" / "medical_text.txt").read_text()
+    llm = llama_cpp.Llama(str(gemma270m_gguf), n_ctx=1024, logits_all=True, n_threads=2, verbose=False)
+    ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[: len(ids)])
+    ours = ref.logits_for_ids(gemma270m_dir, ids)
+    agree = (ours.argmax(-1) == theirs.argmax(-1)).mean()
+    print(f"top-1 agreement over {len(ids)} positions: {agree:.3f}; "
+          f"worst |d| {np.abs(ours - theirs).max():.3f}")
+    assert len(ids) >= 250
+    assert agree >= 0.95, f"top-1 agreement {agree:.3f} < 0.95"
+
+
+def test_console_script_help():
+    exe = shutil.which("medgemma-edge") or str(Path(sys.executable).parent / "medgemma-edge")
+    out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "MedGemma" in out.stdout
+    ver = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
+    assert ver.returncode == 0 and "medgemma-edge" in ver.stdout
