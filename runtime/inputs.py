@@ -23,7 +23,9 @@ class Picture:
 
 
 def is_dicom_path(src) -> bool:
-    """True for a DICOM file (the 'DICM' marker at byte 128), a directory, or a list of paths."""
+    """True for DICOM bytes or a DICOM file (the 'DICM' marker at byte 128), a directory, or a list of paths."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return len(src) >= 132 and bytes(src[128:132]) == b"DICM"
     if isinstance(src, (list, tuple)):
         return len(src) > 0 and all(isinstance(p, (str, os.PathLike)) for p in src)
     if not isinstance(src, (str, os.PathLike)):

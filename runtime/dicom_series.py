@@ -1,0 +1,221 @@
+"""One series in: gather its files, refuse a mix, order the slices, keep at most `max_slices`.
+
+Rules (MedGemma 1.5's CT notebook): slices ordered by InstanceNumber, and with n > max slices the
+ones kept are `slices[round(i / max · (n − 1))]` for i = 1..max. Where InstanceNumber is missing
+or repeated, the position along the slice normal (ImagePositionPatient · (row × column direction
+from ImageOrientationPatient)) orders them instead. Frames of a multi-frame file are slices in
+file order.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.multival import MultiValue
+from pydicom.uid import UID
+
+from runtime.dicom_read import NOT_PICTURES, Source, code, floats, read, tag
+from runtime.dicom_read import no_image_message
+from runtime.errors import InputError
+
+MODALITIES = ("CT", "MR", "CR", "DX", "MG", "IO", "PX", "RG", "XA", "RF", "US", "NM", "PT",
+              "OT", "XC", "ES", "GM", "SM", "OP", "RTIMAGE", "RTDOSE", "SEG")
+_MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: an index of files, not an image
+
+
+@dataclass
+class Instance:
+    source: Source
+    ds: object  # pydicom Dataset; its pixel data is read only when `complete`
+    complete: bool
+    modality: str  # one of MODALITIES, or "" when absent or unknown
+    series_uid: str | None  # grouping only: a UID can identify a study, so it is never shown
+    series_number: int | None
+    instance_number: int | None
+    position: tuple[float, float, float] | None
+    orientation: tuple[float, ...] | None
+    frames: int
+    localizer: bool
+
+
+@dataclass
+class Slice:
+    instance: Instance
+    frame: int  # index into a multi-frame file; 0 for single-frame files
+
+
+def select_indices(n: int, max_slices: int) -> list[int]:
+    """Indices kept of n ordered slices: all when n ≤ max, else round(i/max·(n−1)), i = 1..max."""
+    if n <= max_slices:
+        return list(range(n))
+    # Python's round (half to even) is what the notebook's int(round(...)) does.
+    return [round(i / max_slices * (n - 1)) for i in range(1, max_slices + 1)]
+
+
+def gather(src, max_slices: int) -> list[Slice]:
+    """The kept slices of the one series in `src` (a path, a directory, a list, or bytes)."""
+    instances = _read_instances(_sources(src), _describe(src))
+    instances = _order(_one_series(instances))
+    # Slice i of the whole series lives in the instance whose frame range holds i; found by
+    # bisection, since a damaged header may claim millions of frames we never list.
+    ends = list(itertools.accumulate(inst.frames for inst in instances))
+    kept = []
+    for i in select_indices(ends[-1], max_slices):
+        k = bisect.bisect_right(ends, i)
+        kept.append(Slice(instances[k], i - (ends[k - 1] if k else 0)))
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _describe(src) -> str:
+    if isinstance(src, (str, os.PathLike)):
+        return str(src)
+    if isinstance(src, (list, tuple)):
+        return f"the {len(src)} files given"
+    return "the DICOM data"
+
+
+def _sources(src) -> list[Source]:
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return [Source("DICOM bytes", data=bytes(src))]
+    if hasattr(src, "read"):
+        try:
+            data = src.read()
+        except Exception as err:
+            raise InputError(f"cannot read the DICOM stream ({type(err).__name__}) — pass the "
+                             f"file's path or its bytes") from None
+        if not isinstance(data, (bytes, bytearray)):
+            raise InputError("the DICOM stream gave text, not bytes — open the file in binary "
+                             "mode ('rb')")
+        return [Source("DICOM stream", data=bytes(data))]
+    if isinstance(src, (str, os.PathLike)):
+        return _path_sources(src)
+    if isinstance(src, (list, tuple)) and src:
+        if not all(isinstance(p, (str, os.PathLike)) for p in src):
+            raise InputError("a DICOM list must hold file paths — pass paths to the files of "
+                             "one series")
+        return [s for p in src for s in _path_sources(p)]
+    raise InputError(f"cannot read DICOM from {type(src).__name__} — pass a file path, a "
+                     f"directory holding one series, a list of files, or the file's bytes")
+
+
+def _path_sources(item) -> list[Source]:
+    path = Path(item)
+    if path.is_dir():
+        found = []
+        for root, dirs, files in os.walk(path):
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+            for name in sorted(files):
+                if not name.startswith("."):
+                    full = Path(root) / name
+                    found.append(Source(str(full), path=full, explicit=False))
+        if not found:
+            raise InputError(f"{item}: the directory is empty — point at the directory that "
+                             f"holds the series' DICOM files")
+        return found
+    if not path.exists():
+        raise InputError(f"{item}: no such file or directory — check the path")
+    return [Source(str(item), path=path)]
+
+
+def _read_instances(sources: list[Source], what: str) -> list[Instance]:
+    # One file: read it whole now. Many: headers only, pixels later for the kept slices.
+    header_only = len(sources) > 1
+    instances, skipped = [], 0
+    for source in sources:
+        ds = read(source, header_only=header_only)
+        if ds is None:
+            skipped += 1
+            continue
+        inst = _instance(source, ds, complete=not header_only)
+        if inst is None:
+            skipped += 1
+            continue
+        instances.append(inst)
+    if not instances:
+        extra = f" ({skipped} files were not DICOM images)" if skipped else ""
+        raise InputError(f"{what}: holds no DICOM images{extra} — point at the directory of "
+                         f"one CT, MR or X-ray series")
+    return instances
+
+
+def _instance(source: Source, ds, complete: bool) -> Instance | None:
+    """Header → Instance; None for an object in a directory that is not a picture."""
+    sop = str(tag(ds, "SOPClassUID", source, str, "", strict=False))
+    modality = code(tag(ds, "Modality", source, str, "", strict=False), MODALITIES, "")
+    if not modality and sop:
+        modality = _modality_from_class(sop)
+    has_pixels = "Rows" in ds or "PixelData" in ds
+    if sop == _MEDIA_DIRECTORY or not has_pixels or modality in NOT_PICTURES:
+        if not source.explicit:
+            return None
+        if modality in NOT_PICTURES:
+            raise InputError(f"{source.name}: this is {NOT_PICTURES[modality]}, not a picture "
+                             f"MedGemma reads — pass the images it was made from (e.g. the CT)")
+        raise InputError(no_image_message(ds, source))
+    image_type = tag(ds, "ImageType", source, _upper_values, [], strict=False)
+    return Instance(
+        source=source, ds=ds, complete=complete, modality=modality,
+        series_uid=tag(ds, "SeriesInstanceUID", source, str, None, strict=False),
+        series_number=tag(ds, "SeriesNumber", source, int, None, strict=False),
+        instance_number=tag(ds, "InstanceNumber", source, int, None, strict=False),
+        position=tag(ds, "ImagePositionPatient", source, floats(3), None, strict=False),
+        orientation=tag(ds, "ImageOrientationPatient", source, floats(6), None, strict=False),
+        frames=max(tag(ds, "NumberOfFrames", source, int, 1) or 1, 1),
+        localizer="LOCALIZER" in image_type,
+    )
+
+
+def _upper_values(value) -> list[str]:
+    values = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+    return [str(v).strip().upper() for v in values]
+
+
+def _modality_from_class(sop: str) -> str:
+    try:
+        name = UID(sop).name
+    except Exception:
+        return ""
+    for modality in ("CT", "MR"):
+        if f"{modality} Image Storage" in name:  # plain, Enhanced and Legacy Converted classes
+            return modality
+    return ""
+
+
+def _one_series(instances: list[Instance]) -> list[Instance]:
+    groups = Counter(inst.series_uid for inst in instances)
+    if len(groups) > 1:
+        parts = []
+        for uid, count in groups.items():
+            inst = next(i for i in instances if i.series_uid == uid)
+            label = f"series {inst.series_number}" if inst.series_number is not None else "a series"
+            parts.append(f"{label}: {inst.modality or 'unknown modality'}, {count} files")
+        raise InputError(f"the input mixes {len(groups)} series ({'; '.join(parts)}) — pass one "
+                         f"series at a time: its own directory or its files")
+    modalities = {inst.modality for inst in instances}
+    if len(modalities) > 1:
+        shown = ", ".join(sorted(m or "unknown" for m in modalities))
+        raise InputError(f"one series holds several modalities ({shown}) — pass the files of "
+                         f"one modality")
+    # A scout image filed with the axial slices would become slice 1 of the volume.
+    if any(i.localizer for i in instances) and not all(i.localizer for i in instances):
+        instances = [i for i in instances if not i.localizer]
+    return instances
+
+
+def _order(instances: list[Instance]) -> list[Instance]:
+    numbers = [i.instance_number for i in instances]
+    if None not in numbers and len(set(numbers)) == len(numbers):
+        return sorted(instances, key=lambda i: i.instance_number)
+    orientation = instances[0].orientation
+    if orientation is not None and all(i.position is not None for i in instances):
+        normal = np.cross(orientation[:3], orientation[3:])
+        return sorted(instances, key=lambda i: float(np.dot(i.position, normal)))
+    return instances  # directory (path-sorted) or list order
