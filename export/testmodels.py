@@ -12,14 +12,14 @@ Each is rebuilt when its recipe (`RECIPE_VERSION`, the transformers version) cha
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
+from runtime.cache import cache_root
 from export.tokenizer_gguf import (BOS_ID, END_OF_IMAGE_ID, EOS_ID, IMAGE_SOFT_TOKEN_ID, PAD_ID,
                                    START_OF_IMAGE_ID, build_tokenizer)
 
-RECIPE_VERSION = "1"
+RECIPE_VERSION = "2"
 SEED = 1234
 
 # Widths are multiples of 256 so llama.cpp's K-quants (256-value super-blocks) apply to every row.
@@ -27,8 +27,11 @@ TINY_TEXT = dict(
     vocab_size=262208,  # MedGemma's embedding rows: more than the tokenizer's 262145 entries
     hidden_size=256, intermediate_size=512, num_hidden_layers=6,
     num_attention_heads=4, num_key_value_heads=2, head_dim=64, query_pre_attn_scalar=64,
-    # Short window so test prompts cross it; MedGemma's 5-local-1-global rhythm, shortened.
-    sliding_window=16,
+    # Short enough that test prompts cross it, but longer than one image block (256 tokens):
+    # transformers lets an image's tokens see each other across the window, llama.cpp's
+    # non-causal image batch does not, so a window under 256 makes the two disagree — a
+    # difference MedGemma (window 1024) never meets. MedGemma's local/global rhythm, shortened.
+    sliding_window=320,
     layer_types=["sliding_attention", "sliding_attention", "full_attention",
                  "sliding_attention", "sliding_attention", "full_attention"],
     rope_theta=1_000_000.0, rope_local_base_freq=10_000.0,
@@ -42,12 +45,6 @@ TINY_VISION = dict(
     image_size=896, patch_size=14, layer_norm_eps=1e-6, vision_use_head=False,
     hidden_act="gelu_pytorch_tanh",
 )
-
-
-def cache_root() -> Path:
-    root = Path(os.environ.get("MEDGEMMA_EDGE_CACHE", Path.home() / ".cache" / "medgemma-edge"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
 
 
 def _stamp() -> str:
@@ -174,6 +171,49 @@ def _build_gemma3_270m(out: Path) -> None:
     model = Gemma3ForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
     model.save_pretrained(out, safe_serialization=True)
     _copy_tokenizer(out)
+
+
+def _build_demo_checkpoint(out: Path) -> None:
+    """Real Gemma 3 270M text weights behind a small random SigLIP tower in MedGemma's layout.
+
+    Only for the built-in demo: it exercises the whole image path, but its image answers mean
+    nothing (the vision tower is noise) and the text model is a 270M base model, not MedGemma.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    src = build_gemma3_270m()
+    text = json.loads((src / "config.json").read_text())
+    for key in ("architectures", "transformers_version", "_model_name_or_path", "dtype", "torch_dtype"):
+        text.pop(key, None)
+    text["vocab_size"] = TINY_TEXT["vocab_size"]  # room for <image_soft_token>, as in MedGemma
+    config = Gemma3Config(text_config=text, vision_config=TINY_VISION, mm_tokens_per_image=256,
+                          boi_token_index=START_OF_IMAGE_ID, eoi_token_index=END_OF_IMAGE_ID,
+                          image_token_index=IMAGE_SOFT_TOKEN_ID, tie_word_embeddings=True)
+    torch.manual_seed(SEED)
+    model = Gemma3ForConditionalGeneration(config).eval()
+    fill_flat_weights(model)
+    weights = load_file(str(src / "model.safetensors"))
+    lm = model.model.language_model
+    with torch.no_grad():
+        emb = weights.pop("model.embed_tokens.weight")
+        lm.embed_tokens.weight[: emb.shape[0]] = emb
+        lm.embed_tokens.weight[emb.shape[0]:] = emb.mean(0)  # unused rows: harmless average
+        missing, unexpected = lm.load_state_dict(
+            {k.removeprefix("model."): v for k, v in weights.items() if k != "lm_head.weight"}, strict=False)
+    if unexpected or set(missing) != {"embed_tokens.weight"}:
+        raise RuntimeError(f"270M weights do not fit: missing {missing}, unexpected {unexpected}")
+    config.save_pretrained(out)
+    state = {k: v.to(torch.bfloat16) for k, v in published_state_dict(model).items()}
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for f in (build_tiny()).iterdir():  # tokenizer, chat template and image processor settings
+        if f.is_file() and f.name not in ("config.json", "model.safetensors", ".stamp"):
+            shutil.copy2(f, out / f.name)
+
+
+def build_demo_checkpoint() -> Path:
+    return _cached("demo-checkpoint", _build_demo_checkpoint)
 
 
 def build_tiny() -> Path:

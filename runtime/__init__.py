@@ -4,4 +4,12 @@ __version__ = "0.1.0"
 
 from runtime.errors import BundleError, InputError, MedGemmaEdgeError  # noqa: E402
 
-__all__ = ["__version__", "MedGemmaEdgeError", "InputError", "BundleError"]
+__all__ = ["__version__", "load", "MedGemmaEdgeError", "InputError", "BundleError"]
+
+
+def load(bundle_dir, device="auto", threads=None, context=4096, fit=None):
+    """Load a bundle: see `runtime.model.load`. Imported lazily so `import runtime` stays light."""
+    from runtime.model import load as _load
+    from runtime.preprocess import DEFAULT_FIT
+
+    return _load(bundle_dir, device=device, threads=threads, context=context, fit=fit or DEFAULT_FIT)

@@ -29,7 +29,7 @@ def _register_commands():
     # Commands live in their own modules (one concern each) and attach themselves to `main`.
     import importlib
 
-    for name in ("runtime.cli_images",):
+    for name in ("runtime.cli_images", "runtime.cli_ask", "runtime.cli_export"):
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as err:

@@ -26,3 +26,23 @@ def gemma270m_gguf():
     from export.testmodels import gemma3_270m_gguf
 
     return gemma3_270m_gguf()
+
+
+def _export(tmp_path_factory, src, name, quant, vision_quant):
+    from export.bundle import export_gguf
+
+    out = tmp_path_factory.mktemp("bundles") / name
+    export_gguf(src, out, quant=quant, vision_quant=vision_quant, quality=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_f32(tmp_path_factory, tiny_dir):
+    """`tiny` exported at f32 (text and vision): the parity bundle."""
+    return _export(tmp_path_factory, tiny_dir, "tiny-f32", "f32", "f32")
+
+
+@pytest.fixture(scope="session")
+def gemma270m_bundle_f32(tmp_path_factory, gemma270m_dir):
+    """Real Gemma 3 270M weights exported at f32 (text only)."""
+    return _export(tmp_path_factory, gemma270m_dir, "gemma270m-f32", "f32", None)

@@ -29,15 +29,23 @@ def load(checkpoint: str):
     return model, proc, multimodal
 
 
+def _listed(messages):
+    """Processors want every content as a list of items; plain strings become one text item."""
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} if isinstance(m["content"], str) else m
+            for m in messages]
+
+
 def encode_chat(checkpoint, messages, add_generation_prompt: bool = True) -> dict:
     """Model inputs (input_ids, attention_mask, pixel_values, token_type_ids) for a chat."""
-    _, proc, _ = load(str(checkpoint))
+    _, proc, multimodal = load(str(checkpoint))
+    messages = _listed(messages) if multimodal else messages
     return proc.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                     tokenize=True, return_dict=True, return_tensors="pt")
 
 
 def render_chat(checkpoint, messages) -> str:
-    _, proc, _ = load(str(checkpoint))
+    _, proc, multimodal = load(str(checkpoint))
+    messages = _listed(messages) if multimodal else messages
     return proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 

@@ -1,0 +1,222 @@
+"""A llama.cpp context driven directly through llama-cpp-python's C bindings.
+
+We skip the high-level `Llama` class so that one KV cache can take both token ids and image
+embeddings (Gemma 3's image block attends to itself bidirectionally, as in transformers), and so
+that the evaluated prefix of a conversation can be kept between questions: `sync_prefix` compares
+what is cached with what the next prompt needs and drops only the tail that differs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import numpy as np
+
+from runtime.errors import BundleError, InputError
+
+_BACKEND_READY = False
+
+
+def _quiet_logs() -> None:
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def _drop(level, text, user_data):  # llama.cpp logs every tensor at load; keep the terminal clean
+        return None
+
+    _quiet_logs.callback = _drop  # keep a reference alive for the C side
+    llama_cpp.llama_log_set(_drop, ctypes.c_void_p(0))
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except ImportError:
+        return max(1, os.cpu_count() or 1)
+
+
+class LlamaEngine:
+    """One model, one context, one sequence. Positions are counted from 0 for the whole cache."""
+
+    def __init__(self, gguf_path: str, *, n_ctx: int = 4096, threads: int | None = None,
+                 n_gpu_layers: int = 0, n_batch: int = 512, verbose: bool = False):
+        global _BACKEND_READY
+        import llama_cpp
+
+        self._c = llama_cpp
+        if not _BACKEND_READY:
+            if not verbose:
+                _quiet_logs()
+            llama_cpp.llama_backend_init()
+            _BACKEND_READY = True
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        self.model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mparams)
+        if not self.model:
+            raise BundleError(f"llama.cpp could not load {os.path.basename(gguf_path)} — "
+                              "run `medgemma-edge verify` on the bundle, or export it again")
+        self.threads = threads or physical_cores()
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        # One image (256 tokens) must fit in one micro-batch: its tokens attend to each other.
+        cparams.n_batch = max(n_batch, 256)
+        cparams.n_ubatch = max(n_batch, 256)
+        cparams.n_threads = self.threads
+        cparams.n_threads_batch = self.threads
+        # Off, as in llama-cpp-python's `Llama`: on CPU its f16 accumulation moved Gemma 3 270M's
+        # logits by up to 1.2 against the unfused path, which is the one that matches transformers.
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.swa_full = True  # keeps sliding-window layers' cache whole, so a prefix can be reused
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise BundleError(f"llama.cpp could not create a context of {n_ctx} tokens — "
+                              "lower --context or free memory")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_batch = cparams.n_batch
+        self.cached: list = []  # one key per evaluated position: a token id or ("img", digest, i)
+        self._last_logits: np.ndarray | None = None
+
+    # -- text ----------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        raw = text.encode("utf-8")
+        cap = len(raw) + 16
+        buf = (self._c.llama_token * cap)()
+        n = self._c.llama_tokenize(self.vocab, raw, len(raw), buf, cap, False, special)
+        if n < 0:
+            buf = (self._c.llama_token * -n)()
+            n = self._c.llama_tokenize(self.vocab, raw, len(raw), buf, -n, False, special)
+        return list(buf[:n])
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._c.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._c.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
+        return buf.raw[:n]
+
+    # -- cache ---------------------------------------------------------------------------------
+    @property
+    def n_past(self) -> int:
+        return len(self.cached)
+
+    def sync_prefix(self, keys: list) -> int:
+        """Drop the cached tail that differs from `keys`; return how many positions are kept.
+
+        At least the last position is always evaluated again, so that fresh logits exist.
+        """
+        keep = 0
+        for a, b in zip(self.cached, keys):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(keys) - 1)
+        return self.truncate(keep)
+
+    def truncate(self, keep: int) -> int:
+        """Forget every cached position from `keep` on; return how many are kept."""
+        if keep < len(self.cached):
+            mem = self._c.llama_get_memory(self.ctx)
+            if not self._c.llama_memory_seq_rm(mem, 0, keep, -1):
+                self._c.llama_memory_clear(mem, True)
+                keep = 0
+            del self.cached[keep:]
+            self._last_logits = None
+        return keep
+
+    def reset(self) -> None:
+        self._c.llama_memory_clear(self._c.llama_get_memory(self.ctx), True)
+        self.cached.clear()
+
+    def _room(self, n: int) -> None:
+        if self.n_past + n > self.n_ctx:
+            raise InputError(f"the prompt needs {self.n_past + n} tokens but the context holds {self.n_ctx} — "
+                             "shorten the question, use fewer images or slices, or raise --context")
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def eval_tokens(self, ids: list[int]) -> None:
+        """Evaluate token ids after the cache; logits of the last one become available."""
+        self._room(len(ids))
+        c = self._c
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start:start + self.n_batch]
+            batch = c.llama_batch_init(len(chunk), 0, 1)
+            try:
+                batch.n_tokens = len(chunk)
+                for i, tok in enumerate(chunk):
+                    batch.token[i] = tok
+                    batch.pos[i] = self.n_past + i
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = 0
+                    batch.logits[i] = start + i == len(ids) - 1
+                self._decode(batch)
+            finally:
+                c.llama_batch_free(batch)
+            self.cached.extend(chunk)
+        self._last_logits = None
+
+    def eval_embeddings(self, embd: np.ndarray, keys: list, *, bidirectional: bool = True) -> None:
+        """Evaluate rows of input embeddings (n, n_embd) as one block; Gemma 3 images are bidirectional."""
+        embd = np.ascontiguousarray(embd, dtype=np.float32)
+        n = embd.shape[0]
+        if embd.shape[1] != self.n_embd:
+            raise BundleError(f"image embeddings have width {embd.shape[1]} but the text model "
+                              f"expects {self.n_embd} — the vision file does not belong to this model")
+        if n > self.n_batch:
+            raise BundleError(f"an image of {n} tokens does not fit a batch of {self.n_batch}")
+        self._room(n)
+        c = self._c
+        batch = c.llama_batch_init(n, self.n_embd, 1)
+        try:
+            batch.n_tokens = n
+            ctypes.memmove(batch.embd, embd.ctypes.data, embd.nbytes)
+            for i in range(n):
+                batch.pos[i] = self.n_past + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = False
+            if bidirectional:
+                c.llama_set_causal_attn(self.ctx, False)
+            try:
+                self._decode(batch)
+            finally:
+                if bidirectional:
+                    c.llama_set_causal_attn(self.ctx, True)
+        finally:
+            c.llama_batch_free(batch)
+        self.cached.extend(keys)
+        self._last_logits = None
+
+    def _decode(self, batch) -> None:
+        rc = self._c.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise InputError(f"llama.cpp could not evaluate the prompt (code {rc}) — "
+                             "the context may be full; raise --context or shorten the prompt")
+
+    def logits(self) -> np.ndarray:
+        """Logits (n_vocab,) after the last evaluated token, as float32 (a copy)."""
+        if self._last_logits is None:
+            ptr = self._c.llama_get_logits_ith(self.ctx, -1)
+            self._last_logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return self._last_logits
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self._c.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            self._c.llama_model_free(self.model)
+            self.model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -1,0 +1,80 @@
+"""`medgemma-edge ask`: streamed answers, stats, clear errors, and no network."""
+
+import json
+import socket
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from runtime.cli import main
+
+
+def _png(tmp_path, name="xray.png", size=(300, 200)):
+    path = tmp_path / name
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0]), dtype=np.uint8)).save(path)
+    return path
+
+
+def _ask(*args):
+    return CliRunner().invoke(main, ["ask", *map(str, args)])
+
+
+def _one_line_error(result):
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def test_ask_streams_an_answer_with_stats_and_no_socket(tiny_bundle_f32, tmp_path, monkeypatch):
+    class NoSocket(socket.socket):
+        def __init__(self, *a, **k):
+            raise AssertionError("the runtime opened a network socket")
+
+    def refuse(*a, **k):
+        raise AssertionError("the runtime tried to reach the network")
+
+    monkeypatch.setattr(socket, "socket", NoSocket)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    from pydicom.data import get_testdata_file
+
+    result = _ask("-m", tiny_bundle_f32, "--image", _png(tmp_path), "--image", get_testdata_file("CT_small.dcm"),
+                  "--max-tokens", 5, "--stats", "Compare these images.")
+    assert result.exit_code == 0, result.output
+    stats_line = [ln for ln in result.output.splitlines() if ln.startswith("stats ")]
+    assert stats_line, result.output
+    stats = json.loads(stats_line[0][len("stats "):])
+    assert stats["prompt_tokens"] > 512 and stats["completion_tokens"] <= 5
+    for key in ("preprocess_ms", "image_encode_s", "prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb"):
+        assert key in stats, key
+
+
+def test_missing_bundle_is_one_line(tmp_path):
+    line = _one_line_error(_ask("-m", tmp_path / "nowhere", "Hello"))
+    assert "manifest" in line or "bundle" in line
+
+
+def test_image_to_text_only_bundle_is_one_line(gemma270m_bundle_f32, tmp_path):
+    line = _one_line_error(_ask("-m", gemma270m_bundle_f32, "--image", _png(tmp_path), "Describe."))
+    assert "text-only" in line
+
+
+def test_prompt_longer_than_context_is_one_line(tiny_bundle_f32):
+    line = _one_line_error(_ask("-m", tiny_bundle_f32, "--context", 256, "word " * 600))
+    assert "context" in line
+
+
+def test_not_an_image_is_one_line(tiny_bundle_f32, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a picture")
+    _one_line_error(_ask("-m", tiny_bundle_f32, "--image", bad, "Describe."))
+
+
+@pytest.mark.parametrize("flag", [["--temperature", "-1"], ["--max-tokens", "0"]])
+def test_bad_options_exit_2(tiny_bundle_f32, flag):
+    assert _ask("-m", tiny_bundle_f32, *flag, "Hi").exit_code == 2
