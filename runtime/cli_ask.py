@@ -36,7 +36,7 @@ ASSISTANT = "You are a helpful medical assistant."  # ... and for text tasks
               help="most slices taken from a CT/MR series (fewer is faster on a CPU)")
 @click.option("--fit", type=click.Choice(FITS), default=None, help="pad (default) or stretch to square")
 @click.option("--context", type=click.IntRange(min=256), default=None,
-              help="context length in tokens (default: enough for the images asked for)")
+              help="context length in tokens (default: grows to what the prompt needs)")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="default: physical cores")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def ask(prompt, bundle, images, system, think, max_tokens, temperature, top_p, top_k, seed, stats,
@@ -48,8 +48,7 @@ def ask(prompt, bundle, images, system, think, max_tokens, temperature, top_p, t
         from runtime.demo import demo_bundle
 
         bundle = demo_bundle(progress=lambda msg: click.echo(msg, err=True))
-    model = runtime.load(bundle, device=device, threads=threads,
-                         context=context or _context_for(len(images), max_slices), fit=fit)
+    model = runtime.load(bundle, device=device, threads=threads, context=context, fit=fit)
     content = [{"type": "image", "image": src} for src in images] + [{"type": "text", "text": prompt}]
     messages = [{"role": "system", "content": system or (RADIOLOGIST if images else ASSISTANT)},
                 {"role": "user", "content": content}]
@@ -72,9 +71,3 @@ def ask(prompt, bundle, images, system, think, max_tokens, temperature, top_p, t
                  "completion_tokens": reply.completion_tokens, **reply.stats}
         click.echo("stats " + json.dumps(shown), err=True)
 
-
-def _context_for(n_images: int, max_slices: int) -> int:
-    """Room for the images (a series can bring `max_slices` of them), the question and the answer."""
-    if n_images == 0:
-        return 4096
-    return max(4096, 1024 + n_images * max_slices * 270)

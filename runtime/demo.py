@@ -18,13 +18,17 @@ DEMO_NOTICE = ("DEMO MODEL: Gemma 3 270M base with a random vision tower, not Me
                "its answers, and anything it says about images, mean nothing. "
                "Export your MedGemma checkpoint and pass -m BUNDLE.")
 DEMO_QUANT, DEMO_VISION_QUANT = "q8_0", "f16"
+DEMO_RECIPE = "2"  # bump when the demo checkpoint or its export changes, so cached demos rebuild
 
 
 def demo_bundle(progress=print) -> Path:
     """Path of the demo bundle, building it on first use (needs the `export` extra)."""
     out = cache_root() / "demo-bundle"
-    if (out / "manifest.json").is_file():
-        return out
+    try:
+        if json.loads((out / "manifest.json").read_text()).get("demo_recipe") == DEMO_RECIPE:
+            return out
+    except (OSError, ValueError):
+        pass
     try:
         import torch  # noqa: F401
         import transformers  # noqa: F401
@@ -41,6 +45,7 @@ def demo_bundle(progress=print) -> Path:
     manifest_path = tmp / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["demo_notice"] = DEMO_NOTICE
+    manifest["demo_recipe"] = DEMO_RECIPE
     manifest_path.write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -99,8 +99,8 @@ def decode(engine, s: Sampling, stats: dict):
         if len(out) - hold > shown:
             yield out[shown:len(out) - hold]
             shown = len(out) - hold
-        if n == s.max_new_tokens:
-            break
+        if n == s.max_new_tokens or engine.n_past + 1 > engine.n_ctx:
+            break  # "length": asked-for tokens or the context is used up
         engine.eval_tokens([tok])
     out += utf8.flush()
     if len(out) > shown:

@@ -35,9 +35,16 @@ def _gpu_layers(device: str) -> int:
     return -1 if has_gpu else 0
 
 
-def load(bundle_dir, device: str = "auto", threads: int | None = None, context: int = 4096,
+AUTO_CONTEXT_START = 4096
+
+
+def load(bundle_dir, device: str = "auto", threads: int | None = None, context: int | None = None,
          fit: str = DEFAULT_FIT) -> "Model":
-    """Read and check the bundle's manifest, then build the backend it names."""
+    """Read and check the bundle's manifest, then build the backend it names.
+
+    context=None grows the context to what each prompt needs (a CT series of 85 slices needs
+    ~23k tokens) up to the model's training length; a number fixes it.
+    """
     from runtime.manifest import read_manifest
 
     if device not in ("auto", "cpu", "cuda"):
@@ -60,13 +67,14 @@ def load(bundle_dir, device: str = "auto", threads: int | None = None, context: 
 
 
 class Model:
-    def __init__(self, bundle: Path, manifest: dict, *, device: str, threads, context: int, fit: str):
+    def __init__(self, bundle: Path, manifest: dict, *, device: str, threads, context: int | None, fit: str):
         from runtime.backends.llama_engine import LlamaEngine
 
         t0 = time.perf_counter()
         self.bundle, self.manifest, self.fit = bundle, manifest, fit
         files = {f["role"]: f for f in manifest["files"]}
-        self.engine = LlamaEngine(str(bundle / files["text"]["path"]), n_ctx=context,
+        self.auto_context = context is None
+        self.engine = LlamaEngine(str(bundle / files["text"]["path"]), n_ctx=context or AUTO_CONTEXT_START,
                                   threads=threads, n_gpu_layers=_gpu_layers(device))
         self._vision_path = bundle / files["vision"]["path"] if "vision" in files else None
         self._vision = None
@@ -105,7 +113,7 @@ class Model:
         return digest, emb, False
 
     # -- prompt --------------------------------------------------------------------------------
-    def _prefill(self, messages, *, think: bool, window, max_slices, fit, stats: dict) -> int:
+    def _prefill(self, messages, *, think: bool, window, max_slices, fit, stats: dict, reserve: int = 1) -> int:
         """Evaluate the prompt for `messages`, reusing the cached prefix; returns prompt length."""
         t0 = time.perf_counter()
         loader = lambda src: load_pictures(src, window=window, max_slices=max_slices)
@@ -133,9 +141,12 @@ class Model:
         keys = list(ids)
         for (s, e), digest in zip(runs, digests):
             keys[s:e] = [("img", digest, j) for j in range(e - s)]
-        if len(keys) + 1 > self.engine.n_ctx:
-            raise InputError(f"the prompt needs {len(keys)} tokens but the context holds {self.engine.n_ctx} "
-                             "— shorten the question, use fewer images or slices, or raise --context")
+        needed = len(keys) + reserve
+        if needed > self.engine.n_ctx and not (self.auto_context and self.engine.grow_context(needed)):
+            limit = self.engine.n_ctx_train if self.auto_context else self.engine.n_ctx
+            raise InputError(f"the prompt needs {len(keys)} tokens (+{reserve} for the answer) but the context "
+                             f"holds {limit} — shorten the question, use fewer images or slices"
+                             + ("" if self.auto_context else ", or raise --context"))
         keep = self.engine.sync_prefix(keys)
         for s, e in runs:  # an image block is evaluated whole or not at all
             if s < keep < e:
@@ -192,7 +203,8 @@ class _Run:
 
     def _generate(self):
         stats = {"_t0": time.perf_counter()}
-        n_prompt = self.model._prefill(self.messages, think=self.think, stats=stats, **self.image_opts)
+        n_prompt = self.model._prefill(self.messages, think=self.think, stats=stats,
+                                       reserve=min(self.sampling.max_new_tokens, 1024), **self.image_opts)
         pieces = gen.decode(self.model.engine, self.sampling, stats)
         raw, n_new, reason = yield from _hide_thought(pieces)
         thought, text = chatfmt.split_thought(raw)

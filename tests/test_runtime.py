@@ -116,3 +116,16 @@ def test_reply_has_stats_and_finish_reason(tiny_model):
     for key in ("preprocess_ms", "image_encode_s", "prefill_tok_s", "ttft_s", "peak_rss_mb"):
         assert key in reply.stats, key
     assert reply.prompt_tokens > 256
+
+
+def test_context_grows_to_fit_when_not_fixed(tiny_bundle_f32, monkeypatch):
+    import runtime
+    from runtime import model as model_mod
+
+    monkeypatch.setattr(model_mod, "AUTO_CONTEXT_START", 512)
+    model = runtime.load(tiny_bundle_f32, threads=2)
+    assert model.engine.n_ctx == 512
+    msgs = [{"role": "user", "content": [{"type": "image", "image": _photo(64, 64, seed=s)} for s in (1, 2)]
+             + [{"type": "text", "text": "Compare."}]}]
+    reply = model.chat(msgs, max_new_tokens=2)
+    assert reply.prompt_tokens > 512 and model.engine.n_ctx >= reply.prompt_tokens + 2

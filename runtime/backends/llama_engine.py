@@ -59,29 +59,43 @@ class LlamaEngine:
             raise BundleError(f"llama.cpp could not load {os.path.basename(gguf_path)} — "
                               "run `medgemma-edge verify` on the bundle, or export it again")
         self.threads = threads or physical_cores()
-        cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
-        # One image (256 tokens) must fit in one micro-batch: its tokens attend to each other.
-        cparams.n_batch = max(n_batch, 256)
-        cparams.n_ubatch = max(n_batch, 256)
-        cparams.n_threads = self.threads
-        cparams.n_threads_batch = self.threads
-        # Off, as in llama-cpp-python's `Llama`: on CPU its f16 accumulation moved Gemma 3 270M's
-        # logits by up to 1.2 against the unfused path, which is the one that matches transformers.
-        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        cparams.swa_full = True  # keeps sliding-window layers' cache whole, so a prefix can be reused
-        self.ctx = llama_cpp.llama_init_from_model(self.model, cparams)
-        if not self.ctx:
-            llama_cpp.llama_model_free(self.model)
-            raise BundleError(f"llama.cpp could not create a context of {n_ctx} tokens — "
-                              "lower --context or free memory")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
-        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
-        self.n_batch = cparams.n_batch
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
+        self.n_batch = max(n_batch, 256)  # one image (256 tokens) must fit one micro-batch
+        self.ctx = None
+        self._make_context(n_ctx)
+
+    def _make_context(self, n_ctx: int) -> None:
+        c = self._c
+        if self.ctx:
+            c.llama_free(self.ctx)
+            self.ctx = None
+        cparams = c.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = self.n_batch
+        cparams.n_threads = cparams.n_threads_batch = self.threads
+        # Off, as in llama-cpp-python's `Llama`: on CPU its f16 accumulation moved Gemma 3 270M's
+        # logits by up to 1.2 against the unfused path, which is the one that matches transformers.
+        cparams.flash_attn_type = c.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.swa_full = True  # keeps sliding-window layers' cache whole, so a prefix can be reused
+        self.ctx = c.llama_init_from_model(self.model, cparams)
+        if not self.ctx:
+            raise BundleError(f"llama.cpp could not create a context of {n_ctx} tokens — "
+                              "lower --context or free memory")
+        self.n_ctx = c.llama_n_ctx(self.ctx)
         self.cached: list = []  # one key per evaluated position: a token id or ("img", digest, i)
         self._last_logits: np.ndarray | None = None
+
+    def grow_context(self, needed: int, step: int = 2048) -> bool:
+        """Re-create the context with room for `needed` tokens (the cache is lost); False if it cannot."""
+        if needed <= self.n_ctx:
+            return True
+        if self.n_ctx_train and needed > self.n_ctx_train:
+            return False
+        self._make_context(min(-(-needed // step) * step, self.n_ctx_train or needed))
+        return True
 
     # -- text ----------------------------------------------------------------------------------
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
