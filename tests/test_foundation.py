@@ -140,3 +140,19 @@ def test_console_script_help():
     assert "MedGemma" in out.stdout
     ver = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=120)
     assert ver.returncode == 0 and "medgemma-edge" in ver.stdout
+
+
+def test_runtime_and_kernels_never_import_torch_or_transformers():
+    """A clinic machine installs the runtime without them: importing every runtime module must not pull them."""
+    code = (
+        "import importlib, pkgutil, sys, runtime, kernels\n"
+        "for pkg in (runtime, kernels):\n"
+        "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        importlib.import_module(m.name)\n"
+        "bad = sorted(n for n in sys.modules if n.split('.')[0] in ('torch', 'transformers'))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "", f"runtime/kernels imported: {out.stdout.strip()[:200]}"
