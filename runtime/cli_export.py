@@ -56,8 +56,9 @@ def export_cmd(src, out, fmt, quant, vision_quant, keep_intermediate, no_quality
                    f"embedding row left out ({v['embedding_rows']} rows)")
     for line in summary_lines(res.manifest["quality"]):
         click.echo(line)
-    click.echo(f"took {res.seconds:.1f} s; peak memory {res.peak_rss_mb_convert:,.0f} MB converting, "
-               f"{res.peak_rss_mb:,.0f} MB overall")
+    stages = {"write": "writing", "quantize": "after llama.cpp's quantizer", "quality": "after the quality check"}
+    peaks = ", ".join(f"{mb:,.0f} MB {stages[k]}" for k, mb in res.peak_mb.items())
+    click.echo(f"took {res.seconds:.1f} s; peak memory {peaks}")
 
 
 @main.command("verify")

@@ -66,7 +66,8 @@ def read_manifest(bundle_dir) -> dict:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(f"{MANIFEST_NAME} in {bundle.name} is not valid JSON ({err}) — export the bundle again") from None
+        raise BundleError(f"{MANIFEST_NAME} in {bundle.name} is not valid JSON ({err}) "
+                          "— export the bundle again") from None
     _check_shape(manifest, bundle.name)
     return manifest
 

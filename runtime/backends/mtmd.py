@@ -15,9 +15,16 @@ import numpy as np
 
 from runtime.errors import BundleError, InputError
 
+_GGML_LOG_ERROR, _GGML_LOG_CONT = 4, 5  # ggml's levels: 1 debug, 2 info, 3 warn, 4 error, 5 continue
+_last_level = 0
+
 
 def _errors_only(level: int, text: bytes, user_data) -> None:
-    if level == 3 and text:  # GGML_LOG_LEVEL_ERROR: keep what explains a failure, drop per-image chatter
+    """Keep what explains a failure, drop mtmd's per-image chatter."""
+    global _last_level
+    if level != _GGML_LOG_CONT:
+        _last_level = level
+    if _last_level == _GGML_LOG_ERROR and text:
         sys.stderr.write(text.decode("utf-8", "replace"))
 
 

@@ -1,0 +1,220 @@
+"""checkpoint dir → GGUF bundle dir (text GGUF, vision mmproj, manifest.json).
+
+Orchestration only: reading is export/checkpoint + export/vocab, writing export/gguf_text and
+export/gguf_vision, K-quants export/quantize, the report export/quality, the manifest
+runtime/manifest.
+
+Order of work: the GGUFs gguf-py writes itself (final file, and the unquantized reference when a
+quality report or a K-quant needs one) → llama.cpp's quantizer for K-quants → the quality report
+→ intermediates removed → manifest written last, so a folder without manifest.json is never a
+half-made bundle that loads.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from export.checkpoint import Checkpoint, open_checkpoint
+from export.config import TextConfig, VisionConfig, check_text, check_vision
+from export.gguf_tensors import K_QUANTS, TEXT_QUANTS, VISION_QUANTS
+from runtime.errors import ExportError
+
+DEFAULT_QUANT = "q4_k_m"
+DEFAULT_VISION_QUANT = "f16"  # ~850 MB for MedGemma 4B; Q8_0 projectors have misbehaved before
+INTERMEDIATE_DIR = "intermediate"
+
+
+@dataclass
+class ExportResult:
+    bundle: Path
+    manifest: dict
+    seconds: float
+    # peak resident memory (MB) after each stage; the process peak only grows
+    peak_mb: dict[str, float] = field(default_factory=dict)  # "write", "quantize", "quality"
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB.
+
+    Linux's VmHWM belongs to the address space and starts afresh at exec; ru_maxrss survives
+    fork+exec, so an export started from a large parent (a test run holding models) would be
+    charged for the parent's pages.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; macOS: bytes
+
+
+def reference_type(ckpt: Checkpoint, part: str = "text") -> str:
+    """The GGUF type that holds every source tensor of `part` exactly (the quality reference)."""
+    dtypes = {ref.dtype for (p, _), ref in ckpt.tensors.items() if p == part}
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= {"bf16", "f16"} else "f32"
+
+
+def _shapes(ckpt: Checkpoint) -> dict[str, tuple[int, ...]]:
+    return {(n if p == "text" else f"{p}/{n}"): r.shape for (p, n), r in ckpt.tensors.items()}
+
+
+def _read_preprocessor(src: Path) -> dict | None:
+    path = src / "preprocessor_config.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _prepare_out(out: Path, overwrite: bool) -> Path:
+    """An empty bundle folder; with `overwrite`, the files of a bundle already there are removed
+    (only those its manifest lists, and its intermediate folder: nothing else of the user's)."""
+    from runtime.manifest import MANIFEST_NAME, read_manifest
+
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder; choose another -o")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"{out} is not empty; choose a new folder or pass --force to replace its bundle")
+        if (out / MANIFEST_NAME).is_file():
+            try:
+                for f in read_manifest(out)["files"]:
+                    (out / f["path"]).unlink(missing_ok=True)
+            except Exception:  # an unreadable old manifest: leave its files, replace the manifest
+                pass
+            (out / MANIFEST_NAME).unlink()
+        shutil.rmtree(out / INTERMEDIATE_DIR, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@dataclass
+class _Plan:
+    """Everything read from the checkpoint before a byte is written."""
+
+    ckpt: Checkpoint
+    text: TextConfig
+    vision: VisionConfig | None
+    vocab: object
+    special: dict
+    chat_template: str
+    stem: str  # file-name stem
+
+    @classmethod
+    def read(cls, src) -> "_Plan":
+        from export.vocab import fit_vocab, read_chat_template, read_vocab, special_token_ids
+
+        ckpt = open_checkpoint(src)
+        text = TextConfig.from_dict(ckpt.text_config)
+        check_text(text, _shapes(ckpt))
+        vision = None
+        if ckpt.multimodal:
+            vision = VisionConfig.from_dicts(ckpt.vision_config, ckpt.config, _read_preprocessor(ckpt.path))
+            check_vision(vision, _shapes(ckpt), text.hidden_size)
+        vocab = fit_vocab(read_vocab(ckpt.path), text.vocab_size)
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", ckpt.path.name).strip("-") or "model"
+        return cls(ckpt, text, vision, vocab, special_token_ids(vocab, ckpt.multimodal),
+                   read_chat_template(ckpt.path), stem)
+
+    def write_text(self, path: Path, quant: str) -> Path:
+        from export.gguf_text import write_text_gguf
+
+        return write_text_gguf(self.ckpt, self.text, self.vocab, self.special, self.chat_template, path, quant)
+
+    def write_vision(self, path: Path, quant: str) -> Path:
+        from export.gguf_vision import write_vision_gguf
+
+        return write_vision_gguf(self.ckpt, self.vision, self.text.hidden_size, path, quant)
+
+
+def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant: str | None = DEFAULT_VISION_QUANT, *,
+                keep_intermediate: bool = False, quality: bool = True, threads: int = 0,
+                overwrite: bool = False) -> ExportResult:
+    """Export a local Gemma 3 / MedGemma checkpoint to a GGUF bundle in `out`.
+
+    quant: text weights (f32/f16/bf16/q8_0 written by gguf-py, q6_k/q5_k_m/q4_k_m by llama.cpp
+    from an unquantized intermediate); vision_quant: f32/f16/q8_0 (ignored for text-only models).
+    quality: measure the quantized files against the unquantized export (stored in the manifest).
+    """
+    from export import quality as q
+    from export.quantize import quantize_gguf
+
+    if quant not in TEXT_QUANTS:
+        raise ExportError(f"unknown --quant {quant!r}; choose one of {', '.join(TEXT_QUANTS)}")
+    if vision_quant is not None and vision_quant not in VISION_QUANTS:
+        raise ExportError(f"unknown --vision-quant {vision_quant!r}; choose one of {', '.join(VISION_QUANTS)}")
+    t0 = time.perf_counter()
+    plan = _Plan.read(src)
+    vision_quant = (vision_quant or DEFAULT_VISION_QUANT) if plan.vision else None
+    out = _prepare_out(out, overwrite)
+    inter = out / INTERMEDIATE_DIR
+    inter.mkdir(exist_ok=True)
+
+    ref = reference_type(plan.ckpt)
+    lossy = quant not in (ref, "f32")  # else the export holds the checkpoint exactly: nothing to report
+    text_path = out / f"{plan.stem}-{quant}.gguf"
+    text_ref = None
+    if quant in K_QUANTS or (lossy and quality):
+        text_ref = plan.write_text(inter / f"{plan.stem}-{ref}.gguf", ref)
+    if quant not in K_QUANTS:
+        plan.write_text(text_path, quant)
+    vision_path = vision_ref = None
+    if plan.vision:
+        vision_path = plan.write_vision(out / f"{plan.stem}-mmproj-{vision_quant}.gguf", vision_quant)
+        if vision_quant != "f32" and quality:
+            vision_ref = plan.write_vision(inter / f"{plan.stem}-mmproj-f32.gguf", "f32")
+    peak = {"write": _peak_rss_mb()}
+    if quant in K_QUANTS:
+        quantize_gguf(text_ref, text_path, quant, threads)
+        peak["quantize"] = _peak_rss_mb()
+
+    report = {}
+    if quality and lossy:
+        report["text"] = {"quant": quant, **q.compare_text(text_ref, text_path, plan.chat_template, threads, ref)}
+    if quality and vision_ref is not None:
+        report["vision"] = {"quant": vision_quant, **q.compare_vision(text_path, vision_ref, vision_path,
+                                                                        plan.vision.image_size, threads)}
+    if report:
+        peak["quality"] = _peak_rss_mb()
+    if not (keep_intermediate and any(inter.iterdir())):
+        shutil.rmtree(inter)
+
+    manifest = _manifest(plan, out, quant, vision_quant, text_path, vision_path, report or None)
+    from runtime.manifest import write_manifest
+
+    write_manifest(out, manifest)
+    return ExportResult(out, manifest, time.perf_counter() - t0, peak)
+
+
+def _manifest(plan: _Plan, out: Path, quant, vision_quant, text_path, vision_path, quality) -> dict:
+    from runtime import __version__
+    from runtime.manifest import FORMAT_VERSION, file_entry
+
+    files = [file_entry(out, "text", text_path.name)]
+    if vision_path is not None:
+        files.append(file_entry(out, "vision", vision_path.name))
+    v = plan.vision
+    return {
+        "format_version": FORMAT_VERSION,
+        "backend": "gguf",
+        "tool": f"medgemma-edge {__version__}",
+        "source": {"path_name": plan.ckpt.path.name, "architecture": plan.ckpt.architecture,
+                   "config_sha256": plan.ckpt.config_sha256()},
+        "quantization": {"text": quant, "vision": vision_quant},
+        "files": files,
+        "image": None if v is None else {"size": v.image_size, "patch_size": v.patch_size,
+                                         "tokens_per_image": v.mm_tokens_per_image,
+                                         "mean": v.image_mean, "std": v.image_std},
+        "chat_template": plan.chat_template,
+        "special_tokens": plan.special,
+        "context_length": plan.text.max_position_embeddings,
+        "vocab": {"tokenizer_entries": plan.vocab.tokenizer_entries, "embedding_rows": len(plan.vocab.tokens),
+                  "padded": plan.vocab.padded},
+        "quality": quality,
+    }
