@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import re
-import resource
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from export.checkpoint import Checkpoint, open_checkpoint
 from export.config import TextConfig, VisionConfig, check_text, check_vision
 from export.gguf_tensors import K_QUANTS, TEXT_QUANTS, VISION_QUANTS
 from runtime.errors import ExportError
+from runtime.memory import peak_rss_mb
 
 DEFAULT_QUANT = "q4_k_m"
 DEFAULT_VISION_QUANT = "f16"  # ~850 MB for MedGemma 4B; Q8_0 projectors have misbehaved before
@@ -37,23 +37,6 @@ class ExportResult:
     seconds: float
     # peak resident memory (MB) after each stage; the process peak only grows
     peak_mb: dict[str, float] = field(default_factory=dict)  # "write", "quantize", "quality"
-
-
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process so far, in MiB.
-
-    Linux's VmHWM belongs to the address space and starts afresh at exec; ru_maxrss survives
-    fork+exec, so an export started from a large parent (a test run holding models) would be
-    charged for the parent's pages.
-    """
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux; macOS: bytes
 
 
 def reference_type(ckpt: Checkpoint, part: str = "text") -> str:
@@ -169,10 +152,10 @@ def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant: str | None =
         vision_path = plan.write_vision(out / f"{plan.stem}-mmproj-{vision_quant}.gguf", vision_quant)
         if vision_quant != "f32" and quality:
             vision_ref = plan.write_vision(inter / f"{plan.stem}-mmproj-f32.gguf", "f32")
-    peak = {"write": _peak_rss_mb()}
+    peak = {"write": peak_rss_mb()}
     if quant in K_QUANTS:
         quantize_gguf(text_ref, text_path, quant, threads)
-        peak["quantize"] = _peak_rss_mb()
+        peak["quantize"] = peak_rss_mb()
 
     report = {}
     if quality and lossy:
@@ -181,7 +164,7 @@ def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant: str | None =
         report["vision"] = {"quant": vision_quant, **q.compare_vision(text_path, vision_ref, vision_path,
                                                                         plan.vision.image_size, threads)}
     if report:
-        peak["quality"] = _peak_rss_mb()
+        peak["quality"] = peak_rss_mb()
     if not (keep_intermediate and any(inter.iterdir())):
         shutil.rmtree(inter)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import resource
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -13,14 +12,11 @@ import numpy as np
 from runtime import chat as chatfmt
 from runtime import generate as gen
 from runtime.errors import BundleError, InputError
+from runtime.memory import peak_rss_mb
 from runtime.inputs import DEFAULT_MAX_SLICES, load_pictures
 from runtime.preprocess import DEFAULT_FIT, resize_square
 
 IMAGE_CACHE_SIZE = 64  # image embeddings kept in memory (4B: 256 × 2560 floats ≈ 2.6 MB each)
-
-
-def _peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
 def _gpu_layers(device: str) -> int:
@@ -210,7 +206,7 @@ class _Run:
         thought, text = chatfmt.split_thought(raw)
         del stats["_t0"]
         stats["load_s"] = self.model.load_s
-        stats["peak_rss_mb"] = _peak_rss_mb()
+        stats["peak_rss_mb"] = peak_rss_mb()
         self.reply = chatfmt.Reply(text=text, thought=thought, finish_reason=reason,
                                    prompt_tokens=n_prompt, completion_tokens=n_new, stats=stats)
 

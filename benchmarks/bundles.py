@@ -1,0 +1,61 @@
+"""Bundles exported with our own tool (export.bundle.export_gguf, as `medgemma-edge export`), cached
+next to the checkpoint they come from and rebuilt when the checkpoint's config or the tool changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from benchmarks.backends import say
+from runtime.cache import cache_root
+
+STAMP = ".bench-stamp"
+
+
+def _stamp(src: Path, quant: str, vision_quant: str) -> str:
+    from runtime import __version__
+
+    config = hashlib.sha256((src / "config.json").read_bytes()).hexdigest()[:16]
+    weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in src.glob("*.safetensors"))
+    return json.dumps({"config": config, "weights": weights, "quant": quant, "vision": vision_quant,
+                       "tool": __version__})
+
+
+def bundle(src: Path, quant: str, vision_quant: str = "f16", threads: int = 0) -> Path:
+    """The bundle of `src` at `quant` (text) / `vision_quant`, exported on first use."""
+    from export.bundle import export_gguf
+
+    out = cache_root() / "bench" / "bundles" / f"{src.name}-{quant}-{vision_quant}"
+    stamp = _stamp(src, quant, vision_quant)
+    if (out / STAMP).is_file() and (out / STAMP).read_text() == stamp:
+        return out
+    say(f"[export] {src.name} -> {quant} + vision {vision_quant} (cached in {out}) ...")
+    t0 = time.perf_counter()
+    res = export_gguf(src, out, quant, vision_quant, quality=False, threads=threads, overwrite=True)
+    (out / STAMP).write_text(stamp)
+    say(f"[export] done in {time.perf_counter() - t0:.0f} s, peak {res.peak_rss_mb:,.0f} MB")
+    return out
+
+
+def files(bundle_dir: Path) -> dict[str, Path]:
+    """role ('text', 'vision') -> path, from the bundle's manifest."""
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    return {f["role"]: bundle_dir / f["path"] for f in manifest["files"]}
+
+
+def warm(paths) -> None:
+    """Read files once so every backend loads from the page cache (loads are measured warm)."""
+    for p in paths:
+        with open(p, "rb") as fh:
+            while fh.read(1 << 24):
+                pass
+
+
+if __name__ == "__main__":  # python -m benchmarks.bundles  → exports the 4B bundles
+    from benchmarks.checkpoint4b import build_4b
+
+    for q in ("q4_k_m", "q8_0"):
+        print(bundle(build_4b(), q))

@@ -1,0 +1,28 @@
+"""The benchmark harness end to end on the tiny model (`python -m benchmarks.run --quick`).
+
+Slow (a few minutes: six backends, each in its own process, transformers among them), so it is
+excluded from the default run; `make test-all` or `pytest -m slow` runs it.
+"""
+
+import json
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_a_complete_report(tmp_path):
+    from benchmarks.run import main
+
+    assert main(["--quick", "--out", str(tmp_path), "--decode-tokens", "4"]) == 0
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert not data["errors"], data["errors"]
+    for name, res in data["results"].items():
+        stats = res.get("first") or res.get("text")
+        assert stats and stats.get("decode_tok_s"), f"{name}: no decode rate in {res}"
+        assert res["peak_rss_mb"] > 0 and res["load_s"] > 0, name
+    ours = data["results"]["ours q4_k_m"]
+    assert ours["follow_up"]["images_from_cache"] == 1, "the follow-up encoded the image again"
+    assert data["preprocess"]["ours q4_k_m"]["ct_series"]["best_ms"] > 0
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "| goal |" in report and "decode vs llama.cpp direct" in report
+    assert (tmp_path / "chart.png").stat().st_size > 1000
