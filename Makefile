@@ -28,7 +28,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
 demo: $(STAMP)
-	$(BIN)/medgemma-edge ask --stats --image "$$($(BIN)/python -c 'from pydicom.data import get_testdata_file as g; print(g("CT_small.dcm"))')" "Describe this CT slice."
+	$(BIN)/medgemma-edge ask --stats --max-tokens 64 --image "$$($(BIN)/python -c 'from pydicom.data import get_testdata_file as g; print(g("CT_small.dcm"))')" "Describe this CT slice."
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
