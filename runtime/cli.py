@@ -25,16 +25,5 @@ def main():
     """Offline MedGemma: export a checkpoint to a bundle, then ask it about images and DICOM."""
 
 
-def _register_commands():
-    # Commands live in their own modules (one concern each) and attach themselves to `main`.
-    import importlib
-
-    for name in ("runtime.cli_images", "runtime.cli_ask", "runtime.cli_export"):
-        try:
-            importlib.import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name != name:
-                raise
-
-
-_register_commands()
+# Commands live in their own modules (one concern each) and attach themselves to `main`.
+from runtime import cli_ask, cli_export, cli_images  # noqa: E402,F401
