@@ -114,9 +114,8 @@ class Model:
         t0 = time.perf_counter()
         loader = lambda src: load_pictures(src, window=window, max_slices=max_slices)
         expanded, slots = chatfmt.expand_images(messages, loader)
-        if slots and self._vision_path is None:
-            raise InputError("this bundle is text-only and cannot take images — "
-                             "ask without --image, or export a multimodal checkpoint")
+        if slots:
+            self._vision_encoder()  # a text-only bundle refuses images here, before any work
         views = [resize_square(s.pixels, self.image_size, fit or self.fit) for s in slots]
         stats["preprocess_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         ids = self.engine.tokenize(chatfmt.render_prompt(expanded, image_tokens=self.image_tokens, think=think))
@@ -125,17 +124,11 @@ class Model:
             raise BundleError("the prompt's image slots do not match the images — the bundle's tokenizer "
                               "lacks <image_soft_token>; export the bundle again")
         t1 = time.perf_counter()
-        digests = []
-        stats["images_from_cache"] = 0
-        encoded = {}
-        for view in views:
-            digest, emb, hit = self.image_embeddings(view)
-            digests.append(digest)
-            encoded[digest] = emb
-            stats["images_from_cache"] += hit
+        images = [self.image_embeddings(view) for view in views]  # (digest, embeddings, from_cache)
+        stats["images_from_cache"] = sum(hit for _, _, hit in images)
         stats["image_encode_s"] = round(time.perf_counter() - t1, 3)
         keys = list(ids)
-        for (s, e), digest in zip(runs, digests):
+        for (s, e), (digest, _, _) in zip(runs, images):
             keys[s:e] = [("img", digest, j) for j in range(e - s)]
         needed = len(keys) + reserve
         if needed > self.engine.n_ctx and not (self.auto_context and self.engine.grow_context(needed)):
@@ -149,12 +142,12 @@ class Model:
                 keep = self.engine.truncate(s)
         t2 = time.perf_counter()
         pos = keep
-        for (s, e), digest in zip(runs, digests):
+        for (s, e), (_, emb, _) in zip(runs, images):
             if e <= pos:
                 continue
             if pos < s:
                 self.engine.eval_tokens(ids[pos:s])
-            self.engine.eval_embeddings(encoded[digest], keys[s:e])
+            self.engine.eval_embeddings(emb, keys[s:e])
             pos = e
         if pos < len(ids):
             self.engine.eval_tokens(ids[pos:])
