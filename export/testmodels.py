@@ -153,13 +153,13 @@ def _build_tiny(out: Path) -> None:
     config.save_pretrained(out)
     save_file(published_state_dict(model), str(out / "model.safetensors"), metadata={"format": "pt"})
     _copy_tokenizer(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
     processor = Gemma3Processor(
         image_processor=Gemma3ImageProcessor(
             size={"height": 896, "width": 896}, resample=2, do_rescale=True, rescale_factor=1 / 255,
             do_normalize=True, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_convert_rgb=True,
             do_pan_and_scan=False),
-        tokenizer=AutoTokenizer.from_pretrained(out), image_seq_length=256,
-        chat_template=AutoTokenizer.from_pretrained(out).chat_template,
+        tokenizer=tokenizer, image_seq_length=256, chat_template=tokenizer.chat_template,
     )
     processor.save_pretrained(out)
 
