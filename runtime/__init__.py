@@ -7,9 +7,10 @@ from runtime.errors import BundleError, InputError, MedGemmaEdgeError  # noqa: E
 __all__ = ["__version__", "load", "MedGemmaEdgeError", "InputError", "BundleError"]
 
 
-def load(bundle_dir, device="auto", threads=None, context=None, fit=None):
-    """Load a bundle: see `runtime.model.load`. Imported lazily so `import runtime` stays light."""
+def load(bundle_dir, device="auto", threads=None, context=None, fit=None, **options):
+    """Load a bundle: see `runtime.model.load` (options: image_cache_dir, image_cache_mb).
+    Imported lazily so `import runtime` stays light."""
     from runtime.model import load as _load
     from runtime.preprocess import DEFAULT_FIT
 
-    return _load(bundle_dir, device=device, threads=threads, context=context, fit=fit or DEFAULT_FIT)
+    return _load(bundle_dir, device=device, threads=threads, context=context, fit=fit or DEFAULT_FIT, **options)

@@ -39,8 +39,14 @@ ASSISTANT = "You are a helpful medical assistant."  # ... and for text tasks
               help="context length in tokens (default: grows to what the prompt needs)")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="default: physical cores")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--image-cache", "image_cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              envvar="MEDGEMMA_EDGE_IMAGE_CACHE", show_envvar=True,
+              help="also keep image embeddings in this folder, so the same image is not encoded again "
+                   "(holds data derived from patient images; off by default)")
+@click.option("--image-cache-mb", type=click.FloatRange(min=1), default=2048, show_default=True,
+              help="size limit of the --image-cache folder; least recently used images go first")
 def ask(prompt, bundle, images, system, think, max_tokens, temperature, top_p, top_k, seed, stats,
-        window, max_slices, fit, context, threads, device):
+        window, max_slices, fit, context, threads, device, image_cache, image_cache_mb):
     """Ask PROMPT, about the given images if any; the answer streams to stdout."""
     import runtime
 
@@ -48,7 +54,8 @@ def ask(prompt, bundle, images, system, think, max_tokens, temperature, top_p, t
         from runtime.demo import demo_bundle
 
         bundle = demo_bundle(progress=lambda msg: click.echo(msg, err=True))
-    model = runtime.load(bundle, device=device, threads=threads, context=context, fit=fit)
+    model = runtime.load(bundle, device=device, threads=threads, context=context, fit=fit,
+                         image_cache_dir=image_cache, image_cache_mb=image_cache_mb)
     content = [{"type": "image", "image": src} for src in images] + [{"type": "text", "text": prompt}]
     messages = [{"role": "system", "content": system or (RADIOLOGIST if images else ASSISTANT)},
                 {"role": "user", "content": content}]

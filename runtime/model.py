@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 from runtime import chat as chatfmt
 from runtime import generate as gen
+from runtime.embed_cache import DEFAULT_DISK_MB, DEFAULT_MEMORY_ITEMS, EmbeddingCache, pixel_digest
 from runtime.errors import BundleError, InputError
 from runtime.memory import peak_rss_mb
 from runtime.inputs import DEFAULT_MAX_SLICES, load_pictures
 from runtime.preprocess import DEFAULT_FIT, resize_square
-
-IMAGE_CACHE_SIZE = 64  # image embeddings kept in memory (4B: 256 × 2560 floats ≈ 2.6 MB each)
 
 
 def _gpu_layers(device: str) -> int:
@@ -35,11 +33,13 @@ AUTO_CONTEXT_START = 4096
 
 
 def load(bundle_dir, device: str = "auto", threads: int | None = None, context: int | None = None,
-         fit: str = DEFAULT_FIT) -> "Model":
+         fit: str = DEFAULT_FIT, image_cache_dir=None, image_cache_mb: float = DEFAULT_DISK_MB) -> "Model":
     """Read and check the bundle's manifest, then build the backend it names.
 
     context=None grows the context to what each prompt needs (a CT series of 85 slices needs
     ~23k tokens) up to the model's training length; a number fixes it.
+    image_cache_dir: also keep image embeddings on disk there (bounded by image_cache_mb), so the
+    same image is not encoded again after a restart; off by default (see runtime/embed_cache).
     """
     from runtime.manifest import read_manifest
 
@@ -59,11 +59,13 @@ def load(bundle_dir, device: str = "auto", threads: int | None = None, context: 
         if path.stat().st_size != f["size"]:
             raise BundleError(f"bundle file {f['path']} has {path.stat().st_size} bytes, the manifest "
                               f"says {f['size']} — the copy is incomplete; copy it again")
-    return Model(bundle, manifest, device=device, threads=threads, context=context, fit=fit)
+    return Model(bundle, manifest, device=device, threads=threads, context=context, fit=fit,
+                 image_cache_dir=image_cache_dir, image_cache_mb=image_cache_mb)
 
 
 class Model:
-    def __init__(self, bundle: Path, manifest: dict, *, device: str, threads, context: int | None, fit: str):
+    def __init__(self, bundle: Path, manifest: dict, *, device: str, threads, context: int | None, fit: str,
+                 image_cache_dir=None, image_cache_mb: float = DEFAULT_DISK_MB):
         from runtime.backends.llama_engine import LlamaEngine
 
         t0 = time.perf_counter()
@@ -79,15 +81,23 @@ class Model:
         self.image_tokens = int(image.get("tokens_per_image", 256))
         self.image_token_id = (manifest.get("special_tokens") or {}).get("image_soft_token")  # None: text-only
         self.demo_notice = manifest.get("demo_notice")
-        self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.image_cache = None
+        if self._vision_path is not None:
+            vision_id = files["vision"].get("sha256") or _file_id(self._vision_path)
+            self.image_cache = EmbeddingCache((self.image_tokens, self.engine.n_embd), vision_id,
+                                              memory_items=DEFAULT_MEMORY_ITEMS, disk_dir=image_cache_dir,
+                                              disk_mb=image_cache_mb)
         self.load_s = round(time.perf_counter() - t0, 3)
 
     # -- images --------------------------------------------------------------------------------
+    def _require_vision(self) -> None:
+        if self._vision_path is None:
+            raise InputError("this bundle is text-only and cannot take images — "
+                             "ask without --image, or export a multimodal checkpoint")
+
     def _vision_encoder(self):
         if self._vision is None:
-            if self._vision_path is None:
-                raise InputError("this bundle is text-only and cannot take images — "
-                                 "ask without --image, or export a multimodal checkpoint")
+            self._require_vision()
             from runtime.backends.mtmd import VisionEncoder
 
             self._vision = VisionEncoder(str(self._vision_path), self.engine.model, self.engine.threads)
@@ -95,17 +105,16 @@ class Model:
 
     def image_embeddings(self, pixels: np.ndarray) -> tuple[str, np.ndarray, bool]:
         """(digest, embeddings (tokens, n_embd), from_cache) for S×S uint8 RGB pixels."""
-        digest = hashlib.sha256(pixels.tobytes()).hexdigest()[:32]
-        if digest in self._embeddings:
-            self._embeddings.move_to_end(digest)
-            return digest, self._embeddings[digest], True
+        self._require_vision()
+        digest = pixel_digest(pixels)
+        emb, _ = self.image_cache.get(digest)
+        if emb is not None:  # the vision file is not even loaded for a cached image
+            return digest, emb, True
         emb = self._vision_encoder().encode(pixels)
         if emb.shape[0] != self.image_tokens:
             raise BundleError(f"the vision file gave {emb.shape[0]} tokens per image, the manifest says "
                               f"{self.image_tokens} — export the bundle again")
-        self._embeddings[digest] = emb
-        while len(self._embeddings) > IMAGE_CACHE_SIZE:
-            self._embeddings.popitem(last=False)
+        self.image_cache.put(digest, emb)
         return digest, emb, False
 
     # -- prompt --------------------------------------------------------------------------------
@@ -115,7 +124,7 @@ class Model:
         loader = lambda src: load_pictures(src, window=window, max_slices=max_slices)
         expanded, slots = chatfmt.expand_images(messages, loader)
         if slots:
-            self._vision_encoder()  # a text-only bundle refuses images here, before any work
+            self._require_vision()  # a text-only bundle refuses images here, before any work
         views = [resize_square(s.pixels, self.image_size, fit or self.fit) for s in slots]
         stats["preprocess_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         ids = self.engine.tokenize(chatfmt.render_prompt(expanded, image_tokens=self.image_tokens, think=think))
@@ -232,6 +241,12 @@ def _visible(raw: str) -> str | None:
     if chatfmt.THOUGHT_OPEN.startswith(raw[: len(chatfmt.THOUGHT_OPEN)]) and len(raw) < len(chatfmt.THOUGHT_OPEN):
         return None  # could still become the opening marker
     return raw
+
+
+def _file_id(path: Path) -> str:
+    """A stand-in identity for a vision file whose manifest has no hash: name, size, mtime."""
+    st = path.stat()
+    return hashlib.sha256(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
 
 
 def _image_runs(ids: list[int], image_id: int) -> list[tuple[int, int]]:
