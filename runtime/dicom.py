@@ -151,10 +151,8 @@ def _to_rgb(frames: list[_Frame], modality: str, windows) -> list[np.ndarray]:
         elif modality == "CT":
             out.append(_ct(f, windows))
         else:
-            out_gray = _gray(f, mr_range)
-            if f.pixels.photometric == "MONOCHROME1":
-                out_gray = 255 - out_gray
-            out.append(np.repeat(out_gray[:, :, None], 3, axis=2))
+            g = _gray(f, mr_range, invert=f.pixels.photometric == "MONOCHROME1")
+            out.append(np.broadcast_to(g[:, :, None], g.shape + (3,)))  # gray as RGB, channel stride 0
     return out
 
 
@@ -162,18 +160,79 @@ def _is_color(f: _Frame) -> bool:
     return f.arr.ndim == 3 or f.pixels.photometric == PALETTE
 
 
-def _gray(f: _Frame, mr_range: tuple[float, float] | None) -> np.ndarray:
+def _gray(f: _Frame, mr_range: tuple[float, float] | None, invert: bool = False) -> np.ndarray:
+    """One gray frame → (rows, cols) uint8: the MR series range, else the file's VOI window, else
+    the image's own range. 8/16-bit integer frames go through a table of every stored value
+    (`_Codes`): the same float64 arithmetic per value, then one gather per pixel."""
+    codes = _Codes.of(f)
+    window = mr_range if mr_range is not None else _voi_window(f)
+    if codes is None:
+        out = _gray_plain(f, window)
+    elif window is None and _display_ready(f, codes.rescaled):
+        out = f.arr
+    else:
+        table = _scale(codes.values, *(window or codes.range()))
+        return codes.gather(255 - table if invert else table)
+    return 255 - out if invert else out
+
+
+def _display_ready(f: _Frame, rescaled: bool) -> bool:
+    """8-bit pictures with no rescale and no window are display values already; stretching them
+    would change a picture that is fine (Google's serving code keeps them as well)."""
+    return not rescaled and f.arr.dtype == np.uint8 and f.pixels.bits_stored == 8
+
+
+def _gray_plain(f: _Frame, window: tuple[float, float] | None) -> np.ndarray:
+    """The float64 path, for frames no table covers (32-bit, float, a Modality LUT Sequence)."""
     values = _modality_values(f)
-    if mr_range is not None:
-        return _scale(values, *mr_range)
-    window = _voi_window(f)
     if window is not None:
         return _scale(values, *window)
-    if values is f.arr and f.arr.dtype == np.uint8 and f.pixels.bits_stored == 8:
-        # 8-bit pictures with no rescale and no window are display values already; stretching
-        # them would change a picture that is fine (Google's serving code keeps them as well).
+    if values is f.arr and _display_ready(f, False):
         return f.arr
     return _scale(values, float(values.min()), float(values.max()))
+
+
+@dataclass
+class _Codes:
+    """A frame of 8/16-bit integers as indices into a table of their modality values.
+
+    `values[k]` is the modality value of the stored value whose bits read as k unsigned, computed
+    as `_modality_values` computes it per pixel (elementwise float64 ×slope +intercept), so
+    `_scale(values, lo, hi)[index]` equals `_scale(_modality_values(f), lo, hi)` byte for byte.
+    """
+
+    arr: np.ndarray  # the frame as stored
+    values: np.ndarray  # (256 or 65536,) modality values
+    index: np.ndarray  # the frame viewed as unsigned integers
+    rescaled: bool
+
+    @classmethod
+    def of(cls, f: _Frame) -> "_Codes | None":
+        arr = f.arr
+        if arr.dtype not in _CODE_DTYPES or arr.ndim != 2:
+            return None
+        rescale = _rescale(f)
+        if rescale is None and "ModalityLUTSequence" in f.ds:
+            return None
+        unsigned = np.dtype(f"u{arr.itemsize}")
+        values = np.arange(2 ** (8 * arr.itemsize), dtype=unsigned).view(arr.dtype)
+        if rescale is not None:
+            values = values.astype(np.float64) * rescale[0]
+            values += rescale[1]
+        return cls(arr, values, np.ascontiguousarray(arr).view(unsigned), rescale is not None)
+
+    def range(self) -> tuple[float, float]:
+        """(min, max) of the frame's modality values. ×slope +intercept is monotonic in float64,
+        so they are the values of the frame's smallest and largest stored values."""
+        ends = [self.values[int(np.array(v, self.arr.dtype).view(self.index.dtype))]
+                for v in (self.arr.min(), self.arr.max())]
+        return float(min(ends)), float(max(ends))
+
+    def gather(self, table: np.ndarray) -> np.ndarray:
+        return np.take(table, self.index)
+
+
+_CODE_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16))
 
 
 def _ct(f: _Frame, windows) -> np.ndarray:
@@ -187,8 +246,13 @@ def _ct(f: _Frame, windows) -> np.ndarray:
 def _series_range(frames: list[_Frame]) -> tuple[float, float]:
     lo, hi = np.inf, -np.inf
     for f in frames:
-        values = _modality_values(f)
-        lo, hi = min(lo, float(values.min())), max(hi, float(values.max()))
+        codes = _Codes.of(f)
+        if codes is not None:
+            f_lo, f_hi = codes.range()
+        else:
+            values = _modality_values(f)
+            f_lo, f_hi = float(values.min()), float(values.max())
+        lo, hi = min(lo, f_lo), max(hi, f_hi)
     return lo, hi
 
 

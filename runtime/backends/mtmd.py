@@ -43,7 +43,7 @@ def _quiet_mtmd_logs(mtmd_cpp) -> None:
 class VisionEncoder:
     """The vision tower + projector of one bundle, bound to the text model it feeds."""
 
-    def __init__(self, mmproj_path: str, llama_model_ptr, threads: int = 0):
+    def __init__(self, mmproj_path: str, llama_model_ptr, threads: int = 0, flash_attn: int = -1):
         from llama_cpp import llama_cpp as llama
         from llama_cpp import mtmd_cpp
 
@@ -52,6 +52,7 @@ class VisionEncoder:
         params = mtmd_cpp.mtmd_context_params_default()
         params.n_threads = int(threads or os.cpu_count() or 1)
         params.print_timings = False
+        params.flash_attn_type = int(flash_attn)  # -1 auto (llama.cpp decides per device), 0 off, 1 on
         params.warmup = False  # a warm-up encode costs as much as a real one; the first image pays once
         self._ctx = mtmd_cpp.mtmd_init_from_file(str(mmproj_path).encode(), llama_model_ptr, params)
         if not self._ctx:
