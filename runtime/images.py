@@ -19,6 +19,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from kernels.full_range import full_range_u8
+
+try:  # optional: a faster PNG decoder with the same pixels (see _png_fast)
+    import pyspng as _spng
+except ImportError:  # pragma: no cover - the fallback is Pillow
+    _spng = None
 from runtime.errors import InputError
 
 # Pillow's default Image.MAX_IMAGE_PIXELS (about 9459 x 9459). We hold every picture to it even
@@ -64,7 +69,7 @@ def load_image(src) -> np.ndarray:
             raise InputError(f"{path}: no such file — check the path")
         try:
             with open(path, "rb") as fh:
-                return _decode(fh, str(path))
+                return _decode(io.BytesIO(fh.read()), str(path))
         except OSError as err:  # unreadable file (permissions, I/O); decode errors are handled inside
             raise InputError(f"{path}: cannot read ({err.strerror or err}) — check the file") from None
     raise InputError(
@@ -86,6 +91,9 @@ def _decode(fh, name: str) -> np.ndarray:
                     f"(supported: {', '.join(FORMATS)})"
                 )
             _check_size(image.size, name)
+            fast = _png_fast(fh, image)
+            if fast is not None:
+                return fast
             image.load()
     except InputError:
         raise
@@ -110,6 +118,29 @@ def _decode(fh, name: str) -> np.ndarray:
         raise InputError(f"{name}: unreadable EXIF orientation ({_one_line(err)}) — re-save it "
                          "without EXIF") from None
     return _from_pil(image, name)
+
+
+def _png_fast(fh: io.BytesIO, image: Image.Image) -> np.ndarray | None:
+    """libspng (pyspng) decodes PNG about twice as fast as Pillow's zlib path; PNG is lossless, so
+    the pixels are the same (tests/test_images.py holds them equal). Only for the plain case:
+    8-bit gray or RGB and 16-bit gray, no transparency, no EXIF. Anything else, or any error
+    (reported the usual way by Pillow), goes through Pillow."""
+    if _spng is None or image.format != "PNG" or image.mode not in ("L", "RGB", "I;16"):
+        return None
+    data = fh.getvalue()
+    bit_depth, color_type = data[24], data[25]  # IHDR follows the 8-byte signature
+    if (bit_depth, color_type) not in ((8, 0), (8, 2), (16, 0)) or "transparency" in image.info:
+        return None
+    if data.find(b"eXIf") >= 0:  # an orientation may follow the pixels: Pillow applies it
+        return None
+    try:
+        arr = _spng.load(data)
+    except Exception:
+        return None
+    if image.mode == "I;16":
+        arr = arr[:, :, 0] if arr.ndim == 3 else arr  # libspng hands 16-bit gray back with alpha
+        return _as_rgb_view(full_range_u8(arr))
+    return _as_rgb_view(arr) if arr.ndim == 2 else arr
 
 
 def _from_pil(image: Image.Image, name: str) -> np.ndarray:

@@ -178,3 +178,39 @@ def test_refuses_missing_file_and_bad_arrays(tmp_path):
     _refused(np.zeros((0, 4), np.uint8), "empty")
     _refused(np.zeros((4, 4), np.complex64), "complex64")
     _refused(3.14, "float")
+
+
+# --- the libspng fast path for plain PNGs: same pixels as Pillow, used only where it may be ---
+
+def _pillow_path(path, monkeypatch) -> np.ndarray:
+    with monkeypatch.context() as m:
+        m.setattr(images, "_spng", None)
+        return np.array(load_image(path))
+
+
+@pytest.mark.skipif(images._spng is None, reason="pyspng not installed (Pillow decodes every PNG)")
+def test_png_fast_path_equals_pillow_and_is_used_only_for_plain_files(tmp_path, monkeypatch):
+    rgb = smooth_rgb(333, 211, seed=4)
+    cases = {  # name -> (image, save options, fast path expected)
+        "gray8": (Image.fromarray(rgb[:, :, 1]), {}, True),
+        "rgb8": (Image.fromarray(rgb), {}, True),
+        "gray16": (Image.fromarray(xray_u16(333, 211, seed=5)), {}, True),
+        "interlaced": (Image.fromarray(rgb), {"interlace": 1}, True),
+        "rgba": (Image.fromarray(rgb).convert("RGBA"), {}, False),
+        "trns": (Image.fromarray(rgb[:, :, 0]), {"transparency": 7}, False),
+        "palette": (Image.fromarray(rgb).convert("P"), {}, False),
+    }
+    calls = []
+    real = images._spng.load
+    monkeypatch.setattr(images._spng, "load", lambda data: calls.append(1) or real(data))
+    for name, (image, options, fast) in cases.items():
+        path = tmp_path / f"{name}.png"
+        image.save(path, "PNG", **options)
+        calls.clear()
+        got = np.array(load_image(path))
+        assert bool(calls) == fast, f"{name}: fast path {'skipped' if fast else 'used'}"
+        want = _pillow_path(path, monkeypatch)
+        assert got.shape == want.shape and np.array_equal(got, want), f"{name}: {_worst(got, want)}"
+    exif = save(Image.fromarray(rgb), tmp_path / "exif.png", "PNG", orientation=6)
+    calls.clear()
+    assert load_image(exif).shape == (333, 211, 3) and not calls, "EXIF orientation must go through Pillow"
