@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,9 +112,18 @@ class _Plan:
         return write_text_gguf(self.ckpt, self.text, self.vocab, self.special, self.chat_template, path, quant)
 
     def write_vision(self, path: Path, quant: str) -> Path:
+        if quant.startswith("onnx-"):
+            from export.onnx_vision import write_vision_onnx
+
+            return write_vision_onnx(self.ckpt, path, quant, say=lambda msg: print(msg, file=sys.stderr, flush=True))
         from export.gguf_vision import write_vision_gguf
 
         return write_vision_gguf(self.ckpt, self.vision, self.text.hidden_size, path, quant)
+
+    def vision_name(self, quant: str) -> str:
+        if quant.startswith("onnx-"):
+            return f"{self.stem}-vision-{quant.removeprefix('onnx-')}.onnx"
+        return f"{self.stem}-mmproj-{quant}.gguf"
 
 
 def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant: str | None = DEFAULT_VISION_QUANT, *,
@@ -149,7 +159,7 @@ def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant: str | None =
         plan.write_text(text_path, quant)
     vision_path = vision_ref = None
     if plan.vision:
-        vision_path = plan.write_vision(out / f"{plan.stem}-mmproj-{vision_quant}.gguf", vision_quant)
+        vision_path = plan.write_vision(out / plan.vision_name(vision_quant), vision_quant)
         if vision_quant != "f32" and quality:
             vision_ref = plan.write_vision(inter / f"{plan.stem}-mmproj-f32.gguf", "f32")
     peak = {"write": peak_rss_mb()}

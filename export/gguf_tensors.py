@@ -119,7 +119,7 @@ def map_name(part: str, hf_name: str) -> Mapped:
 
 TEXT_QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
 K_QUANTS = ("q6_k", "q5_k_m", "q4_k_m")
-VISION_QUANTS = ("f32", "f16", "q8_0")
+VISION_QUANTS = ("f32", "f16", "q8_0", "onnx-f32", "onnx-int8")  # onnx-*: export/onnx_vision.py
 # What gguf-py writes itself; K-quants come from llama.cpp's quantizer (export/quantize.py).
 DIRECT = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
 FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

@@ -138,7 +138,7 @@ def quality_images(size: int, n: int = 2) -> list[np.ndarray]:
 
 def compare_vision(text_gguf: Path, reference: Path, quantized: Path, image_size: int,
                    threads: int = 0, reference_type: str = "f32") -> dict:
-    """Cosine between image embeddings of the reference and the quantized mmproj."""
+    """Cosine between image embeddings of the reference and the quantized vision file (GGUF or ONNX)."""
     from export.llama_logs import llama_logs
 
     with llama_logs():
@@ -150,7 +150,7 @@ def _compare_vision(text_gguf, reference, quantized, image_size, threads, refere
 
     from tqdm import tqdm
 
-    from runtime.backends.mtmd import VisionEncoder
+    from runtime.backends import open_vision
 
     llama_cpp.llama_backend_init()
     # A vocab-only load reports width 0, which mtmd needs; the weights are memory-mapped, not read.
@@ -160,7 +160,7 @@ def _compare_vision(text_gguf, reference, quantized, image_size, threads, refere
     try:
         outs = []
         for path in (reference, quantized):
-            enc = VisionEncoder(str(path), model, threads)
+            enc = open_vision(path, model, int(llama_cpp.llama_model_n_embd(model)), threads)
             try:
                 outs.append([enc.encode(im) for im in tqdm(images, desc=f"quality: vision {path.stem}",
                                                             leave=False)])

@@ -14,7 +14,7 @@ from runtime.errors import ExportError
 # Kept here (not imported from export/) so that `medgemma-edge --help` needs no export extras;
 # export.gguf_tensors checks against the same lists.
 TEXT_QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
-VISION_QUANTS = ("f32", "f16", "q8_0")
+VISION_QUANTS = ("f32", "f16", "q8_0", "onnx-f32", "onnx-int8")
 
 
 def _mb(n: float) -> str:
@@ -28,7 +28,8 @@ def _mb(n: float) -> str:
 @click.option("--quant", type=click.Choice(TEXT_QUANTS), default="q4_k_m", show_default=True,
               help="Text model weights.")
 @click.option("--vision-quant", type=click.Choice(VISION_QUANTS), default="f16", show_default=True,
-              help="Vision tower weights (multimodal checkpoints).")
+              help="Vision tower: a GGUF mmproj (f32/f16/q8_0, run by llama.cpp) or an ONNX graph "
+                   "(onnx-f32, onnx-int8: run by onnxruntime; int8 is the fastest CPU path).")
 @click.option("--keep-intermediate", is_flag=True, help="Keep the unquantized GGUFs in <out>/intermediate.")
 @click.option("--no-quality", is_flag=True, help="Skip the quantization report (faster).")
 @click.option("--threads", type=int, default=0, help="Threads for quantization and the report (0: all).")

@@ -69,7 +69,7 @@ class Model:
         from runtime.backends.llama_engine import LlamaEngine
 
         t0 = time.perf_counter()
-        self.bundle, self.manifest, self.fit = bundle, manifest, fit
+        self.bundle, self.manifest, self.fit, self.device = bundle, manifest, fit, device
         files = {f["role"]: f for f in manifest["files"]}
         self.auto_context = context is None
         self.engine = LlamaEngine(str(bundle / files["text"]["path"]), n_ctx=context or AUTO_CONTEXT_START,
@@ -98,9 +98,10 @@ class Model:
     def _vision_encoder(self):
         if self._vision is None:
             self._require_vision()
-            from runtime.backends.mtmd import VisionEncoder
+            from runtime.backends import open_vision
 
-            self._vision = VisionEncoder(str(self._vision_path), self.engine.model, self.engine.threads)
+            self._vision = open_vision(self._vision_path, self.engine.model, self.engine.n_embd,
+                                       self.engine.threads, self.device, self.manifest.get("image"))
         return self._vision
 
     def image_embeddings(self, pixels: np.ndarray) -> tuple[str, np.ndarray, bool]:

@@ -1,0 +1,80 @@
+"""--vision-quant onnx-f32 / onnx-int8: the vision tower through onnxruntime, against transformers."""
+
+import json
+
+import numpy as np
+import pytest
+
+from tests import reference as ref
+from tests.test_export_gguf import _pixels
+
+F32_COS_MIN = 0.999999  # the same float graph as transformers'
+INT8_COS_MIN = 0.999  # 7-bit weights, dynamic 8-bit activations; tiny measured 0.9999
+LOGIT_COS_MIN = 0.9999
+
+
+@pytest.fixture(scope="module")
+def onnx_bundles(tmp_path_factory, tiny_dir):
+    from export.bundle import export_gguf
+
+    root = tmp_path_factory.mktemp("onnx-bundles")
+    out = {}
+    for vq in ("onnx-f32", "onnx-int8"):
+        out[vq] = root / vq
+        export_gguf(tiny_dir, out[vq], quant="f32", vision_quant=vq, quality=(vq == "onnx-int8"))
+    return out
+
+
+def _encoder(bundle):
+    from runtime.backends.onnx_vision import OnnxVisionEncoder
+
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    path = bundle / next(f["path"] for f in manifest["files"] if f["role"] == "vision")
+    assert path.suffix == ".onnx"
+    return OnnxVisionEncoder(str(path), n_embd=256, threads=2, mean=manifest["image"]["mean"],
+                             std=manifest["image"]["std"])
+
+
+@pytest.mark.parametrize("vq,cos_min", [("onnx-f32", F32_COS_MIN), ("onnx-int8", INT8_COS_MIN)])
+def test_onnx_image_embeddings_match_transformers(onnx_bundles, tiny_dir, vq, cos_min):
+    pixels = _pixels(seed=3)
+    ours = _encoder(onnx_bundles[vq]).encode(pixels)
+    normalized = ((pixels.astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)[None]
+    theirs = ref.image_features(tiny_dir, normalized)[0]
+    cos = ref.cosine(ours, theirs)
+    print(f"{vq} image embeddings {ours.shape}: cosine {cos:.7f}, worst |d| {np.abs(ours - theirs).max():.2e}")
+    assert ours.shape == theirs.shape == (256, 256)
+    assert cos >= cos_min, f"{vq}: cosine {cos:.7f} < {cos_min}"
+
+
+def test_onnx_bundle_chat_logits_match_transformers(onnx_bundles, tiny_dir):
+    import runtime
+    from PIL import Image
+
+    from tests.test_runtime import _compare, _image_chat
+
+    model = runtime.load(onnx_bundles["onnx-f32"], threads=2, context=1024, fit="stretch")
+    msgs = _image_chat(Image.fromarray(_pixels(seed=8, size=640)))
+    _compare(model.next_token_logits(msgs), ref.next_token_logits(tiny_dir, msgs), "onnx-f32 bundle, image chat")
+    assert type(model._vision).__name__ == "OnnxVisionEncoder"
+
+
+def test_int8_manifest_records_fidelity_and_verifies(onnx_bundles):
+    from runtime.manifest import verify_bundle
+
+    m = verify_bundle(onnx_bundles["onnx-int8"])
+    assert m["quantization"]["vision"] == "onnx-int8"
+    q = m["quality"]["vision"]
+    print(f"quality report: {q}")
+    assert q["reference"] == "f32" and q["min_cosine"] >= INT8_COS_MIN, q
+    vision = next(f for f in m["files"] if f["role"] == "vision")
+    assert vision["path"].endswith("-vision-int8.onnx")
+
+
+def test_wrong_width_vision_file_is_one_clear_error(onnx_bundles):
+    from runtime.backends.onnx_vision import OnnxVisionEncoder
+    from runtime.errors import BundleError
+
+    path = next(onnx_bundles["onnx-f32"].glob("*.onnx"))
+    with pytest.raises(BundleError, match="does not belong to this model"):
+        OnnxVisionEncoder(str(path), n_embd=640)
