@@ -59,13 +59,18 @@ def machine() -> dict:
             "load_start": os.getloadavg()[0]}
 
 
-def specs(ckpt: Path, q4: Path, q8: Path, threads: int) -> list[Spec]:
+ONNX_VISION = "ours q4_k_m + onnx-int8 vision"
+
+
+def specs(ckpt: Path, q4: Path, q8: Path, threads: int, q4_onnx: Path | None = None) -> list[Spec]:
     """The report's entries. Another backend = one more Spec (and its class in benchmarks.backends)."""
     f4, f8 = bundles.files(q4), bundles.files(q8)
     t = {"threads": threads}
+    onnx = [Spec(ONNX_VISION, "ours", {"bundle": str(q4_onnx), **t}, image=True)] if q4_onnx else []
     return [
         Spec("decode only (floor)", "floor", preprocess=True, model=False),
         Spec("ours q4_k_m", "ours", {"bundle": str(q4), **t}, image=True, preprocess=True),
+        *onnx,
         Spec("llama.cpp q4_k_m", "llama.cpp", {"text_gguf": str(f4["text"]), "mmproj": str(f4["vision"]), **t},
              image=True, preprocess=True),
         Spec("ours q8_0", "ours", {"bundle": str(q8), **t}, image=False),
@@ -260,6 +265,7 @@ def main(argv=None) -> int:
 
         ckpt, title, out_dir = build_4b(), "MedGemma-4B shape, random weights", args.out or RESULTS
     q4, q8 = bundles.bundle(ckpt, "q4_k_m"), bundles.bundle(ckpt, "q8_0")
+    q4_onnx = bundles.bundle(ckpt, "q4_k_m", "onnx-int8")
     inputs = write_inputs(cache_root() / "bench" / "inputs", ct_slices=8 if args.quick else 48)
     case = Case(image=str(inputs.png), decode_tokens=args.decode_tokens, text_prompt_words=120, threads=threads)
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -270,9 +276,9 @@ def main(argv=None) -> int:
     say(f"[bench] read {roof['bandwidth']['read_gb_s']} GB/s -> decode ceiling {roof['decode_ceiling_tok_s']} "
         f"tok/s; GEMM {roof['gemm']['gflop_s']} GFLOP/s -> encode floor {roof['encode_floor_s']} s")
 
-    todo = [s for s in specs(ckpt, q4, q8, threads) if not args.only or any(w in s.name for w in args.only)]
+    todo = [s for s in specs(ckpt, q4, q8, threads, q4_onnx) if not args.only or any(w in s.name for w in args.only)]
     names = {"ours": "ours q4_k_m", "llama": "llama.cpp q4_k_m", "hf": "transformers fp32",
-             "floor": "decode only (floor)", "hf_text": "transformers bf16"}
+             "floor": "decode only (floor)", "hf_text": "transformers bf16", "ours_vision": ONNX_VISION}
     with tempfile.TemporaryDirectory() as tmp:
         measured = run_backends(todo, case, inputs, args, ckpt, names, Path(tmp))
         alternating = run_alternating(todo, case, args, measured["errors"], Path(tmp))

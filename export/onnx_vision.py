@@ -2,7 +2,7 @@
 
 On an AVX2 CPU llama.cpp's mmproj encodes one 896² image of the 4B shape in about 56 s (F16,
 flash attention; Q8_0 is slower there, 66 s). onnxruntime with int8 weights (dynamic
-quantization: 7-bit weights per tensor, activations quantized per call) does it in about 40 s
+quantization: 7-bit weights per channel, activations quantized per call) does it in about 40 s
 (benchmarks/results/REPORT.md; fidelity against F32 in the export's quality report). The runtime feeds
 the ONNX graph the same normalized pixels and hands its output to llama.cpp as embeddings
 (runtime/backends/onnx_vision.py).
@@ -100,8 +100,10 @@ def _quantize_int8(src: Path, dst: Path) -> None:
 
     graph = onnx.load(str(src), load_external_data=False).graph
     projector = [n.name for n in graph.node if n.op_type == "MatMul" and "multi_modal_projector" in n.name]
-    # reduce_range: 7-bit weights. On AVX2 without VNNI onnxruntime multiplies u8 x s8 pairs into
-    # saturating int16 sums, which full-range weights overflow: tiny's image embeddings fell to
-    # cosine 0.98 against f32 that way, and are at 0.9999 with 7 bits.
+    # 7-bit weights, one scale per output channel. On AVX2 without VNNI onnxruntime multiplies
+    # u8 x s8 pairs into saturating int16 sums, which full 8-bit weights can overflow: tiny's image
+    # embeddings fell to cosine 0.98 against f32 that way (0.9999 with 7 bits). Measured on the
+    # 4B shape (python -m benchmarks.bench_vision): 8-bit per tensor 40.2 s / cosine 0.99925,
+    # 7-bit per tensor 43.1 s / 0.99774, 8-bit per channel 38.0 s / 0.99898, this 36.9 s / 0.99870.
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                     nodes_to_exclude=projector, per_channel=False, reduce_range=True)
+                     nodes_to_exclude=projector, per_channel=True, reduce_range=True)

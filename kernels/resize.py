@@ -21,17 +21,64 @@ import numpy as np
 import PIL
 from PIL import Image
 
+from kernels import bands
+
 PRECISION_BITS = 22  # Pillow's fixed-point weight precision for 8-bit images (32 - 8 - 2)
 _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
 
 
-def resize_bilinear(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """(H, W) or (H, W, 3) uint8 -> (height, width[, 3]) uint8, exactly as Pillow resizes it."""
+def resize_bilinear(pixels: np.ndarray, height: int, width: int, threads: int = 1) -> np.ndarray:
+    """(H, W) or (H, W, 3) uint8 -> (height, width[, 3]) uint8, exactly as Pillow resizes it.
+
+    threads > 1 splits a large resize into bands run in parallel (Pillow releases the GIL while
+    it resamples): see `_resize_banded`. The bytes are the same either way.
+    """
     _check_u8(pixels)
     if pixels.shape[:2] == (height, width):
         return np.array(pixels, copy=True)
+    if threads > 1 and pixels.shape[0] * pixels.shape[1] >= bands.MIN_ELEMENTS:
+        return _resize_banded(pixels, height, width, threads)
+    return _pillow(pixels, height, width)
+
+
+def _pillow(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     image = Image.fromarray(np.ascontiguousarray(pixels))
     return np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
+
+
+def _resize_banded(pixels: np.ndarray, height: int, width: int, threads: int) -> np.ndarray:
+    """Pillow's two passes, each split into bands on threads, with Pillow doing every band.
+
+    Pillow resizes in two separable passes with a uint8 image in between. The horizontal pass
+    treats each row alone and the vertical pass each column alone, with weights that depend only
+    on the sizes. So the horizontal pass of a band of rows is exactly those rows of the whole
+    pass, and the same holds for columns: rows in bands, then columns in bands (or the other way
+    round, in the order Pillow itself would take) gives Pillow's bytes.
+    """
+    in_h, in_w = pixels.shape[:2]
+    steps = [("h", width), ("v", height)]
+    if vertical_pass_first(in_h, in_w, height, width):
+        steps.reverse()
+    out = pixels
+    for axis, size in steps:
+        if (out.shape[1] if axis == "h" else out.shape[0]) == size:
+            continue  # Pillow skips a pass whose size does not change
+        out = _pass_in_bands(out, axis, size, threads)
+    return out
+
+
+def _pass_in_bands(pixels: np.ndarray, axis: str, size: int, threads: int) -> np.ndarray:
+    h, w = pixels.shape[:2]
+    out = np.empty(((h, size) if axis == "h" else (size, w)) + pixels.shape[2:], np.uint8)
+
+    def band(a, b):
+        if axis == "h":  # rows a..b, resized in width only
+            out[a:b] = _pillow(pixels[a:b], b - a, size)
+        else:  # columns a..b, resized in height only
+            out[:, a:b] = _pillow(pixels[:, a:b], size, b - a)
+
+    bands.run_bands(band, h if axis == "h" else w, threads)
+    return out
 
 
 def resize_bilinear_reference(pixels: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -17,11 +17,13 @@ the recipe; README "## DICOM" lists which tags are read.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
+from kernels import bands
 from kernels.window import apply_windows, window_reference
 from runtime import dicom_series
 from runtime.dicom_read import (PALETTE, PixelLayout, Source, decode, finite_float, layout,
@@ -229,7 +231,7 @@ class _Codes:
         return float(min(ends)), float(max(ends))
 
     def gather(self, table: np.ndarray) -> np.ndarray:
-        return np.take(table, self.index)
+        return bands.take(table, self.index, threads=min(os.cpu_count() or 1, 4))
 
 
 _CODE_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16))

@@ -56,7 +56,7 @@ def fit_square(pixels: np.ndarray, fit: str = DEFAULT_FIT) -> np.ndarray:
 
 def resize_square(pixels: np.ndarray, size: int = IMAGE_SIZE, fit: str = DEFAULT_FIT) -> np.ndarray:
     """One picture -> (size, size, 3) uint8 RGB: what the model sees, before normalization."""
-    resized = _resize_planes(pixels, size, fit)
+    resized = _resize_planes(pixels, size, fit, _threads(1))
     if resized.ndim == 3:
         return resized
     rgb = np.empty((size, size, 3), dtype=np.uint8)
@@ -74,7 +74,8 @@ def to_model_input(pictures, size: int = IMAGE_SIZE, fit: str = DEFAULT_FIT,
     _check_size(size)
     lut = build_lut(RESCALE, mean, std, channels=3)
     batch = np.empty((len(items), 3, size, size), dtype=np.float32)  # (N, 3, S, S)
-    _each(lambda i: normalize(_resize_planes(items[i], size, fit), lut, out=batch[i]), len(items))
+    threads = _threads(len(items))
+    _each(lambda i: normalize(_resize_planes(items[i], size, fit, threads), lut, out=batch[i]), len(items))
     return batch
 
 
@@ -85,8 +86,10 @@ def model_view(pictures, size: int = IMAGE_SIZE, fit: str = DEFAULT_FIT) -> np.n
     _check_size(size)
     views = np.empty((len(items), size, size, 3), dtype=np.uint8)  # (N, S, S, 3)
 
+    threads = _threads(len(items))
+
     def one(i):
-        resized = _resize_planes(items[i], size, fit)
+        resized = _resize_planes(items[i], size, fit, threads)
         views[i] = resized[:, :, None] if resized.ndim == 2 else resized
 
     _each(one, len(items))
@@ -105,7 +108,13 @@ def _each(fn, n: int) -> None:
         list(pool.map(fn, range(n)))  # list() re-raises the first error here
 
 
-def _resize_planes(pixels: np.ndarray, size: int, fit: str) -> np.ndarray:
+def _threads(n_items: int) -> int:
+    """Threads inside one resize: all cores for a single picture; a series is parallel over its
+    slices instead (`_each`), one thread each."""
+    return min(os.cpu_count() or 1, MAX_THREADS) if n_items == 1 else 1
+
+
+def _resize_planes(pixels: np.ndarray, size: int, fit: str, threads: int = 1) -> np.ndarray:
     """(size, size) for a gray picture (one plane resized: a third of the work, same pixels as
     each channel of the RGB resize), (size, size, 3) for a colour one."""
     _check_fit(fit)
@@ -115,7 +124,7 @@ def _resize_planes(pixels: np.ndarray, size: int, fit: str) -> np.ndarray:
                          "runtime.inputs.load_pictures")
     plane = _gray_plane(pixels)
     src = plane if plane is not None else _rgb(pixels)
-    return resize_bilinear(fit_square(src, fit), size, size)
+    return resize_bilinear(fit_square(src, fit), size, size, threads=threads)
 
 
 def _gray_plane(pixels: np.ndarray) -> np.ndarray | None:

@@ -62,6 +62,28 @@ def test_pass_order_rule_matters(monkeypatch):
             assert not np.array_equal(pillow, resize_bilinear_reference(img, *out)), (shape, out)
 
 
+@settings(max_examples=80, deadline=None)
+@given(h=st.integers(1, 300), w=st.integers(1, 300), oh=st.integers(1, 300), ow=st.integers(1, 300),
+       colour=st.booleans(), threads=st.integers(2, 5), seed=st.integers(0, 2**32 - 1))
+def test_banded_resize_equals_pillow(h, w, oh, ow, colour, threads, seed):
+    """Rows in bands, then columns in bands (or the reverse, as Pillow orders its passes): the
+    same bytes as one Pillow resize, including bands of a single row or none at all."""
+    from kernels.resize import _resize_banded
+
+    img = np.random.default_rng(seed).integers(0, 256, (h, w, 3) if colour else (h, w), dtype=np.uint8)
+    whole = resize_bilinear(img, oh, ow)
+    banded = _resize_banded(img, oh, ow, threads)
+    assert np.array_equal(banded, whole), _worst(banded, whole)
+
+
+@pytest.mark.parametrize("shape,out", [((2048, 2500), (896, 896)), ((2500, 2500), (896, 896)),
+                                       ((4000, 600), (300, 300)), ((512, 512, 3), (896, 896))])
+def test_threaded_resize_on_clinical_shapes(shape, out):
+    img = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+    whole, threaded = resize_bilinear(img, *out), resize_bilinear(img, *out, threads=2)
+    assert np.array_equal(threaded, whole), f"{shape} -> {out}: " + _worst(threaded, whole)
+
+
 @settings(max_examples=60, deadline=None)
 @given(h=st.integers(1, 120), w=st.integers(1, 120), size=st.integers(1, 120),
        seed=st.integers(0, 2**32 - 1))
@@ -145,3 +167,15 @@ def test_full_range_is_monotone_on_16_bit():
     codes = np.arange(65536, dtype=np.uint16).reshape(256, 256)
     out = full_range_u8(codes).ravel()
     assert out[0] == 0 and out[-1] == 255 and (np.diff(out.astype(int)) >= 0).all()
+
+
+@pytest.mark.parametrize("shape,threads", [((2048, 2500), 2), ((1025, 1024), 3), ((3, 1 << 20), 4), ((1 << 21,), 2)])
+def test_banded_take_equals_numpy_take(shape, threads):
+    from kernels import bands
+
+    rng = np.random.default_rng(3)
+    table = rng.integers(0, 256, 1 << 16, dtype=np.uint8)
+    index = rng.integers(0, 1 << 16, shape, dtype=np.uint16)
+    got = bands.take(table, index, threads=threads)
+    want = np.take(table, index)
+    assert got.shape == want.shape and np.array_equal(got, want), _worst(got, want)

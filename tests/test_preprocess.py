@@ -132,7 +132,8 @@ def test_gray_view_gray_copy_and_plane_agree(monkeypatch):
     # Both gray forms reach the resize kernel as one plane; a colour picture as three.
     seen = []
     real = preprocess.resize_bilinear
-    monkeypatch.setattr(preprocess, "resize_bilinear", lambda p, h, w: seen.append(p.ndim) or real(p, h, w))
+    monkeypatch.setattr(preprocess, "resize_bilinear",
+                        lambda p, h, w, threads=1: seen.append(p.ndim) or real(p, h, w, threads=threads))
     to_model_input([view, copied, smooth_rgb(123, 77, seed=5)], size=32)
     assert sorted(seen) == [2, 2, 3]
 

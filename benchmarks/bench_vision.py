@@ -1,0 +1,111 @@
+"""Which CPU path encodes an image fastest, and how far each lands from F32: the vision-encoder table.
+
+    python -m benchmarks.bench_vision [--quick] [--threads N] [--skip NAME ...]
+
+Every variant of the same vision tower (the MedGemma-4B-shaped checkpoint, or `tiny` with --quick)
+encodes the same 896² X-ray, one after another in this process: llama.cpp's mtmd with the mmproj
+at F32 / F16 / Q8_0, flash attention on and off, and onnxruntime with the tower at f32 and int8.
+Fidelity is the cosine (whole output and worst token row) and the worst relative difference of
+the image embeddings against the F32 mmproj without flash attention, the reference. Files are
+exported once into the cache (bench/vision/) with our own exporter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.backends import say
+from runtime.cache import cache_root
+
+# (name, vision file type, flash attention for mtmd: 1 on, 0 off, None for onnx)
+VARIANTS = [
+    ("mmproj f32, flash attn off (reference)", "f32", 0),
+    ("mmproj f16, flash attn off", "f16", 0),
+    ("mmproj f16, flash attn on (runtime default)", "f16", 1),
+    ("mmproj q8_0, flash attn on", "q8_0", 1),
+    ("onnx f32", "onnx-f32", None),
+    ("onnx int8 (7-bit weights)", "onnx-int8", None),
+]
+
+
+def vision_file(plan, folder: Path, quant: str) -> Path:
+    path = folder / plan.vision_name(quant)
+    if not path.is_file():
+        say(f"[vision] exporting {path.name} ...")
+        tmp = path.with_name(path.name + ".part" + path.suffix)
+        plan.write_vision(tmp, quant)
+        tmp.replace(path)
+    return path
+
+
+def main(argv=None) -> int:
+    from PIL import Image
+
+    from benchmarks.inputs import write_inputs
+    from export.bundle import _Plan
+    from runtime.backends import open_vision
+    from runtime.backends.llama_engine import LlamaEngine, physical_cores
+    from runtime.backends.mtmd import VisionEncoder
+    from runtime.preprocess import resize_square
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny test model instead of the 4B shape")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--skip", nargs="*", default=[], help="skip variants whose name contains these words")
+    args = p.parse_args(argv)
+    threads = args.threads or physical_cores()
+    if args.quick:
+        from export.testmodels import build_tiny
+
+        ckpt, text_quant = build_tiny(), "q8_0"
+    else:
+        from benchmarks.checkpoint4b import build_4b
+
+        ckpt, text_quant = build_4b(), "q4_k_m"
+    from benchmarks import bundles
+
+    text = bundles.files(bundles.bundle(ckpt, text_quant))["text"]  # mtmd needs the text model's width
+    plan = _Plan.read(ckpt)
+    folder = cache_root() / "bench" / "vision" / ckpt.name
+    folder.mkdir(parents=True, exist_ok=True)
+    inputs = write_inputs(cache_root() / "bench" / "inputs", ct_slices=8)
+    pixels = resize_square(np.asarray(Image.open(inputs.png).convert("RGB")), plan.vision.image_size, "pad")
+    engine = LlamaEngine(str(text), n_ctx=512, threads=threads, n_gpu_layers=0)
+    image = {"mean": plan.vision.image_mean, "std": plan.vision.image_std}
+    rows, ref = [], None
+    for name, quant, flash in VARIANTS:
+        if any(w in name for w in args.skip) and ref is not None:
+            continue
+        path = vision_file(plan, folder, quant)
+        if flash is None:
+            enc = open_vision(path, engine.model, engine.n_embd, threads, "cpu", image)
+        else:
+            enc = VisionEncoder(str(path), engine.model, threads, flash_attn=flash)
+        say(f"[vision] {name}: encoding ...")
+        t0 = time.perf_counter()
+        emb = enc.encode(pixels).astype(np.float64)
+        seconds = time.perf_counter() - t0
+        enc.close()
+        ref = emb if ref is None else ref
+        rows.append((name, path.stat().st_size / 1e6, seconds, *_fidelity(emb, ref)))
+        say(f"[vision] {name}: {seconds:.1f} s")
+    print(f"\nvision encoder, one {pixels.shape[0]}² image, {threads} thread(s), {ckpt.name}\n")
+    print("| path | file MB | encode s | speed vs reference | cosine vs F32 | worst row cosine | worst rel. diff |")
+    print("|---|---|---|---|---|---|---|")
+    for name, mb, s, cos, row, rel in rows:
+        print(f"| {name} | {mb:,.0f} | {s:.1f} | {rows[0][2] / s:.2f}× | {cos:.6f} | {row:.6f} | {rel:.2e} |")
+    return 0
+
+
+def _fidelity(emb: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
+    cos = float((emb * ref).sum() / np.linalg.norm(emb) / np.linalg.norm(ref))
+    rows = (emb * ref).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(ref, axis=1)
+    return cos, float(rows.min()), float(np.abs(emb - ref).max() / np.abs(ref).max())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

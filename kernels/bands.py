@@ -1,0 +1,38 @@
+"""Split one array operation into bands of rows (or columns) run on threads.
+
+Only for work that releases the GIL (Pillow's resample, numpy's take): the bands then run on
+separate cores. Each band writes its own slice of a preallocated output, so the result is the
+same array the single-threaded call would give.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+MIN_ELEMENTS = 1 << 20  # below about a megapixel the hand-off costs more than a second core saves
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def run_bands(fn, n: int, threads: int) -> None:
+    """fn(start, stop) over `threads` contiguous, non-empty ranges covering 0..n."""
+    edges = np.linspace(0, n, threads + 1).astype(int)
+    ranges = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
+    if len(ranges) <= 1:
+        for a, b in ranges:
+            fn(a, b)
+        return
+    if threads not in _POOLS:
+        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="bands")
+    list(_POOLS[threads].map(lambda r: fn(*r), ranges))  # list() re-raises a band's error here
+
+
+def take(table: np.ndarray, index: np.ndarray, threads: int = 1) -> np.ndarray:
+    """np.take(table, index) for a 1-D table, in row bands of `index` when it is large."""
+    if threads <= 1 or index.size < MIN_ELEMENTS or index.ndim == 0:
+        return np.take(table, index)
+    out = np.empty(index.shape, table.dtype)
+    run_bands(lambda a, b: np.take(table, index[a:b], out=out[a:b]), index.shape[0], threads)
+    return out
