@@ -60,7 +60,10 @@ def select_indices(n: int, max_slices: int) -> list[int]:
 
 def gather(src, max_slices: int) -> list[Slice]:
     """The kept slices of the one series in `src` (a path, a directory, a list, or bytes)."""
-    instances = _read_instances(_sources(src), _describe(src))
+    sources = _sources(src)
+    # A series that will be kept whole (one frame per file, at most max_slices files) is read
+    # in one pass; a longer one by headers first, then only the kept files again.
+    instances = _read_instances(sources, _describe(src), whole=len(sources) <= max_slices)
     instances = _order(_one_series(instances))
     # Slice i of the whole series lives in the instance whose frame range holds i; found by
     # bisection, since a damaged header may claim millions of frames we never list.
@@ -125,9 +128,9 @@ def _path_sources(item) -> list[Source]:
     return [Source(str(item), path=path)]
 
 
-def _read_instances(sources: list[Source], what: str) -> list[Instance]:
-    # One file: read it whole now. Many: headers only, pixels later for the kept slices.
-    header_only = len(sources) > 1
+def _read_instances(sources: list[Source], what: str, whole: bool = False) -> list[Instance]:
+    # One file (or a series kept whole): read it all now. Else headers only, pixels later.
+    header_only = len(sources) > 1 and not whole
     instances, skipped = [], 0
     for source in sources:
         ds = read(source, header_only=header_only)
