@@ -36,7 +36,7 @@ def bundle(src: Path, quant: str, vision_quant: str = "f16", threads: int = 0) -
     t0 = time.perf_counter()
     res = export_gguf(src, out, quant, vision_quant, quality=False, threads=threads, overwrite=True)
     (out / STAMP).write_text(stamp)
-    say(f"[export] done in {time.perf_counter() - t0:.0f} s, peak {res.peak_rss_mb:,.0f} MB")
+    say(f"[export] done in {time.perf_counter() - t0:.0f} s, peak {max(res.peak_mb.values(), default=0):,.0f} MB")
     return out
 
 
