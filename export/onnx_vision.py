@@ -2,7 +2,7 @@
 
 On an AVX2 CPU llama.cpp's mmproj encodes one 896² image of the 4B shape in about 56 s (F16,
 flash attention; Q8_0 is slower there, 66 s). onnxruntime with int8 weights (dynamic
-quantization: 7-bit weights per channel, activations quantized per call) does it in about 40 s
+quantization: 7-bit weights per channel, activations quantized per call) does it in about 40 s, 1.4x faster
 (benchmarks/results/REPORT.md; fidelity against F32 in the export's quality report). The runtime feeds
 the ONNX graph the same normalized pixels and hands its output to llama.cpp as embeddings
 (runtime/backends/onnx_vision.py).
