@@ -132,7 +132,8 @@ def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant: str | None =
     """Export a local Gemma 3 / MedGemma checkpoint to a GGUF bundle in `out`.
 
     quant: text weights (f32/f16/bf16/q8_0 written by gguf-py, q6_k/q5_k_m/q4_k_m by llama.cpp
-    from an unquantized intermediate); vision_quant: f32/f16/q8_0 (ignored for text-only models).
+    from an unquantized intermediate); vision_quant: f32/f16/q8_0 (a GGUF mmproj for llama.cpp) or
+    onnx-f32/onnx-int8 (an ONNX graph for onnxruntime); ignored for text-only models.
     quality: measure the quantized files against the unquantized export (stored in the manifest).
     """
     from export import quality as q
@@ -171,8 +172,10 @@ def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant: str | None =
     if quality and lossy:
         report["text"] = {"quant": quant, **q.compare_text(text_ref, text_path, plan.chat_template, threads, ref)}
     if quality and vision_ref is not None:
+        image = {"mean": plan.vision.image_mean, "std": plan.vision.image_std}  # the ONNX graph's input
         report["vision"] = {"quant": vision_quant, **q.compare_vision(text_path, vision_ref, vision_path,
-                                                                        plan.vision.image_size, threads)}
+                                                                        plan.vision.image_size, threads,
+                                                                        image=image)}
     if report:
         peak["quality"] = peak_rss_mb()
     if not (keep_intermediate and any(inter.iterdir())):

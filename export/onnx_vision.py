@@ -1,9 +1,10 @@
 """The vision tower + projector as one ONNX graph, for onnxruntime: the faster CPU image path.
 
-On an AVX2 CPU llama.cpp's mmproj encodes one 896² image of the 4B shape in about 56 s (F16,
-flash attention; Q8_0 is slower there, 66 s). onnxruntime with int8 weights (dynamic
-quantization: 7-bit weights per channel, activations quantized per call) does it in about 40 s, 1.4x faster
-(benchmarks/results/REPORT.md; fidelity against F32 in the export's quality report). The runtime feeds
+On a 2-core AVX2 CPU llama.cpp's mmproj encodes one 896² image of the 4B shape in about 55 s
+(F16, flash attention; Q8_0 is slower there, 72 s). onnxruntime with int8 weights (dynamic
+quantization: 7-bit weights per channel, activations quantized per call) takes about 40 s,
+image-embedding cosine 0.9987 against F32 on random weights (python -m benchmarks.bench_vision;
+the export's quality report measures it on the real weights). The runtime feeds
 the ONNX graph the same normalized pixels and hands its output to llama.cpp as embeddings
 (runtime/backends/onnx_vision.py).
 
@@ -102,8 +103,8 @@ def _quantize_int8(src: Path, dst: Path) -> None:
     projector = [n.name for n in graph.node if n.op_type == "MatMul" and "multi_modal_projector" in n.name]
     # 7-bit weights, one scale per output channel. On AVX2 without VNNI onnxruntime multiplies
     # u8 x s8 pairs into saturating int16 sums, which full 8-bit weights can overflow: tiny's image
-    # embeddings fell to cosine 0.98 against f32 that way (0.9999 with 7 bits). Measured on the
-    # 4B shape (python -m benchmarks.bench_vision): 8-bit per tensor 40.2 s / cosine 0.99925,
-    # 7-bit per tensor 43.1 s / 0.99774, 8-bit per channel 38.0 s / 0.99898, this 36.9 s / 0.99870.
+    # embeddings fell to cosine 0.98 against f32 that way (0.9999 with 7 bits). One-off runs of
+    # the 4B-shape graph, 2 threads: 8-bit per tensor 40.2 s / cosine 0.99925, 7-bit per tensor
+    # 43.1 s / 0.99774, 8-bit per channel 38.0 s / 0.99898, this 36.9 s / 0.99870 (tiny: 0.9999).
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
                      nodes_to_exclude=projector, per_channel=True, reduce_range=True)

@@ -137,15 +137,15 @@ def quality_images(size: int, n: int = 2) -> list[np.ndarray]:
 
 
 def compare_vision(text_gguf: Path, reference: Path, quantized: Path, image_size: int,
-                   threads: int = 0, reference_type: str = "f32") -> dict:
+                   threads: int = 0, reference_type: str = "f32", image: dict | None = None) -> dict:
     """Cosine between image embeddings of the reference and the quantized vision file (GGUF or ONNX)."""
     from export.llama_logs import llama_logs
 
     with llama_logs():
-        return _compare_vision(text_gguf, reference, quantized, image_size, threads, reference_type)
+        return _compare_vision(text_gguf, reference, quantized, image_size, threads, reference_type, image)
 
 
-def _compare_vision(text_gguf, reference, quantized, image_size, threads, reference_type) -> dict:
+def _compare_vision(text_gguf, reference, quantized, image_size, threads, reference_type, image) -> dict:
     import llama_cpp
 
     from tqdm import tqdm
@@ -160,7 +160,7 @@ def _compare_vision(text_gguf, reference, quantized, image_size, threads, refere
     try:
         outs = []
         for path in (reference, quantized):
-            enc = open_vision(path, model, int(llama_cpp.llama_model_n_embd(model)), threads)
+            enc = open_vision(path, model, int(llama_cpp.llama_model_n_embd(model)), threads, image=image)
             try:
                 outs.append([enc.encode(im) for im in tqdm(images, desc=f"quality: vision {path.stem}",
                                                             leave=False)])

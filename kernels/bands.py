@@ -7,6 +7,7 @@ same array the single-threaded call would give.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,19 +15,31 @@ import numpy as np
 MIN_ELEMENTS = 1 << 20  # below about a megapixel the hand-off costs more than a second core saves
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+_in_band = threading.local()  # set on a band's thread: a band that bands again runs inline
 
 
 def run_bands(fn, n: int, threads: int) -> None:
     """fn(start, stop) over `threads` contiguous, non-empty ranges covering 0..n."""
     edges = np.linspace(0, n, threads + 1).astype(int)
     ranges = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:]) if b > a]
-    if len(ranges) <= 1:
-        for a, b in ranges:
+    if len(ranges) <= 1 or getattr(_in_band, "active", False):
+        for a, b in ranges:  # (inline inside a band: waiting on the same pool could deadlock)
             fn(a, b)
         return
-    if threads not in _POOLS:
-        _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="bands")
-    list(_POOLS[threads].map(lambda r: fn(*r), ranges))  # list() re-raises a band's error here
+    with _POOLS_LOCK:
+        if threads not in _POOLS:
+            _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="bands")
+        pool = _POOLS[threads]
+
+    def band(r):
+        _in_band.active = True
+        try:
+            fn(*r)
+        finally:
+            _in_band.active = False
+
+    list(pool.map(band, ranges))  # list() re-raises a band's error here
 
 
 def take(table: np.ndarray, index: np.ndarray, threads: int = 1) -> np.ndarray:
@@ -34,5 +47,7 @@ def take(table: np.ndarray, index: np.ndarray, threads: int = 1) -> np.ndarray:
     if threads <= 1 or index.size < MIN_ELEMENTS or index.ndim == 0:
         return np.take(table, index)
     out = np.empty(index.shape, table.dtype)
-    run_bands(lambda a, b: np.take(table, index[a:b], out=out[a:b]), index.shape[0], threads)
+    # mode="clip" lets numpy write straight into `out` ("raise" buffers it); callers pass indices
+    # inside the table, so nothing is clipped
+    run_bands(lambda a, b: np.take(table, index[a:b], out=out[a:b], mode="clip"), index.shape[0], threads)
     return out

@@ -37,6 +37,8 @@ def load_dicom(src, *, window: str | None = None,
                max_slices: int = DEFAULT_MAX_SLICES) -> list[Picture]:
     """DICOM file / directory / list of files / bytes → pictures (see module docstring).
 
+    Gray pictures come back as read-only views showing one plane as R, G and B (as
+    runtime.images does); use np.array(picture.pixels) for a writable copy.
     `window` (CT only): a preset name or "lo:hi,lo:hi,lo:hi" in HU; None = MedGemma 1.5's.
     `max_slices`: slices kept from a longer series or multi-frame file, spread by the recipe.
     """

@@ -61,9 +61,10 @@ def select_indices(n: int, max_slices: int) -> list[int]:
 def gather(src, max_slices: int) -> list[Slice]:
     """The kept slices of the one series in `src` (a path, a directory, a list, or bytes)."""
     sources = _sources(src)
-    # A series that will be kept whole (one frame per file, at most max_slices files) is read
-    # in one pass; a longer one by headers first, then only the kept files again.
-    instances = _read_instances(sources, _describe(src), whole=len(sources) <= max_slices)
+    # A series that will be kept whole (at most max_slices files, small enough to hold) is read
+    # in one pass; anything else by headers first, then only the kept files again.
+    whole = len(sources) <= max_slices and _total_bytes(sources) <= WHOLE_READ_BYTES
+    instances = _read_instances(sources, _describe(src), whole=whole)
     instances = _order(_one_series(instances))
     # Slice i of the whole series lives in the instance whose frame range holds i; found by
     # bisection, since a damaged header may claim millions of frames we never list.
@@ -76,6 +77,19 @@ def gather(src, max_slices: int) -> list[Slice]:
 
 
 # ---------------------------------------------------------------------------------------------
+
+WHOLE_READ_BYTES = 256 << 20  # a CT series of 85 slices is ~45 MB; radiograph folders can be far more
+
+
+def _total_bytes(sources: list[Source]) -> int:
+    total = 0
+    for s in sources:
+        try:
+            total += len(s.data) if s.data is not None else s.path.stat().st_size
+        except OSError:
+            return WHOLE_READ_BYTES + 1  # let the header pass report it
+    return total
+
 
 def _describe(src) -> str:
     if isinstance(src, (str, os.PathLike)):

@@ -7,8 +7,9 @@ about again (a follow-up, a second question tomorrow) should not pay that twice.
 - Disk: optional, off unless a folder is given. One `.npy` per image under a subfolder named
   for the vision file's SHA-256 (so another bundle never reads these), written atomically,
   bounded by `disk_mb` (least recently used files go first). The files hold embeddings
-  computed from patient images: they are patient data at rest, so the folder is created
-  owner-only (0700) and the file names are hashes, never names or DICOM tags. A file that
+  computed from patient images: they are patient data at rest, so the bundle's subfolder is
+  kept owner-only (0700; a folder of another user is refused), half-written files from a crash
+  are removed, and the file names are hashes, never names or DICOM tags. A file that
   does not read back as the right shape is deleted and the image encoded again.
 """
 
@@ -17,13 +18,27 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
+from runtime.errors import InputError
+
 DEFAULT_MEMORY_ITEMS = 64  # 4B: 256 × 2560 floats ≈ 2.6 MB each
 DEFAULT_DISK_MB = 2048
+
+
+def _make_private(folder: Path) -> None:
+    """The bundle's cache folder must be ours and closed to others: anyone who can write there
+    could plant embeddings for an image they know, and anyone who can read, take them."""
+    st = folder.stat()
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise InputError(f"the image cache folder {folder} belongs to another user — choose a folder "
+                         "of your own with --image-cache")
+    if st.st_mode & 0o077:
+        os.chmod(folder, 0o700)
 
 
 def pixel_digest(pixels: np.ndarray) -> str:
@@ -46,6 +61,8 @@ class EmbeddingCache:
             root.mkdir(parents=True, exist_ok=True, mode=0o700)  # an existing folder keeps its mode
             self.dir = root / model_id[:16]
             self.dir.mkdir(exist_ok=True, mode=0o700)
+            _make_private(self.dir)
+            self._drop_stale_parts()
         self.hits = {"memory": 0, "disk": 0}
 
     # -- lookup ----------------------------------------------------------------------------------
@@ -113,6 +130,16 @@ class EmbeddingCache:
             Path(tmp).unlink(missing_ok=True)
             return
         self._evict()
+
+    def _drop_stale_parts(self, older_than_s: float = 600) -> None:
+        """A crash mid-write leaves a .part file (patient-derived data): remove old ones."""
+        now = time.time()
+        for p in self.dir.glob("*.part"):
+            try:
+                if now - p.stat().st_mtime > older_than_s:
+                    p.unlink()
+            except OSError:
+                pass
 
     def _evict(self) -> None:
         entries = []

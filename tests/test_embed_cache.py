@@ -38,6 +38,18 @@ def test_disk_round_trip_is_exact_and_private(tmp_path):
     assert not list(b.dir.glob("*.part"))
 
 
+def test_an_open_folder_is_closed_and_stale_parts_removed(tmp_path):
+    cache = EmbeddingCache(SHAPE, "f" * 64, disk_dir=tmp_path)
+    os.chmod(cache.dir, 0o777)
+    stale, fresh = cache.dir / "x.part", cache.dir / "y.part"
+    stale.write_bytes(b"half an embedding")
+    fresh.write_bytes(b"being written now")
+    os.utime(stale, (1000, 1000))
+    again = EmbeddingCache(SHAPE, "f" * 64, disk_dir=tmp_path)
+    assert stat.S_IMODE(os.stat(again.dir).st_mode) == 0o700
+    assert not stale.exists() and fresh.exists()
+
+
 def test_disk_is_bounded_least_recently_used_first(tmp_path):
     one = _emb(0).nbytes + 128  # .npy header
     cache = EmbeddingCache(SHAPE, "c" * 64, memory_items=0, disk_dir=tmp_path, disk_mb=2.5 * one / 2**20)

@@ -214,3 +214,17 @@ def test_png_fast_path_equals_pillow_and_is_used_only_for_plain_files(tmp_path, 
     exif = save(Image.fromarray(rgb), tmp_path / "exif.png", "PNG", orientation=6)
     calls.clear()
     assert load_image(exif).shape == (333, 211, 3) and not calls, "EXIF orientation must go through Pillow"
+    # Pillow also rotates by an XMP tiff:Orientation or a raw EXIF text chunk, after the pixels too
+    from PIL import PngImagePlugin
+
+    xmp = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-'
+           'syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/>'
+           '</rdf:RDF></x:xmpmeta>')
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", xmp, zip=True)
+    path = tmp_path / "xmp.png"
+    Image.fromarray(rgb).save(path, "PNG", pnginfo=info)
+    calls.clear()
+    got, want = np.array(load_image(path)), _pillow_path(path, monkeypatch)
+    assert not calls and np.array_equal(got, want), "XMP orientation must go through Pillow"
+    assert got.shape == (333, 211, 3), f"Pillow did not rotate by XMP here: {got.shape}"

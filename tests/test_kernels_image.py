@@ -77,10 +77,16 @@ def test_banded_resize_equals_pillow(h, w, oh, ow, colour, threads, seed):
 
 
 @pytest.mark.parametrize("shape,out", [((2048, 2500), (896, 896)), ((2500, 2500), (896, 896)),
-                                       ((4000, 600), (300, 300)), ((512, 512, 3), (896, 896))])
-def test_threaded_resize_on_clinical_shapes(shape, out):
+                                       ((4000, 600), (300, 300)), ((1100, 1024, 3), (896, 896))])
+def test_threaded_resize_on_clinical_shapes(shape, out, monkeypatch):
+    import kernels.resize as resize
+
     img = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+    banded = []
+    real = resize._resize_banded
+    monkeypatch.setattr(resize, "_resize_banded", lambda *a: banded.append(1) or real(*a))
     whole, threaded = resize_bilinear(img, *out), resize_bilinear(img, *out, threads=2)
+    assert banded, "the threaded call did not take the banded path"
     assert np.array_equal(threaded, whole), f"{shape} -> {out}: " + _worst(threaded, whole)
 
 
