@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from kernels.codes import every_code
+
 _TABLE_CODES = 1 << 16  # a table this size costs less than one pass over an X-ray
 
 
@@ -59,7 +61,7 @@ def _by_code_table(v: np.ndarray) -> np.ndarray:
     unsigned = np.dtype(f"u{v.dtype.itemsize}")
     lo, hi = int(v.min()), int(v.max())
     # Every bit pattern of the dtype, in index order, read back as the dtype's values.
-    codes = np.arange(1 << (8 * v.dtype.itemsize), dtype=np.int64).astype(unsigned).view(v.dtype)
+    codes = every_code(v.dtype)
     table = _stretch(codes.astype(np.float64), lo, hi)
     return np.take(table, v.view(unsigned))
 

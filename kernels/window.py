@@ -18,6 +18,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from kernels.codes import every_code
+
 Window = tuple[float, float]  # (lo, hi) in Hounsfield units, lo < hi
 
 # Stored dtypes small enough to enumerate: 256 or 65536 table rows.
@@ -49,10 +51,9 @@ def stored_to_hu(stored: np.ndarray, slope: float = 1.0, intercept: float = 0.0)
 def _tables(windows: tuple[Window, ...], slope: float, intercept: float,
             dtype_str: str) -> tuple[np.ndarray, np.ndarray | None]:
     dtype = np.dtype(dtype_str)
-    unsigned = np.dtype(f"u{dtype.itemsize}")
     # Row k holds the stored value whose bits read as k unsigned, so a signed volume can index
     # the table through a free `.view(unsigned)` instead of an offset pass.
-    values = np.arange(2 ** (8 * dtype.itemsize), dtype=unsigned).view(dtype)
+    values = every_code(dtype)
     table = window_reference(stored_to_hu(values, slope, intercept), windows)  # (rows, C)
     table.setflags(write=False)
     packed = None

@@ -24,6 +24,7 @@ import numpy as np
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
 from kernels import bands
+from kernels.codes import every_code
 from kernels.window import apply_windows, window_reference
 from runtime import dicom_series
 from runtime.dicom_read import (PALETTE, PixelLayout, Source, decode, finite_float, layout,
@@ -219,7 +220,7 @@ class _Codes:
         if rescale is None and "ModalityLUTSequence" in f.ds:
             return None
         unsigned = np.dtype(f"u{arr.itemsize}")
-        values = np.arange(2 ** (8 * arr.itemsize), dtype=unsigned).view(arr.dtype)
+        values = every_code(arr.dtype)
         if rescale is not None:
             values = values.astype(np.float64) * rescale[0]
             values += rescale[1]

@@ -18,8 +18,7 @@ import numpy as np
 
 from kernels.normalize import build_lut, normalize
 from runtime.errors import BundleError, InputError
-
-RESCALE = 1 / 255
+from runtime.preprocess import RESCALE
 
 
 class OnnxVisionEncoder:
