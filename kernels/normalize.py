@@ -34,6 +34,8 @@ def normalize(pixels: np.ndarray, lut: np.ndarray, out: np.ndarray | None = None
     if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
         raise ValueError(f"expected (H, W) or (H, W, C) uint8, got {pixels.shape} {pixels.dtype}")
     channels = lut.shape[0]
+    if lut.ndim != 2 or lut.shape[1] != 256:
+        raise ValueError(f"expected a (C, 256) table from build_lut, got {lut.shape}")
     if pixels.ndim == 3 and pixels.shape[2] != channels:
         raise ValueError(f"{pixels.shape[2]} channels in the picture, {channels} in the table")
     h, w = pixels.shape[:2]
@@ -44,7 +46,9 @@ def normalize(pixels: np.ndarray, lut: np.ndarray, out: np.ndarray | None = None
         if c > 0 and pixels.ndim == 2 and np.array_equal(lut[c], lut[0]):
             out[c] = out[0]  # same plane, same table: a copy beats a second gather
         else:
-            np.take(lut[c], plane, out=out[c])
+            # uint8 indices never leave the 256-row table; mode="clip" lets numpy write straight
+            # into `out` (the default mode="raise" gathers into a buffer first, then copies)
+            np.take(lut[c], plane, out=out[c], mode="clip")
     return out
 
 
