@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh machine:
-#   make demo   ask the built-in demo bundle about a CT slice (builds it on first use)
+#   make demo   install, then `medgemma-edge demo`: ask the built-in demo bundle about a CT slice
 #   make test   create the environment, build the reference models, run the test suite
 PY      ?= python3
 VENV    ?= .venv
@@ -15,8 +15,11 @@ $(BIN)/python:
 # torch==2.13.0 is the CPU build that lies on this machine's disk; pinning it here (not in
 # pyproject) keeps a multi-GB CUDA build from being pulled while leaving users free to choose.
 $(STAMP): pyproject.toml | $(BIN)/python
+	@# tests/test_kiosk.py drives Debian's headless Chromium (`playwright install` would download one)
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo 'chromium not installed (needs root): tests/test_kiosk.py will be skipped'
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[export,dev]'
+	$(BIN)/pip install -q -e '.[export,dev,serve]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,7 +31,7 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
 demo: $(STAMP)
-	$(BIN)/medgemma-edge ask --stats --max-tokens 64 --image "$$($(BIN)/python -c 'from pydicom.data import get_testdata_file as g; print(g("CT_small.dcm"))')" "Describe this CT slice."
+	$(BIN)/medgemma-edge demo
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run

@@ -19,7 +19,7 @@ def main(argv=None) -> dict:
     from benchmarks import bundles
     from benchmarks.backends import Case, Spec
     from benchmarks.worker import run_alternating
-    from runtime.backends.llama_engine import physical_cores
+    from medgemma_edge.runtime.machine import physical_cores
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, default=None)
@@ -28,7 +28,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.bundle is None:
-        from runtime.demo import demo_bundle
+        from medgemma_edge.demo import demo_bundle
 
         args.bundle = demo_bundle(progress=print)
     threads = args.threads or physical_cores()

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.backends import say
-from runtime.cache import cache_root
+from medgemma_edge.runtime.cache import cache_root
 
 # (name, vision file type, flash attention for mtmd: 1 on, 0 off, None for onnx)
 VARIANTS = [
@@ -46,11 +46,12 @@ def main(argv=None) -> int:
     from PIL import Image
 
     from benchmarks.inputs import write_inputs
-    from export.bundle import _Plan
-    from runtime.backends import open_vision
-    from runtime.backends.llama_engine import LlamaEngine, physical_cores
-    from runtime.backends.mtmd import VisionEncoder
-    from runtime.preprocess import resize_square
+    from medgemma_edge.export.bundle import ExportPlan
+    from medgemma_edge.runtime.backends import open_vision
+    from medgemma_edge.runtime.backends.llama_engine import LlamaEngine
+    from medgemma_edge.runtime.machine import physical_cores
+    from medgemma_edge.runtime.backends.mtmd import VisionEncoder
+    from medgemma_edge.runtime.preprocess import model_view
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny test model instead of the 4B shape")
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     threads = args.threads or physical_cores()
     if args.quick:
-        from export.testmodels import build_tiny
+        from medgemma_edge.testing.models import build_tiny
 
         ckpt, text_quant = build_tiny(), "q8_0"
     else:
@@ -69,11 +70,11 @@ def main(argv=None) -> int:
     from benchmarks import bundles
 
     text = bundles.files(bundles.bundle(ckpt, text_quant))["text"]  # mtmd needs the text model's width
-    plan = _Plan.read(ckpt)
+    plan = ExportPlan.read(ckpt)
     folder = cache_root() / "bench" / "vision" / ckpt.name
     folder.mkdir(parents=True, exist_ok=True)
     inputs = write_inputs(cache_root() / "bench" / "inputs", ct_slices=8)
-    pixels = resize_square(np.asarray(Image.open(inputs.png).convert("RGB")), plan.vision.image_size, "pad")
+    pixels = model_view([np.asarray(Image.open(inputs.png).convert("RGB"))], plan.vision.image_size, "pad")[0]
     engine = LlamaEngine(str(text), n_ctx=512, threads=threads, n_gpu_layers=0)
     image = {"mean": plan.vision.image_mean, "std": plan.vision.image_std}
     rows, ref = [], None

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from kernels.window import apply_windows, stored_to_hu, window_reference
+from medgemma_edge.kernels.window import apply_windows, stored_to_hu, window_reference
 
 MEDGEMMA = ((-1024, 1024), (-135, 215), (0, 80))
 INTERCEPT = -1024.0  # the usual CT rescale: stored 0 = -1024 HU

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 from benchmarks.backends import say
-from runtime.cache import cache_root
+from medgemma_edge.runtime.cache import cache_root
 
 STAMP = ".bench-stamp"
 
 
 def _stamp(src: Path, quant: str, vision_quant: str) -> str:
-    from runtime import __version__
+    from medgemma_edge.runtime import __version__
 
     config = hashlib.sha256((src / "config.json").read_bytes()).hexdigest()[:16]
     weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in src.glob("*.safetensors"))
@@ -26,7 +26,7 @@ def _stamp(src: Path, quant: str, vision_quant: str) -> str:
 
 def bundle(src: Path, quant: str, vision_quant: str = "f16", threads: int = 0) -> Path:
     """The bundle of `src` at `quant` (text) / `vision_quant`, exported on first use."""
-    from export.bundle import export_gguf
+    from medgemma_edge.export.bundle import export_gguf
 
     out = cache_root() / "bench" / "bundles" / f"{src.name}-{quant}-{vision_quant}"
     stamp = _stamp(src, quant, vision_quant)

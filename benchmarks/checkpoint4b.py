@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.cache import cache_root
+from medgemma_edge.runtime.cache import cache_root
 
 RECIPE_VERSION = "1"
 SEED = 4
@@ -71,7 +71,7 @@ def tensor_specs(config) -> list[tuple[str, tuple[int, ...]]]:
     import torch
     from transformers import Gemma3ForConditionalGeneration
 
-    from export.testmodels import published_state_dict
+    from medgemma_edge.testing.models import published_state_dict
 
     with torch.device("meta"):
         model = Gemma3ForConditionalGeneration(config)
@@ -136,7 +136,7 @@ def write_shard(path: Path, specs, tables: dict, progress) -> None:
 
 
 def _build(out: Path) -> None:
-    from export.testmodels import build_tiny
+    from medgemma_edge.testing.models import build_tiny
 
     config = config_4b()
     specs = tensor_specs(config)

@@ -1,6 +1,6 @@
 """Test inputs for the benchmark, written once per run into a folder: what a clinic hands us.
 
-    xray.png        2500 x 2048 8-bit gray chest-film-like PNG (benchmarks.bench_preprocess)
+    xray.png        2500 x 2048 8-bit gray chest-film-like PNG (synthetic_xray)
     xray16.dcm      the same film as a 16-bit DX DICOM (12 bits stored, with a VOI window)
     ct/             a CT series of 512 x 512 int16 slices in Hounsfield units, built from
                     pydicom's CT_small.dcm (upsampled, each slice shifted a little)
@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from benchmarks.bench_preprocess import synthetic_xray
 
 DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
 
@@ -34,6 +32,22 @@ class Inputs:
 
 LABELS = {"png": "PNG X-ray 2500x2048 8-bit", "dicom16": "DICOM DX 2500x2048 16-bit",
           "ct_series": "CT series 512x512 int16"}
+WIDTH, HEIGHT = 2500, 2048  # a chest film's pixels at ~0.17 mm
+
+
+def synthetic_xray(bits: int, seed: int = 0) -> np.ndarray:
+    """(H, W) gray: soft body, rib-like bands, lungs, detector noise. Compresses like a real film
+    (a noise-free picture would decode unrealistically fast and flatter the floor)."""
+    rng = np.random.default_rng(seed)
+    y = np.linspace(-1, 1, HEIGHT, dtype=np.float32)[:, None]
+    x = np.linspace(-1, 1, WIDTH, dtype=np.float32)[None, :]
+    body = np.exp(-(x / 0.8) ** 2 - (y / 0.95) ** 4)
+    lungs = np.exp(-((np.abs(x) - 0.4) / 0.22) ** 2 - (y / 0.6) ** 2)
+    ribs = 0.5 + 0.5 * np.sin(y * 40 + 3 * x ** 2)
+    density = 0.15 + 0.75 * body - 0.35 * lungs + 0.08 * ribs * body  # (H, W), 0..1
+    top = (1 << bits) - 1
+    noise = rng.normal(0, 0.01, density.shape).astype(np.float32)
+    return np.clip((density + noise) * top, 0, top).astype(np.uint8 if bits == 8 else np.uint16)
 
 
 def _file_meta(sop_class: str, sop_uid: str):

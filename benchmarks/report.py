@@ -21,6 +21,35 @@ STAGES = (  # (label, section, key, format)
 )
 
 
+# What every report says about how it was measured (run.py adds the run's own notes).
+NOTES = [
+    "Every backend runs in its own fresh process (preprocessing in another one); peak RSS is that process's "
+    "VmHWM (mapped model files count as they are touched). Model files are read once before each backend, "
+    "so loads are measured with a warm page cache; imports are timed apart from loads.",
+    "Same prompt for all: system + one PNG X-ray + a ~60-token question, greedy, fixed number of "
+    "decode tokens; the follow-up is a second user turn in the same conversation.",
+    "decode vs llama.cpp goals: both engines in one process on the same GGUF, text prompt, alternating "
+    "rounds, best round each (the machine's load drifts between the per-backend processes).",
+    "ours: numbers are the runtime's own Reply.stats; 'load' includes opening the vision file.",
+    "llama.cpp direct: llama-cpp-python `Llama` + `MTMDChatHandler` (its defaults: flash attention off, "
+    "vision warm-up on) on the same GGUF files; TTFT is wall clock to the first streamed chunk, decode from "
+    "chunk times; image encode from mtmd's own log line ('image slice encoded in N ms'), prefill from "
+    "llama_perf_context's prompt eval minus that encode (its clock runs across the encode). Its handler "
+    "clears the cache and re-encodes the image on every call, follow-ups included. Its q8_0 entry has no "
+    "handler (text only).",
+    "transformers: Gemma3ForConditionalGeneration on the same random checkpoint, CPU, greedy with KV cache; "
+    "encode = get_image_features; HF preprocessing = load_image + the checkpoint's Gemma3ImageProcessor "
+    "(DICOM: pydicom + the notebook's windowing, then the same processor).",
+    "ours preprocessing = runtime.sources.load_pictures + runtime.preprocess.model_view (default fit: pad) "
+    "-> uint8 (N, 896, 896, 3) views: what Model runs; normalization is the vision backend's step.",
+    "The weights are random: answers mean nothing, speed and memory are those of the real shapes.",
+    "Roofline: bandwidth and GEMM measured with numpy in a fresh process limited to the backends' thread "
+    "count, at the start of the run; on a shared machine they move with the other load as much as the "
+    "backends do.",
+]
+
+
+
 def _cell(result: dict, section, key, fmt) -> str:
     if "error" in result:
         return "error"
@@ -161,7 +190,6 @@ def rerender(out_dir: Path) -> list[Path]:
     """REPORT.md and chart.png again from results.json (after a change to the report's format)."""
     from benchmarks.goals import evaluate
 
-    from benchmarks.run import NOTES
 
     data = json.loads((out_dir / "results.json").read_text())
     data.pop("goals", None)

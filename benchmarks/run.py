@@ -28,7 +28,7 @@ from pathlib import Path
 from benchmarks import bundles, goals, report, roofline
 from benchmarks.backends import Case, Spec, say
 from benchmarks.inputs import write_inputs
-from runtime.cache import cache_root
+from medgemma_edge.runtime.cache import cache_root
 
 RESULTS = Path(__file__).parent / "results"
 FP32_WORKING_BYTES = 1.5e9  # transformers fp32: 4 bytes per parameter plus activations (4096-patch attention)
@@ -151,33 +151,6 @@ def fp32_fits(ckpt: Path) -> tuple[bool, str]:
     return free > need, f"needs ~{need / 1e9:.1f} GB, {free / 1e9:.1f} GB available"
 
 
-NOTES = [
-    "Every backend runs in its own fresh process (preprocessing in another one); peak RSS is that process's "
-    "VmHWM (mapped model files count as they are touched). Model files are read once before each backend, "
-    "so loads are measured with a warm page cache; imports are timed apart from loads.",
-    "Same prompt for all: system + one PNG X-ray + a ~60-token question, greedy, fixed number of "
-    "decode tokens; the follow-up is a second user turn in the same conversation.",
-    "decode vs llama.cpp goals: both engines in one process on the same GGUF, text prompt, alternating "
-    "rounds, best round each (the machine's load drifts between the per-backend processes).",
-    "ours: numbers are the runtime's own Reply.stats; 'load' includes opening the vision file.",
-    "llama.cpp direct: llama-cpp-python `Llama` + `MTMDChatHandler` (its defaults: flash attention off, "
-    "vision warm-up on) on the same GGUF files; TTFT is wall clock to the first streamed chunk, decode from "
-    "chunk times; image encode from mtmd's own log line ('image slice encoded in N ms'), prefill from "
-    "llama_perf_context's prompt eval minus that encode (its clock runs across the encode). Its handler "
-    "clears the cache and re-encodes the image on every call, follow-ups included. Its q8_0 entry has no "
-    "handler (text only).",
-    "transformers: Gemma3ForConditionalGeneration on the same random checkpoint, CPU, greedy with KV cache; "
-    "encode = get_image_features; HF preprocessing = load_image + the checkpoint's Gemma3ImageProcessor "
-    "(DICOM: pydicom + the notebook's windowing, then the same processor).",
-    "ours preprocessing = runtime.inputs.load_pictures + runtime.preprocess.to_model_input (default fit: pad) "
-    "-> float32 (N, 3, 896, 896), the same tensor HF's processor returns.",
-    "The weights are random: answers mean nothing, speed and memory are those of the real shapes.",
-    "Roofline: bandwidth and GEMM measured with numpy in a fresh process limited to the backends' thread "
-    "count, at the start of the run; on a shared machine they move with the other load as much as the "
-    "backends do.",
-]
-
-
 def _files_of(spec: Spec) -> list[Path]:
     """The model files a backend will read, so they can be pre-read into the page cache."""
     paths = [Path(v) for k, v in spec.options.items() if k in ("text_gguf", "mmproj")]
@@ -246,7 +219,7 @@ def parse_args(argv):
 
 
 def main(argv=None) -> int:
-    from runtime.backends.llama_engine import physical_cores
+    from medgemma_edge.runtime.machine import physical_cores
 
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
@@ -256,7 +229,7 @@ def main(argv=None) -> int:
     say(f"[bench] {info['cpu']}, {info['physical_cores']} cores, {info['ram_gb']:.0f} GB RAM, "
         f"load average {info['load_start']:.2f}; {threads} thread(s) per backend")
     if args.quick:
-        from export.testmodels import build_tiny
+        from medgemma_edge.testing.models import build_tiny
 
         ckpt, title = build_tiny(), "quick (tiny test model)"
         out_dir = args.out or cache_root() / "bench" / "results-quick"
@@ -289,7 +262,7 @@ def main(argv=None) -> int:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": ckpt.name,
             "model_note": "tiny random test model" if args.quick else "MedGemma 4B config, random bf16 weights",
             "machine": info, "threads": threads, "case": asdict(case), "roofline": roof, **measured,
-            "alternating": alternating, "notes": NOTES + args.note, "run_notes": args.note, "names": names,
+            "alternating": alternating, "notes": report.NOTES + args.note, "run_notes": args.note, "names": names,
             "seconds": round(time.perf_counter() - t_start, 1)}
     evaluated = goals.evaluate(data["results"], data["preprocess"], roof, names, alternating)
     paths = report.write(out_dir, data, evaluated)

@@ -16,7 +16,7 @@ import time
 import traceback
 
 from benchmarks.backends import Case, Spec, build, say
-from runtime.memory import peak_rss_mb
+from medgemma_edge.runtime.memory import peak_rss_mb
 
 
 def _time_best(fn, repeat: int) -> dict:

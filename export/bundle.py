@@ -20,11 +20,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from export.checkpoint import Checkpoint, open_checkpoint
-from export.config import TextConfig, VisionConfig, check_text, check_vision
-from export.gguf_tensors import K_QUANTS, TEXT_QUANTS, VISION_QUANTS
-from runtime.errors import ExportError
-from runtime.memory import peak_rss_mb
+from medgemma_edge.export.checkpoint import Checkpoint, open_checkpoint
+from medgemma_edge.export.config import TextConfig, VisionConfig, check_text, check_vision
+from medgemma_edge.export.quants import K_QUANTS, TEXT_QUANTS, VISION_QUANTS
+from medgemma_edge.runtime.errors import ExportError
+from medgemma_edge.runtime.memory import peak_rss_mb
 
 DEFAULT_QUANT = "q4_k_m"
 DEFAULT_VISION_QUANT = "f16"  # ~850 MB for MedGemma 4B; Q8_0 projectors have misbehaved before
@@ -58,7 +58,7 @@ def _read_preprocessor(src: Path) -> dict | None:
 def _prepare_out(out: Path, overwrite: bool) -> Path:
     """An empty bundle folder; with `overwrite`, the files of a bundle already there are removed
     (only those its manifest lists, and its intermediate folder: nothing else of the user's)."""
-    from runtime.manifest import MANIFEST_NAME, read_manifest
+    from medgemma_edge.runtime.manifest import MANIFEST_NAME, read_manifest
 
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
@@ -79,7 +79,7 @@ def _prepare_out(out: Path, overwrite: bool) -> Path:
 
 
 @dataclass
-class _Plan:
+class ExportPlan:
     """Everything read from the checkpoint before a byte is written."""
 
     ckpt: Checkpoint
@@ -91,8 +91,8 @@ class _Plan:
     stem: str  # file-name stem
 
     @classmethod
-    def read(cls, src) -> "_Plan":
-        from export.vocab import fit_vocab, read_chat_template, read_vocab, special_token_ids
+    def read(cls, src) -> "ExportPlan":
+        from medgemma_edge.export.vocab import fit_vocab, read_chat_template, read_vocab, special_token_ids
 
         ckpt = open_checkpoint(src)
         text = TextConfig.from_dict(ckpt.text_config)
@@ -107,16 +107,16 @@ class _Plan:
                    read_chat_template(ckpt.path), stem)
 
     def write_text(self, path: Path, quant: str) -> Path:
-        from export.gguf_text import write_text_gguf
+        from medgemma_edge.export.gguf_text import write_text_gguf
 
         return write_text_gguf(self.ckpt, self.text, self.vocab, self.special, self.chat_template, path, quant)
 
     def write_vision(self, path: Path, quant: str) -> Path:
         if quant.startswith("onnx-"):
-            from export.onnx_vision import write_vision_onnx
+            from medgemma_edge.export.onnx_vision import write_vision_onnx
 
             return write_vision_onnx(self.ckpt, path, quant, say=lambda msg: print(msg, file=sys.stderr, flush=True))
-        from export.gguf_vision import write_vision_gguf
+        from medgemma_edge.export.gguf_vision import write_vision_gguf
 
         return write_vision_gguf(self.ckpt, self.vision, self.text.hidden_size, path, quant)
 
@@ -136,15 +136,15 @@ def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant: str | None =
     onnx-f32/onnx-int8 (an ONNX graph for onnxruntime); ignored for text-only models.
     quality: measure the quantized files against the unquantized export (stored in the manifest).
     """
-    from export import quality as q
-    from export.quantize import quantize_gguf
+    from medgemma_edge.export import quality as q
+    from medgemma_edge.export.quantize import quantize_gguf
 
     if quant not in TEXT_QUANTS:
         raise ExportError(f"unknown --quant {quant!r}; choose one of {', '.join(TEXT_QUANTS)}")
     if vision_quant is not None and vision_quant not in VISION_QUANTS:
         raise ExportError(f"unknown --vision-quant {vision_quant!r}; choose one of {', '.join(VISION_QUANTS)}")
     t0 = time.perf_counter()
-    plan = _Plan.read(src)
+    plan = ExportPlan.read(src)
     vision_quant = (vision_quant or DEFAULT_VISION_QUANT) if plan.vision else None
     out = _prepare_out(out, overwrite)
     inter = out / INTERMEDIATE_DIR
@@ -182,15 +182,15 @@ def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant: str | None =
         shutil.rmtree(inter)
 
     manifest = _manifest(plan, out, quant, vision_quant, text_path, vision_path, report or None)
-    from runtime.manifest import write_manifest
+    from medgemma_edge.runtime.manifest import write_manifest
 
     write_manifest(out, manifest)
     return ExportResult(out, manifest, time.perf_counter() - t0, peak)
 
 
-def _manifest(plan: _Plan, out: Path, quant, vision_quant, text_path, vision_path, quality) -> dict:
-    from runtime import __version__
-    from runtime.manifest import FORMAT_VERSION, file_entry
+def _manifest(plan: ExportPlan, out: Path, quant, vision_quant, text_path, vision_path, quality) -> dict:
+    from medgemma_edge.runtime import __version__
+    from medgemma_edge.runtime.manifest import FORMAT_VERSION, file_entry
 
     files = [file_entry(out, "text", text_path.name)]
     if vision_path is not None:

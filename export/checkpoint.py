@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import ExportError
+from medgemma_edge.runtime.errors import ExportError
 
 MULTIMODAL = "Gemma3ForConditionalGeneration"
 TEXT_ONLY = "Gemma3ForCausalLM"

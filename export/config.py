@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from runtime.errors import ExportError
+from medgemma_edge.runtime.errors import ExportError
 
 
 def _from_dict(cls, d: dict, **aliases):

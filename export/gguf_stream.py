@@ -14,8 +14,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from export.checkpoint import TensorRef, read_rows
-from export.gguf_tensors import encode, map_name, storage_type, stored_nbytes, transform
+from medgemma_edge.export.checkpoint import TensorRef, read_rows
+from medgemma_edge.export.gguf_tensors import encode, map_name, storage_type, stored_nbytes, transform
 
 SLICE_BYTES = 64 << 20  # float32 bytes converted per step
 

@@ -1,20 +1,22 @@
 """HF → GGUF tensor names, the one weight transform, and the storage type of each tensor.
 
-The name tables are data: canonical checkpoint names (see export/checkpoint.py) on the left,
-gguf-py's MODEL_TENSOR names on the right, so spelling follows llama.cpp's own constants.
-Entries were checked against `gguf.get_tensor_name_map(MODEL_ARCH.GEMMA3 / MMPROJ)` (a test keeps
-them in step) and against what llama.cpp's Gemma 3 text graph and clip loader read.
+The names come from gguf-py's own `TensorNameMap` (llama.cpp's converter uses the same tables):
+a canonical checkpoint name (see export/checkpoint.py) with its part's Hugging Face prefix is
+looked up there, giving a MODEL_TENSOR and its GGUF spelling. What is ours is data: which tensor
+kinds a Gemma 3 / MedGemma checkpoint may hold (anything else is refused, so an unknown variant
+fails at export, not at load) and which transform each one needs.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 import gguf
 import numpy as np
 
-from runtime.errors import ExportError
+from medgemma_edge.runtime.errors import ExportError
 
 T = gguf.MODEL_TENSOR
 Q = gguf.GGMLQuantizationType
@@ -23,42 +25,31 @@ Q = gguf.GGMLQuantizationType
 KEEP = "keep"
 GEMMA_NORM = "gemma_norm"
 
-# (part, HF name without .weight/.bias) → (GGUF tensor, transform)
-NAME_TABLE: dict[tuple[str, str], tuple[gguf.MODEL_TENSOR, str]] = {
-    # --- text decoder (Gemma 3) -------------------------------------------------------------
-    ("text", "embed_tokens"): (T.TOKEN_EMBD, KEEP),
-    ("text", "lm_head"): (T.OUTPUT, KEEP),  # only for untied checkpoints; MedGemma ties it
-    ("text", "norm"): (T.OUTPUT_NORM, GEMMA_NORM),
-    ("text", "layers.{bid}.input_layernorm"): (T.ATTN_NORM, GEMMA_NORM),
-    ("text", "layers.{bid}.self_attn.q_proj"): (T.ATTN_Q, KEEP),
-    ("text", "layers.{bid}.self_attn.k_proj"): (T.ATTN_K, KEEP),
-    ("text", "layers.{bid}.self_attn.v_proj"): (T.ATTN_V, KEEP),
-    ("text", "layers.{bid}.self_attn.o_proj"): (T.ATTN_OUT, KEEP),
-    # q/k norms are Gemma RMSNorms too (applied per head before RoPE)
-    ("text", "layers.{bid}.self_attn.q_norm"): (T.ATTN_Q_NORM, GEMMA_NORM),
-    ("text", "layers.{bid}.self_attn.k_norm"): (T.ATTN_K_NORM, GEMMA_NORM),
-    ("text", "layers.{bid}.post_attention_layernorm"): (T.ATTN_POST_NORM, GEMMA_NORM),
-    ("text", "layers.{bid}.pre_feedforward_layernorm"): (T.FFN_PRE_NORM, GEMMA_NORM),  # blk.N.ffn_norm
-    ("text", "layers.{bid}.post_feedforward_layernorm"): (T.FFN_POST_NORM, GEMMA_NORM),
-    ("text", "layers.{bid}.mlp.gate_proj"): (T.FFN_GATE, KEEP),
-    ("text", "layers.{bid}.mlp.up_proj"): (T.FFN_UP, KEEP),
-    ("text", "layers.{bid}.mlp.down_proj"): (T.FFN_DOWN, KEEP),
-    # --- vision tower (SigLIP): LayerNorms with weight and bias, used as stored ---------------
-    ("vision", "embeddings.patch_embedding"): (T.V_ENC_EMBD_PATCH, KEEP),
-    ("vision", "embeddings.position_embedding"): (T.V_ENC_EMBD_POS, KEEP),
-    ("vision", "encoder.layers.{bid}.layer_norm1"): (T.V_ENC_INPUT_NORM, KEEP),  # v.blk.N.ln1
-    ("vision", "encoder.layers.{bid}.self_attn.q_proj"): (T.V_ENC_ATTN_Q, KEEP),
-    ("vision", "encoder.layers.{bid}.self_attn.k_proj"): (T.V_ENC_ATTN_K, KEEP),
-    ("vision", "encoder.layers.{bid}.self_attn.v_proj"): (T.V_ENC_ATTN_V, KEEP),
-    ("vision", "encoder.layers.{bid}.self_attn.out_proj"): (T.V_ENC_ATTN_O, KEEP),
-    ("vision", "encoder.layers.{bid}.layer_norm2"): (T.V_ENC_POST_ATTN_NORM, KEEP),  # v.blk.N.ln2
-    ("vision", "encoder.layers.{bid}.mlp.fc1"): (T.V_ENC_FFN_UP, KEEP),
-    ("vision", "encoder.layers.{bid}.mlp.fc2"): (T.V_ENC_FFN_DOWN, KEEP),
-    ("vision", "post_layernorm"): (T.V_POST_NORM, KEEP),
-    # --- projector (Gemma): 4x4 avg-pool, Gemma RMSNorm, linear vision→text --------------------
-    # stored as a bare parameter `mm_input_projection_weight`, hence the odd spelling
-    ("projector", "mm_input_projection"): (T.V_MM_INP_PROJ, KEEP),
-    ("projector", "mm_soft_emb_norm"): (T.V_MM_SOFT_EMB_NORM, GEMMA_NORM),
+# part → (gguf-py architecture of its name map, the Hugging Face prefix its canonical names drop)
+PARTS = {"text": (gguf.MODEL_ARCH.GEMMA3, "model."),
+         "vision": (gguf.MODEL_ARCH.MMPROJ, "vision_tower.vision_model."),
+         "projector": (gguf.MODEL_ARCH.MMPROJ, "multi_modal_projector.")}
+MAX_BLOCKS = 128  # layers the name maps are built for (MedGemma 27B has 62, SigLIP 27)
+
+# The tensor kinds each part may hold, and their transform. Gemma RMSNorms get +1 (see transform);
+# SigLIP's LayerNorms are used as stored.
+TENSORS: dict[str, dict[gguf.MODEL_TENSOR, str]] = {
+    "text": {
+        T.TOKEN_EMBD: KEEP, T.OUTPUT: KEEP,  # output only for untied checkpoints; MedGemma ties it
+        T.OUTPUT_NORM: GEMMA_NORM, T.ATTN_NORM: GEMMA_NORM,
+        T.ATTN_Q: KEEP, T.ATTN_K: KEEP, T.ATTN_V: KEEP, T.ATTN_OUT: KEEP,
+        T.ATTN_Q_NORM: GEMMA_NORM, T.ATTN_K_NORM: GEMMA_NORM,  # per head, before RoPE
+        T.ATTN_POST_NORM: GEMMA_NORM, T.FFN_PRE_NORM: GEMMA_NORM, T.FFN_POST_NORM: GEMMA_NORM,  # ffn_norm, post_ffw_norm
+        T.FFN_GATE: KEEP, T.FFN_UP: KEEP, T.FFN_DOWN: KEEP,
+    },
+    "vision": {
+        T.V_ENC_EMBD_PATCH: KEEP, T.V_ENC_EMBD_POS: KEEP,
+        T.V_ENC_INPUT_NORM: KEEP, T.V_ENC_POST_ATTN_NORM: KEEP, T.V_POST_NORM: KEEP,
+        T.V_ENC_ATTN_Q: KEEP, T.V_ENC_ATTN_K: KEEP, T.V_ENC_ATTN_V: KEEP, T.V_ENC_ATTN_O: KEEP,
+        T.V_ENC_FFN_UP: KEEP, T.V_ENC_FFN_DOWN: KEEP,
+    },
+    # 4x4 avg-pool (no weights), Gemma RMSNorm, linear vision → text
+    "projector": {T.V_MM_SOFT_EMB_NORM: GEMMA_NORM, T.V_MM_INP_PROJ: KEEP},
 }
 
 
@@ -91,35 +82,32 @@ class Mapped:
     kind: str  # transform kind
 
 
-def _compile() -> list[tuple[str, re.Pattern, gguf.MODEL_TENSOR, str]]:
-    out = []
-    for (part, hf), (tensor, kind) in NAME_TABLE.items():
-        pattern = re.escape(hf).replace(re.escape("{bid}"), r"(?P<bid>\d+)")
-        # checkpoints spell the suffix `.weight`/`.bias`; the projector's bare parameter `_weight`
-        out.append((part, re.compile(pattern + r"(?P<suffix>\.weight|\.bias|_weight)$"), tensor, kind))
-    return out
+# checkpoints spell the suffix `.weight`/`.bias`; the projector's bare parameter `_weight`
+_SUFFIX = re.compile(r"(?P<stem>.+?)(?P<suffix>\.weight|\.bias|_weight)$")
 
 
-_PATTERNS = _compile()
+@lru_cache(maxsize=None)
+def _name_map(arch: gguf.MODEL_ARCH) -> gguf.TensorNameMap:
+    return gguf.get_tensor_name_map(arch, MAX_BLOCKS)
 
 
 def map_name(part: str, hf_name: str) -> Mapped:
     """GGUF name and transform for one canonical checkpoint tensor; ExportError if unknown."""
-    for p, regex, tensor, kind in _PATTERNS:
-        m = regex.fullmatch(hf_name) if p == part else None
-        if m:
-            bid = m.groupdict().get("bid")
-            base = gguf.TENSOR_NAMES[tensor].format(bid=int(bid) if bid is not None else None)
-            suffix = ".bias" if m["suffix"] == ".bias" else ".weight"
-            return Mapped(base + suffix, kind)
-    raise ExportError(f"no GGUF name for {part} tensor {hf_name!r}; this Gemma 3 variant is not supported")
+    arch, prefix = PARTS[part]
+    m = _SUFFIX.fullmatch(hf_name)
+    found = None
+    if m:
+        name_map = _name_map(arch)
+        # canonical names drop the part's prefix; a top-level `lm_head` never had one
+        found = name_map.get_type_and_name(prefix + m["stem"]) or name_map.get_type_and_name(m["stem"])
+    if found is None or found[0] not in TENSORS[part]:
+        raise ExportError(f"no GGUF name for {part} tensor {hf_name!r}; this Gemma 3 variant is not supported")
+    tensor, base = found
+    return Mapped(base + (".bias" if m["suffix"] == ".bias" else ".weight"), TENSORS[part][tensor])
 
 
 # --- storage types ----------------------------------------------------------------------------
 
-TEXT_QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
-K_QUANTS = ("q6_k", "q5_k_m", "q4_k_m")
-VISION_QUANTS = ("f32", "f16", "q8_0", "onnx-f32", "onnx-int8")  # onnx-*: export/onnx_vision.py
 # What gguf-py writes itself; K-quants come from llama.cpp's quantizer (export/quantize.py).
 DIRECT = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
 FILE_TYPE = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,

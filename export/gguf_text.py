@@ -6,11 +6,11 @@ from pathlib import Path
 
 import gguf
 
-from export import gguf_stream
-from export.checkpoint import Checkpoint
-from export.config import TextConfig
-from export.gguf_tensors import FILE_TYPE
-from export.vocab import Vocab
+from medgemma_edge.export import gguf_stream
+from medgemma_edge.export.checkpoint import Checkpoint
+from medgemma_edge.export.config import TextConfig
+from medgemma_edge.export.gguf_tensors import FILE_TYPE
+from medgemma_edge.export.vocab import Vocab
 
 ARCH = "gemma3"
 

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import gguf
 
-from export import gguf_stream
-from export.checkpoint import Checkpoint
-from export.config import VisionConfig
-from export.gguf_tensors import FILE_TYPE
+from medgemma_edge.export import gguf_stream
+from medgemma_edge.export.checkpoint import Checkpoint
+from medgemma_edge.export.config import VisionConfig
+from medgemma_edge.export.gguf_tensors import FILE_TYPE
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.MMPROJ]  # "clip"
 DEFAULT_POOL = 4  # llama.cpp assumes Gemma 3's 4x4 pooling unless told otherwise

@@ -22,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from export.checkpoint import Checkpoint, read_rows
-from runtime.errors import ExportError
+from medgemma_edge.export.checkpoint import Checkpoint, read_rows
+from medgemma_edge.export.quants import ONNX_VISION_QUANTS
+from medgemma_edge.runtime.errors import ExportError
 
-ONNX_VISION_QUANTS = ("onnx-f32", "onnx-int8")
 OPSET = 17
 INPUT, OUTPUT = "pixel_values", "image_embeds"
 

@@ -18,10 +18,15 @@ from pathlib import Path
 import numpy as np
 
 KL_CHUNK = 32  # positions per softmax (32 × 262k × 4 B ≈ 34 MB per array)
+# A position is decisive when the reference's top-1 logit leads its runner-up by at least this
+# many nats (the top token ≥ e ≈ 2.7× likelier). Quantization noise flips near ties either way,
+# and which ones depends on the CPU's kernels (summation order differs between AVX2 and AVX-512);
+# a flip at a decisive position is a real loss of fidelity on any CPU.
+DECISIVE_GAP = 1.0
 
 
 def load_prompts() -> list[dict]:
-    text = resources.files("export").joinpath("data/quality_prompts.json").read_text(encoding="utf-8")
+    text = resources.files("medgemma_edge.export").joinpath("data/quality_prompts.json").read_text(encoding="utf-8")
     return json.loads(text)["prompts"]
 
 
@@ -66,23 +71,27 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def kl_and_top1(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-position KL(ref || got) in nats and whether the top-1 tokens agree."""
-    kls, agree = [], []
+def kl_and_top1(ref: np.ndarray, got: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per position: KL(ref || got) in nats, whether the top-1 tokens agree, and whether the
+    reference is decisive there (top-1 leads by ≥ DECISIVE_GAP)."""
+    kls, agree, decisive = [], [], []
     for s in range(0, ref.shape[0], KL_CHUNK):
-        lp, lq = _log_softmax(ref[s:s + KL_CHUNK]), _log_softmax(got[s:s + KL_CHUNK])
+        r = np.asarray(ref[s:s + KL_CHUNK], dtype=np.float32)
+        lp, lq = _log_softmax(r), _log_softmax(got[s:s + KL_CHUNK])
         kls.append((np.exp(lp) * (lp - lq)).sum(axis=-1))
-        agree.append(ref[s:s + KL_CHUNK].argmax(-1) == got[s:s + KL_CHUNK].argmax(-1))
-    return np.concatenate(kls), np.concatenate(agree)
+        agree.append(r.argmax(-1) == got[s:s + KL_CHUNK].argmax(-1))
+        top2 = np.partition(r, -2, axis=-1)[:, -2:]
+        decisive.append(top2[:, 1] - top2[:, 0] >= DECISIVE_GAP)
+    return np.concatenate(kls), np.concatenate(agree), np.concatenate(decisive)
 
 
 def compare_text(reference: Path, quantized: Path, chat_template: str, threads: int = 0,
                  reference_type: str = "f32") -> dict:
     """Teacher-forced next-token agreement of `quantized` with `reference` over the shipped prompts."""
-    from export.llama_logs import llama_logs
+    from medgemma_edge.runtime.backends.llama_logs import install
 
-    with llama_logs():  # only errors: model loads log warnings the user cannot act on
-        return _compare_text(reference, quantized, chat_template, threads, reference_type)
+    install()  # only errors: model loads log warnings the user cannot act on
+    return _compare_text(reference, quantized, chat_template, threads, reference_type)
 
 
 def _compare_text(reference, quantized, chat_template, threads, reference_type) -> dict:
@@ -105,16 +114,15 @@ def _compare_text(reference, quantized, chat_template, threads, reference_type) 
             ref_logits.append(Path(tmp) / f"{i}.npy")
         _close(llm)
         llm = _open_llama(quantized, n_ctx, threads)
-        kls, agree = [], []
-        for ids, ref_path in tqdm(list(zip(seqs, ref_logits)), desc="quality: quantized", leave=False):
-            kl, top1 = kl_and_top1(np.load(ref_path, mmap_mode="r"), _teacher_forced(llm, ids))
-            kls.append(kl)
-            agree.append(top1)
+        per_prompt = [kl_and_top1(np.load(ref_path, mmap_mode="r"), _teacher_forced(llm, ids))
+                      for ids, ref_path in tqdm(list(zip(seqs, ref_logits)), desc="quality: quantized", leave=False)]
         _close(llm)
-    kl, top1 = np.concatenate(kls), np.concatenate(agree)
+    kl, top1, decisive = (np.concatenate(parts) for parts in zip(*per_prompt))
     return {"reference": reference_type, "prompts": len(prompts), "positions": int(kl.size),
             "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
-            "top1_agreement": float(top1.mean())}
+            "top1_agreement": float(top1.mean()),
+            "decisive_positions": int(decisive.sum()),
+            "top1_agreement_decisive": float(top1[decisive].mean()) if decisive.any() else None}
 
 
 def quality_images(size: int, n: int = 2) -> list[np.ndarray]:
@@ -139,10 +147,10 @@ def quality_images(size: int, n: int = 2) -> list[np.ndarray]:
 def compare_vision(text_gguf: Path, reference: Path, quantized: Path, image_size: int,
                    threads: int = 0, reference_type: str = "f32", image: dict | None = None) -> dict:
     """Cosine between image embeddings of the reference and the quantized vision file (GGUF or ONNX)."""
-    from export.llama_logs import llama_logs
+    from medgemma_edge.runtime.backends.llama_logs import install
 
-    with llama_logs():
-        return _compare_vision(text_gguf, reference, quantized, image_size, threads, reference_type, image)
+    install()
+    return _compare_vision(text_gguf, reference, quantized, image_size, threads, reference_type, image)
 
 
 def _compare_vision(text_gguf, reference, quantized, image_size, threads, reference_type, image) -> dict:
@@ -150,7 +158,7 @@ def _compare_vision(text_gguf, reference, quantized, image_size, threads, refere
 
     from tqdm import tqdm
 
-    from runtime.backends import open_vision
+    from medgemma_edge.runtime.backends import open_vision
 
     llama_cpp.llama_backend_init()
     # A vocab-only load reports width 0, which mtmd needs; the weights are memory-mapped, not read.
@@ -183,6 +191,10 @@ def summary_lines(quality: dict | None) -> list[str]:
     if t:
         lines.append(f"text {t['quant']} vs {t['reference']}: top-1 agreement {100 * t['top1_agreement']:.1f}% "
                      f"over {t['positions']} positions, mean KL {t['mean_kl']:.4f} nats (max {t['max_kl']:.3f})")
+        if t.get("top1_agreement_decisive") is not None:
+            lines.append(f"  where {t['reference']} is decisive (top-1 leads by ≥ {DECISIVE_GAP:g} nat, "
+                         f"{t['decisive_positions']} positions): top-1 agreement "
+                         f"{100 * t['top1_agreement_decisive']:.1f}%")
     v = quality.get("vision")
     if v:
         lines.append(f"vision {v['quant']} vs {v['reference']}: image-embedding cosine mean "

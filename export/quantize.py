@@ -12,7 +12,7 @@ import re
 from contextlib import contextmanager
 from pathlib import Path
 
-from runtime.errors import ExportError
+from medgemma_edge.runtime.errors import ExportError
 
 _FTYPE_NAMES = {"q6_k": "LLAMA_FTYPE_MOSTLY_Q6_K", "q5_k_m": "LLAMA_FTYPE_MOSTLY_Q5_K_M",
                 "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
@@ -24,7 +24,7 @@ def _progress_from_log(desc: str):
     """tqdm bar fed by llama.cpp's per-tensor log lines (which are not shown themselves)."""
     from tqdm import tqdm
 
-    from export.llama_logs import errors_to_stderr, llama_logs
+    from medgemma_edge.runtime.backends.llama_logs import errors_to_stderr, routed
 
     bar = tqdm(desc=desc, unit="tensor", leave=False)
 
@@ -37,7 +37,7 @@ def _progress_from_log(desc: str):
             errors_to_stderr(level, text)
 
     try:
-        with llama_logs(on_log):
+        with routed(on_log):
             yield
     finally:
         bar.close()

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.errors import ExportError
+from medgemma_edge.runtime.errors import ExportError
 
 # llama.cpp token types (gguf.TokenType); sentencepiece's piece types use the same numbers.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

@@ -1,8 +1,9 @@
-"""Split one array operation into bands of rows (or columns) run on threads.
+"""Split one array operation into bands of rows (or columns, or the slices of a series) run on
+threads.
 
-Only for work that releases the GIL (Pillow's resample, numpy's take): the bands then run on
-separate cores. Each band writes its own slice of a preallocated output, so the result is the
-same array the single-threaded call would give.
+Only for work that releases the GIL (Pillow's resample): the bands then run on separate cores.
+Each band writes its own slice of a preallocated output, so the result is the same array the
+single-threaded call would give.
 """
 
 from __future__ import annotations
@@ -41,13 +42,3 @@ def run_bands(fn, n: int, threads: int) -> None:
 
     list(pool.map(band, ranges))  # list() re-raises a band's error here
 
-
-def take(table: np.ndarray, index: np.ndarray, threads: int = 1) -> np.ndarray:
-    """np.take(table, index) for a 1-D table, in row bands of `index` when it is large."""
-    if threads <= 1 or index.size < MIN_ELEMENTS or index.ndim == 0:
-        return np.take(table, index)
-    out = np.empty(index.shape, table.dtype)
-    # mode="clip" lets numpy write straight into `out` ("raise" buffers it); callers pass indices
-    # inside the table, so nothing is clipped
-    run_bands(lambda a, b: np.take(table, index[a:b], out=out[a:b], mode="clip"), index.shape[0], threads)
-    return out

@@ -1,6 +1,6 @@
 """Every value an 8- or 16-bit integer dtype can hold, in the order its bits read as unsigned.
 
-The table kernels (kernels/window.py, kernels/full_range.py, runtime/dicom.py) evaluate their
+The table kernels (kernels/window.py, kernels/full_range.py) evaluate their
 formula once per possible stored value and then map a picture with one gather, indexing the
 table with the picture viewed as unsigned integers (free, even for signed data).
 """

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels.codes import every_code
+from medgemma_edge.kernels.codes import every_code
 
 _TABLE_CODES = 1 << 16  # a table this size costs less than one pass over an X-ray
 

@@ -28,7 +28,7 @@ def build_lut(scale: float, mean: float | Sequence[float], std: float | Sequence
 def normalize(pixels: np.ndarray, lut: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """(H, W) gray or (H, W, C) uint8 -> (C, H, W) float32 through `lut` (from `build_lut`).
 
-    A gray plane is looked up once per channel from the same source: no (H, W, C) copy is made.
+    A gray plane is looked up through every channel's table: no (H, W, C) copy is made.
     `out`, when given, is filled in place (e.g. one slot of a preallocated batch).
     """
     if pixels.dtype != np.uint8 or pixels.ndim not in (2, 3):
@@ -43,12 +43,9 @@ def normalize(pixels: np.ndarray, lut: np.ndarray, out: np.ndarray | None = None
         out = np.empty((channels, h, w), dtype=np.float32)
     for c in range(channels):
         plane = pixels if pixels.ndim == 2 else pixels[:, :, c]
-        if c > 0 and pixels.ndim == 2 and np.array_equal(lut[c], lut[0]):
-            out[c] = out[0]  # same plane, same table: a copy beats a second gather
-        else:
-            # uint8 indices never leave the 256-row table; mode="clip" lets numpy write straight
-            # into `out` (the default mode="raise" gathers into a buffer first, then copies)
-            np.take(lut[c], plane, out=out[c], mode="clip")
+        # uint8 indices never leave the 256-row table; mode="clip" lets numpy write straight
+        # into `out` (the default mode="raise" gathers into a buffer first, then copies)
+        np.take(lut[c], plane, out=out[c], mode="clip")
     return out
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from kernels import bands
+from medgemma_edge.kernels import bands
 
 PRECISION_BITS = 22  # Pillow's fixed-point weight precision for 8-bit images (32 - 8 - 2)
 _PILLOW_MAJOR = int(PIL.__version__.split(".")[0])

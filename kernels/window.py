@@ -13,12 +13,11 @@ Arrays in, arrays out; no files, no DICOM.
 
 from __future__ import annotations
 
-import sys
 from functools import lru_cache
 
 import numpy as np
 
-from kernels.codes import every_code
+from medgemma_edge.kernels.codes import every_code
 
 Window = tuple[float, float]  # (lo, hi) in Hounsfield units, lo < hi
 
@@ -48,35 +47,28 @@ def stored_to_hu(stored: np.ndarray, slope: float = 1.0, intercept: float = 0.0)
 
 
 @lru_cache(maxsize=32)
-def _tables(windows: tuple[Window, ...], slope: float, intercept: float,
-            dtype_str: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _table(windows: tuple[Window, ...], slope: float, intercept: float, dtype_str: str) -> np.ndarray:
     dtype = np.dtype(dtype_str)
     # Row k holds the stored value whose bits read as k unsigned, so a signed volume can index
     # the table through a free `.view(unsigned)` instead of an offset pass.
     values = every_code(dtype)
     table = window_reference(stored_to_hu(values, slope, intercept), windows)  # (rows, C)
     table.setflags(write=False)
-    packed = None
-    if table.shape[1] == 3:  # the same rows as words R | G << 8 | B << 16, for _gather_rgb
-        rgb0 = np.zeros((table.shape[0], 4), np.uint8)
-        rgb0[:, :3] = table
-        packed = rgb0.view("<u4").reshape(-1)
-        packed.setflags(write=False)
-    return table, packed
+    return table
 
 
 def window_table(windows, slope: float = 1.0, intercept: float = 0.0,
                  dtype=np.int16) -> np.ndarray:
     """(2**bits, C) uint8: row `v.view(uint)` is `window_reference` of stored value v."""
-    return _cached(windows, slope, intercept, dtype)[0]
+    return _cached(windows, slope, intercept, dtype)
 
 
-def _cached(windows, slope, intercept, dtype) -> tuple[np.ndarray, np.ndarray | None]:
+def _cached(windows, slope, intercept, dtype) -> np.ndarray:
     dtype = np.dtype(dtype).newbyteorder("=")
     if dtype not in _TABLE_DTYPES:
         raise ValueError(f"window tables exist for 8- and 16-bit integers, not {dtype}")
     key = tuple((float(lo), float(hi)) for lo, hi in windows)
-    return _tables(key, float(slope), float(intercept), dtype.str)
+    return _table(key, float(slope), float(intercept), dtype.str)
 
 
 def apply_windows(stored: np.ndarray, windows, slope: float = 1.0,
@@ -92,34 +84,9 @@ def apply_windows(stored: np.ndarray, windows, slope: float = 1.0,
         return window_reference(stored_to_hu(stored, slope, intercept), windows)
     if stored.dtype != native:
         stored = stored.astype(native)  # big-endian files: one byte swap, then the table
-    table, packed = _cached(windows, slope, intercept, native)
+    table = _cached(windows, slope, intercept, native)
     index = np.ascontiguousarray(stored).view(f"u{native.itemsize}").reshape(-1)
-    if packed is not None and sys.byteorder == "little":
-        out = _gather_rgb(index, table, packed)
-    else:
-        # One C-byte row per pixel as an opaque item: a single gather, any channel count.
-        rows = np.ascontiguousarray(table).view(f"V{table.shape[1]}").reshape(-1)
-        out = np.take(rows, index).view(np.uint8)
+    # One C-byte row per pixel as an opaque item: a single gather, any channel count.
+    rows = np.ascontiguousarray(table).view(f"V{table.shape[1]}").reshape(-1)
+    out = np.take(rows, index).view(np.uint8)
     return out.reshape(stored.shape + (table.shape[1],))
-
-
-_CHUNK = 1 << 18  # pixels per pass (a 512×512 slice): its 1 MiB of words is repacked from cache
-
-
-def _gather_rgb(index: np.ndarray, table: np.ndarray, packed: np.ndarray) -> np.ndarray:
-    """(N,) indices → (N, 3) rows of `table`. numpy gathers 4-byte items several times faster
-    than 3-byte ones, so gather one word per pixel (R G B 0) and repack every 4 pixels into
-    3 words of output: R0 G0 B0 R1 | G1 B1 R2 G2 | B2 R3 G3 B3 (little-endian)."""
-    n = index.size
-    body = n - n % 4
-    out = np.empty((n, 3), np.uint8)
-    words = out[:body].reshape(-1).view("<u4").reshape(-1, 3)  # (body / 4, 3)
-    for start in range(0, body, _CHUNK):
-        stop = min(start + _CHUNK, body)
-        q = np.take(packed, index[start:stop]).reshape(-1, 4)  # (k, 4): words of 4 pixels
-        w = words[start // 4:stop // 4]
-        w[:, 0] = q[:, 0] | (q[:, 1] << 24)
-        w[:, 1] = (q[:, 1] >> 8) | (q[:, 2] << 16)
-        w[:, 2] = (q[:, 2] >> 16) | (q[:, 3] << 8)
-    out[body:] = table[index[body:]]
-    return out

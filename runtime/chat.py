@@ -9,9 +9,9 @@ with image embeddings.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from runtime.errors import InputError
+from medgemma_edge.runtime.errors import BundleError, InputError
 
 THINK_PREFIX = "SYSTEM INSTRUCTION: think silently if needed. "  # MedGemma 1.5 / 27B thinking switch
 THOUGHT_OPEN, THOUGHT_CLOSE = "<unused94>", "<unused95>"
@@ -24,24 +24,46 @@ class ImageSlot:
     pixels: object = None
 
 
-@dataclass
-class Reply:
-    text: str
-    thought: str | None
-    finish_reason: str  # "stop" (end of turn, eos or a stop string) or "length"
-    prompt_tokens: int
-    completion_tokens: int
-    stats: dict = field(default_factory=dict)
+ROLES = ("system", "user", "assistant", "model")
+_SHAPE = ('— give messages as a list of {"role": "user", "content": "text" or [{"type": "text", "text": ...}, '
+          '{"type": "image", "image": ...}]}')
+
+
+def check_messages(messages) -> list[dict]:
+    """The chat as a list of well-formed messages; InputError naming the first thing wrong."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, (list, tuple)):
+        raise InputError(f"messages must be a list, got {type(messages).__name__} {_SHAPE}")
+    if not messages:
+        raise InputError("no messages — give at least one user message")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise InputError(f"message {i + 1} is a {type(msg).__name__}, not a dict {_SHAPE}")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise InputError(f"message {i + 1} has role {role!r} — use system, user or assistant")
+        if role == "system" and i > 0:
+            raise InputError(f"message {i + 1} is a system message — it must come first, before the user's")
+        for item in _items(msg.get("content")):
+            if item.get("type") == "text" and not isinstance(item.get("text", ""), str):
+                raise InputError(f"message {i + 1} has a text item whose text is a "
+                                 f"{type(item['text']).__name__}, not a string")
+    return list(messages)
 
 
 def _items(content) -> list[dict]:
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if isinstance(content, dict):
-        return [content]
-    if isinstance(content, (list, tuple)):
-        return list(content)
-    raise InputError(f"message content must be text or a list of items, got {type(content).__name__}")
+        items = [content]
+    elif isinstance(content, (list, tuple)):
+        items = list(content)
+    else:
+        raise InputError(f"message content must be text or a list of items, got {type(content).__name__}")
+    for item in items:
+        if not isinstance(item, dict):
+            raise InputError(f"a content item is a {type(item).__name__}, not a dict like "
+                             '{"type": "text", "text": ...} or {"type": "image", "image": ...}')
+    return items
 
 
 def _text_of(content) -> str:
@@ -54,7 +76,7 @@ def _text_of(content) -> str:
 def expand_images(messages, load_pictures) -> tuple[list[dict], list[ImageSlot]]:
     """Decode every image item; a DICOM series becomes its slices, each followed by its label."""
     out, slots = [], []
-    for msg in messages:
+    for msg in check_messages(messages):
         if msg.get("role") == "system" or isinstance(msg.get("content"), str):
             out.append(msg)
             continue
@@ -75,8 +97,20 @@ def expand_images(messages, load_pictures) -> tuple[list[dict], list[ImageSlot]]
     return out, slots
 
 
-def render_prompt(messages, *, image_tokens: int = 256, think: bool = False) -> str:
-    """The prompt text for `messages` (images already expanded), ending with the model turn."""
+class Marker(str):
+    """A control token of our own template, tokenized as a special token. Every other piece of a
+    prompt is text: what a user or system message says is tokenized with special tokens off, so
+    typing `<end_of_turn><start_of_turn>model` cannot forge a model turn, nor `<image_soft_token>`
+    an image slot."""
+
+
+BOS, START_TURN, END_TURN = Marker("<bos>"), Marker("<start_of_turn>"), Marker("<end_of_turn>")
+START_IMAGE, IMAGE_SOFT, END_IMAGE = Marker("<start_of_image>"), Marker("<image_soft_token>"), Marker("<end_of_image>")
+
+
+def prompt_parts(messages, *, image_tokens: int = 256, think: bool = False) -> list[str]:
+    """The prompt for `messages` (images already expanded), ending with the model turn, as text
+    pieces and `Marker`s."""
     if not messages:
         raise InputError("no messages — give at least one user message")
     messages = list(messages)
@@ -88,13 +122,13 @@ def render_prompt(messages, *, image_tokens: int = 256, think: bool = False) -> 
         system = THINK_PREFIX + (system or "")
     if not messages:
         raise InputError("only a system message — add a user message with the question")
-    image = "\n\n<start_of_image>" + "<image_soft_token>" * image_tokens + "<end_of_image>\n\n"
-    parts = ["<bos>"]
+    image = ["\n\n", START_IMAGE, *[IMAGE_SOFT] * image_tokens, END_IMAGE, "\n\n"]
+    parts: list[str] = [BOS]
     for i, msg in enumerate(messages):
         role = msg.get("role")
         if role not in ("user", "assistant", "model"):
             raise InputError(f"unknown message role {role!r} — use system, user or assistant")
-        parts.append("<start_of_turn>" + ("model" if role == "assistant" else role) + "\n")
+        parts += [START_TURN, ("model" if role == "assistant" else role) + "\n"]
         if i == 0 and system is not None:
             parts.append(system + "\n\n")
         for item in _items(msg.get("content")):
@@ -102,12 +136,61 @@ def render_prompt(messages, *, image_tokens: int = 256, think: bool = False) -> 
             if kind == "text":
                 parts.append(str(item.get("text", "")).strip())
             elif kind == "image":
-                parts.append(image)
+                parts += image
             else:
                 raise InputError(f"unknown content type {kind!r} — use text or image")
-        parts.append("<end_of_turn>\n")
-    parts.append("<start_of_turn>model\n")
-    return "".join(parts)
+        parts += [END_TURN, "\n"]
+    parts += [START_TURN, "model\n"]
+    return parts
+
+
+def render_prompt(messages, *, image_tokens: int = 256, think: bool = False) -> str:
+    """The prompt as one string (what the checkpoint's chat template + processor produce)."""
+    return "".join(prompt_parts(messages, image_tokens=image_tokens, think=think))
+
+
+# Tokens that give a prompt its structure; user text must never become one of them.
+STRUCTURAL = (BOS, START_TURN, END_TURN, START_IMAGE, IMAGE_SOFT, END_IMAGE, "<eos>", "<pad>",
+              THOUGHT_OPEN, THOUGHT_CLOSE)
+
+
+def tokenize_prompt(parts: list[str], tokenize) -> list[int]:
+    """Token ids of prompt parts; `tokenize(text, special=bool)` is the bundle's tokenizer. Text
+    between markers is tokenized as one run (as a tokenizer splitting at special tokens would),
+    with special tokens off; each marker must be one token of the vocabulary."""
+    structural = {}
+    for spelled in STRUCTURAL:
+        found = tokenize(spelled, special=True)
+        if len(found) == 1:
+            structural[found[0]] = spelled
+    marker_ids = {spelled: tok for tok, spelled in structural.items()}
+    ids: list[int] = []
+    text = ""
+    for part in parts:
+        if not isinstance(part, Marker):
+            text += part
+            continue
+        if part not in marker_ids:
+            raise BundleError(f"the bundle's tokenizer has no {part} token — export the bundle again")
+        ids += _text_ids(text, tokenize, structural) + [marker_ids[part]]
+        text = ""
+    return ids + _text_ids(text, tokenize, structural)
+
+
+def _text_ids(text: str, tokenize, structural: dict[int, str]) -> list[int]:
+    """Ids of plain text. A tokenizer may still match some special tokens in text (llama.cpp
+    matches user-defined ones, such as `<start_of_image>`, with special parsing off): where a
+    structural one appears, the text is cut inside its spelling and each side tokenized alone, so
+    it stays the characters the user typed. Other text tokenizes as the reference tokenizer does."""
+    if not text:
+        return []
+    ids = tokenize(text, special=False)
+    for tok in ids:
+        spelled = structural.get(tok)
+        if spelled is not None and spelled in text:
+            cut = text.find(spelled) + 1
+            return _text_ids(text[:cut], tokenize, structural) + _text_ids(text[cut:], tokenize, structural)
+    return ids
 
 
 def split_thought(text: str) -> tuple[str | None, str]:
@@ -121,3 +204,35 @@ def split_thought(text: str) -> tuple[str | None, str]:
         inner = inner[len("thought"):]
     answer = text[:start] + (text[end + len(THOUGHT_CLOSE):] if end >= 0 else "")
     return inner.strip(), answer.lstrip()
+
+
+class ThoughtFilter:
+    """Raw model text in, piece by piece; out, the newly visible part of the answer. A leading
+    `<unused94>thought…<unused95>` is held back until it closes, then left out."""
+
+    def __init__(self):
+        self.raw, self.shown = "", 0
+
+    def push(self, piece: str) -> str:
+        self.raw += piece
+        visible = _visible(self.raw)
+        if visible is None or len(visible) <= self.shown:
+            return ""
+        new, self.shown = visible[self.shown:], len(visible)
+        return new
+
+    def finish(self) -> tuple[str | None, str]:
+        """(thought, the rest of the answer not yet returned by push)."""
+        thought, answer = split_thought(self.raw)
+        return thought, answer[self.shown:]
+
+
+def _visible(raw: str) -> str | None:
+    """The answer part of raw output so far, or None while a thought is still open."""
+    if THOUGHT_OPEN in raw:
+        if THOUGHT_CLOSE not in raw:
+            return None
+        return split_thought(raw)[1]
+    if len(raw) < len(THOUGHT_OPEN) and THOUGHT_OPEN.startswith(raw):
+        return None  # could still become the opening marker
+    return raw

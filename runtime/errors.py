@@ -19,3 +19,7 @@ class BundleError(MedGemmaEdgeError):
 
 class ExportError(MedGemmaEdgeError):
     """A checkpoint cannot be exported as asked."""
+
+
+class BusyError(MedGemmaEdgeError):
+    """The model is answering another caller and did not become free in time; ask again."""

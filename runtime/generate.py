@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
+import codecs
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.errors import InputError
-
-END_OF_TURN, EOS = 106, 1
-THOUGHT_TOKENS = (100, 101)  # <unused94>, <unused95>: rendered as text so the thought can be split
+from medgemma_edge.runtime.errors import InputError
 
 
 @dataclass
@@ -23,6 +21,14 @@ class Sampling:
     stop: tuple[str, ...] = ()
 
     def check(self) -> None:
+        _kind("max_new_tokens", self.max_new_tokens, int)
+        _kind("temperature", self.temperature, float)
+        _kind("top_p", self.top_p, float)
+        _kind("top_k", self.top_k, int)
+        if self.seed is not None:
+            _kind("seed", self.seed, int)
+        if not all(isinstance(x, str) and x for x in self.stop):
+            raise InputError("stop must be a string or a list of non-empty strings")
         if self.max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
         if self.temperature < 0:
@@ -31,6 +37,31 @@ class Sampling:
             raise InputError("top_p must be in (0, 1]")
         if self.top_k < 0:
             raise InputError("top_k must be 0 (off) or more")
+
+
+def _kind(name: str, value, kind) -> None:
+    """An option of the right type (a float option takes ints too; bools are neither)."""
+    ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+    if not ok:
+        raise InputError(f"{name} must be {'a number' if kind is float else 'an integer'}, "
+                         f"got {type(value).__name__} {value!r:.40}")
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """What decoding must know of the bundle's tokens, read from the bundle (not hard-coded), so a
+    fine-tuned or future MedGemma with other ids still stops and still shows its thought."""
+    end_ids: frozenset[int]  # any of these ends the answer (so does llama.cpp's is_eog)
+    shown_special_ids: frozenset[int]  # control tokens rendered as text (the thought markers)
+
+
+@dataclass
+class Step:
+    """One decoding step: the token picked and the text it completes (held back while it may still
+    become a stop string or an unfinished UTF-8 character); the last step has finish_reason set."""
+    token: int | None
+    text: str
+    finish_reason: str | None = None  # "stop" (end token or stop string) or "length"
 
 
 def pick_token(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
@@ -51,60 +82,32 @@ def pick_token(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int
     return int(rng.choice(len(p), p=p))
 
 
-class _Utf8Stream:
-    """Joins token bytes and releases only complete UTF-8 characters."""
-
-    def __init__(self):
-        self.pending = b""
-
-    def push(self, data: bytes) -> str:
-        self.pending += data
-        for cut in range(len(self.pending), max(len(self.pending) - 4, -1), -1):
-            try:
-                text = self.pending[:cut].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-            self.pending = self.pending[cut:]
-            return text
-        return ""
-
-    def flush(self) -> str:
-        text, self.pending = self.pending.decode("utf-8", errors="replace"), b""
-        return text
-
-
-def decode(engine, s: Sampling, stats: dict):
-    """Generate after the evaluated prompt; yields text pieces, then returns (raw_text, n, reason).
+def decode(engine, s: Sampling, vocab: Vocabulary) -> Iterator[Step]:
+    """Generate after the evaluated prompt, one `Step` per token and a last one with the reason.
 
     Text is held back while it could still be the start of a stop string, so a stop string is
     never shown in part.
     """
     rng = np.random.default_rng(s.seed)
-    out, shown, n, reason = "", 0, 0, "length"
-    utf8 = _Utf8Stream()
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    out, shown, reason = "", 0, "length"
     hold = max((len(x) for x in s.stop), default=1) - 1
-    t_start = time.perf_counter()
     for n in range(1, s.max_new_tokens + 1):
         tok = pick_token(engine.logits(), s, rng)
-        if n == 1:
-            stats["ttft_s"] = round(time.perf_counter() - stats["_t0"], 4)
-        if tok in (END_OF_TURN, EOS):
-            reason, n = "stop", n - 1
+        if tok in vocab.end_ids or engine.is_end(tok):
+            reason = "stop"
             break
-        out += utf8.push(engine.piece(tok, special=tok in THOUGHT_TOKENS))
+        out += utf8.decode(engine.piece(tok, special=tok in vocab.shown_special_ids))
         hit = min((i for i in (out.find(x) for x in s.stop) if i >= 0), default=-1)
         if hit >= 0:
-            out, reason = out[:hit], "stop"
-            break
-        if len(out) - hold > shown:
-            yield out[shown:len(out) - hold]
-            shown = len(out) - hold
+            yield Step(tok, "")
+            yield Step(None, out[shown:hit], "stop")
+            return
+        new = out[shown:max(len(out) - hold, shown)]
+        shown += len(new)
+        yield Step(tok, new)
         if n == s.max_new_tokens or engine.n_past + 1 > engine.n_ctx:
             break  # "length": asked-for tokens or the context is used up
         engine.eval_tokens([tok])
-    out += utf8.flush()
-    if len(out) > shown:
-        yield out[shown:]
-    elapsed = time.perf_counter() - t_start
-    stats["decode_tok_s"] = round(max(n - 1, 0) / elapsed, 2) if elapsed > 0 and n > 1 else None
-    return out, n, reason
+    out += utf8.decode(b"", final=True)
+    yield Step(None, out[shown:], reason)

@@ -10,25 +10,22 @@ everything above 255 and white out a 12-bit X-ray.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from kernels.full_range import full_range_u8
-
-try:  # optional: a faster PNG decoder with the same pixels (see _png_fast)
-    import pyspng as _spng
-except ImportError:  # pragma: no cover - the fallback is Pillow
-    _spng = None
-from runtime.errors import InputError
+from medgemma_edge.kernels.full_range import full_range_u8
+from medgemma_edge.runtime.errors import InputError
+from medgemma_edge.runtime.files import read_bytes, shown
 
 # Pillow's default Image.MAX_IMAGE_PIXELS (about 9459 x 9459). We hold every picture to it even
 # when a caller has raised or removed Pillow's own limit: a clinic runtime has no business
-# decoding a 100-megapixel file, and a tiny file that claims to be one is an attack.
+# decoding a 100-megapixel file, and a tiny file that claims to be one is an attack. DICOM
+# frames are held to the same limit (runtime/dicom/frames.py).
 MAX_PIXELS = 89_478_485
 
 FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP")
@@ -45,8 +42,8 @@ def load_image(src) -> np.ndarray:
     """Path, bytes, PIL image or numpy array -> (H, W, 3) uint8 RGB.
 
     A gray picture comes back as a read-only view that shows one (H, W) plane as three channels
-    without copying it; `runtime.preprocess` notices and resizes the one plane instead of three.
-    Use np.array(result) if you need to write to it.
+    without copying it (channel stride 0); `runtime.preprocess` sees that for free and resizes the
+    one plane instead of three. Use np.array(result) if you need to write to it.
     """
     if isinstance(src, np.ndarray):
         return _from_array(src)
@@ -61,17 +58,7 @@ def load_image(src) -> np.ndarray:
     if isinstance(src, (bytes, bytearray, memoryview)):
         return _decode(io.BytesIO(bytes(src)), "the image bytes")
     if isinstance(src, (str, os.PathLike)):
-        path = Path(src)
-        if path.is_dir():
-            raise InputError(f"{path}: is a folder — pass one picture file (load_pictures reads "
-                             "folders as DICOM series)")
-        if not path.is_file():
-            raise InputError(f"{path}: no such file — check the path")
-        try:
-            with open(path, "rb") as fh:
-                return _decode(io.BytesIO(fh.read()), str(path))
-        except OSError as err:  # unreadable file (permissions, I/O); decode errors are handled inside
-            raise InputError(f"{path}: cannot read ({err.strerror or err}) — check the file") from None
+        return _decode(io.BytesIO(read_bytes(src)), shown(src))  # regular files only, bounded
     raise InputError(
         f"cannot read a picture from {type(src).__name__} — pass a file path, bytes, a PIL image "
         "or a numpy array"
@@ -79,6 +66,23 @@ def load_image(src) -> np.ndarray:
 
 
 def _decode(fh, name: str) -> np.ndarray:
+    with out_of_memory_as_input_error(name):
+        return _decode_image(fh, name)
+
+
+@contextlib.contextmanager
+def out_of_memory_as_input_error(name: str):
+    """MemoryError anywhere while decoding → one line (the limits make it rare: a machine low on
+    memory, or a picture just under them)."""
+    try:
+        yield
+    except MemoryError:
+        raise InputError(f"{name}: there is not enough memory to decode it — close other "
+                         f"programs, or pass a smaller picture or fewer slices (--max-slices)"
+                         ) from None
+
+
+def _decode_image(fh, name: str) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             # Pillow only warns between its limit and twice its limit; we refuse both.
@@ -91,11 +95,8 @@ def _decode(fh, name: str) -> np.ndarray:
                     f"(supported: {', '.join(FORMATS)})"
                 )
             _check_size(image.size, name)
-            fast = _png_fast(fh, image)
-            if fast is not None:
-                return fast
             image.load()
-    except InputError:
+    except (InputError, MemoryError):
         raise
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise InputError(
@@ -114,58 +115,12 @@ def _decode(fh, name: str) -> np.ndarray:
         raise InputError(f"{name}: corrupt picture data (Pillow: {reason}) — {hint}") from None
     try:
         ImageOps.exif_transpose(image, in_place=True)
+    except MemoryError:
+        raise
     except Exception as err:
         raise InputError(f"{name}: unreadable EXIF orientation ({_one_line(err)}) — re-save it "
                          "without EXIF") from None
     return _from_pil(image, name)
-
-
-def _png_fast(fh: io.BytesIO, image: Image.Image) -> np.ndarray | None:
-    """libspng (pyspng) decodes PNG faster than Pillow (2500x2048 8-bit X-ray: 25 vs 29 ms; 16-bit:
-    70 vs 78 ms, python -m benchmarks.bench_preprocess). PNG is lossless, so
-    the pixels are the same (tests/test_images.py holds them equal). Only for the plain case:
-    8-bit gray or RGB and 16-bit gray, no transparency, nothing that could carry an orientation
-    (eXIf, XMP or raw-EXIF text chunks). Anything else, or any error
-    (reported the usual way by Pillow), goes through Pillow."""
-    if _spng is None or image.format != "PNG" or image.mode not in ("L", "RGB", "I;16"):
-        return None
-    data = fh.getvalue()
-    bit_depth, color_type = data[24], data[25]  # IHDR follows the 8-byte signature
-    if (bit_depth, color_type) not in ((8, 0), (8, 2), (16, 0)) or "transparency" in image.info:
-        return None
-    if not _no_orientation_chunks(data):  # Pillow would rotate the picture: let it
-        return None
-    try:
-        arr = _spng.load(data)
-    except Exception:
-        return None
-    if image.mode == "I;16":
-        arr = arr[:, :, 0] if arr.ndim == 3 else arr  # libspng hands 16-bit gray back with alpha
-        return _as_rgb_view(full_range_u8(arr))
-    return _as_rgb_view(arr) if arr.ndim == 2 else arr
-
-
-# Text chunks Pillow reads an EXIF orientation from (besides eXIf): XMP's tiff:Orientation and
-# ImageMagick's raw EXIF profile.
-_ORIENTATION_TEXT = (b"XML:com.adobe.xmp", b"Raw profile type exif")
-
-
-def _no_orientation_chunks(data: bytes) -> bool:
-    """Walk the PNG's chunk headers (before and after the pixels): False if any chunk could give
-    the picture an orientation."""
-    pos, end = 8, len(data)
-    while pos + 8 <= end:
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        kind = data[pos + 4:pos + 8]
-        if kind == b"eXIf":
-            return False
-        if kind in (b"tEXt", b"zTXt", b"iTXt"):
-            if data[pos + 8:pos + 8 + min(length, 80)].split(b"\0", 1)[0] in _ORIENTATION_TEXT:
-                return False
-        if kind == b"IEND":
-            break
-        pos += 12 + length
-    return True
 
 
 def _from_pil(image: Image.Image, name: str) -> np.ndarray:

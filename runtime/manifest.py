@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path, PurePosixPath
 
-from runtime.errors import BundleError
+from medgemma_edge.runtime.errors import BundleError
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -29,6 +29,7 @@ REQUIRED_KEYS = ("format_version", "backend", "tool", "source", "quantization", 
                  "chat_template", "special_tokens", "context_length", "vocab", "quality")
 ROLES = ("text", "vision")
 HASH_BLOCK = 8 << 20
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest with its chat template and quality report is a few KB
 
 
 def sha256_file(path: Path) -> str:
@@ -63,13 +64,58 @@ def read_manifest(bundle_dir) -> dict:
         raise BundleError(f"{bundle} is not a folder — point at a bundle made by `medgemma-edge export`")
     if not path.is_file():
         raise BundleError(f"no {MANIFEST_NAME} in {bundle} — is this a bundle? make one with `medgemma-edge export`")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{MANIFEST_NAME} in {bundle.name} is {path.stat().st_size} bytes, no manifest is "
+                          "that large — export the bundle again")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{MANIFEST_NAME} in {bundle.name} is not valid JSON ({err}) "
                           "— export the bundle again") from None
+    except RecursionError:
+        raise BundleError(f"{MANIFEST_NAME} in {bundle.name} is nested too deeply to be a manifest "
+                          "— export the bundle again") from None
     _check_shape(manifest, bundle.name)
     return manifest
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _optional(check):
+    return lambda v: v is None or check(v)
+
+
+def _image_ok(v) -> bool:
+    if not isinstance(v, dict):
+        return False
+    triple = lambda x: isinstance(x, list) and len(x) == 3 and all(_is_number(t) for t in x)
+    return (all(_is_int(v.get(k)) and 0 < v[k] <= 8192 for k in ("size", "tokens_per_image"))
+            and all(k not in v or triple(v[k]) for k in ("mean", "std")))
+
+
+def _file_ok(f) -> bool:
+    return (isinstance(f, dict) and isinstance(f.get("role"), str) and isinstance(f.get("path"), str)
+            and _is_int(f.get("size")) and f["size"] >= 0 and isinstance(f.get("sha256"), str)
+            and len(f["sha256"]) == 64)
+
+
+# The fields the runtime reads, and what each must be (everything else is kept, not read).
+SCHEMA = {
+    "backend": lambda v: isinstance(v, str),
+    "files": lambda v: isinstance(v, list) and 0 < len(v) <= 16 and all(_file_ok(f) for f in v),
+    "image": _optional(_image_ok),
+    "special_tokens": lambda v: isinstance(v, dict) and all(isinstance(k, str) and (v[k] is None or _is_int(v[k]))
+                                                            for k in v),
+    "chat_template": _optional(lambda v: isinstance(v, str)),
+    "context_length": _optional(_is_int),
+    "demo_notice": _optional(lambda v: isinstance(v, str)),
+}
 
 
 def _check_shape(manifest, name: str) -> None:
@@ -77,22 +123,22 @@ def _check_shape(manifest, name: str) -> None:
         raise BundleError(f"{MANIFEST_NAME} in {name} is not a JSON object — export the bundle again")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        hint = "upgrade medgemma-edge" if isinstance(version, int) and version > FORMAT_VERSION \
+        hint = "upgrade medgemma-edge" if _is_int(version) and version > FORMAT_VERSION \
             else "export the bundle again"
-        raise BundleError(f"bundle {name} has manifest format {version!r}, this runtime reads "
+        shown = version if _is_int(version) or version is None else type(version).__name__
+        raise BundleError(f"bundle {name} has manifest format {shown!r}, this runtime reads "
                           f"{FORMAT_VERSION} — {hint}")
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:
         raise BundleError(f"{MANIFEST_NAME} in {name} lacks {', '.join(missing)} — export the bundle again")
-    files = manifest["files"]
-    if not isinstance(files, list) or not files:
-        raise BundleError(f"{MANIFEST_NAME} in {name} lists no files — export the bundle again")
+    wrong = [k for k, ok in SCHEMA.items() if k in manifest and not ok(manifest[k])]
+    if wrong:
+        raise BundleError(f"{MANIFEST_NAME} in {name} has a malformed {', '.join(wrong)} field — export the "
+                          "bundle again")
     roles = []
-    for f in files:
-        if not isinstance(f, dict) or not {"role", "path", "size", "sha256"} <= set(f):
-            raise BundleError(f"{MANIFEST_NAME} in {name} has a malformed file entry — export the bundle again")
+    for f in manifest["files"]:
         p = PurePosixPath(f["path"])
-        if p.is_absolute() or ".." in p.parts or f["role"] not in ROLES:
+        if p.is_absolute() or ".." in p.parts or not f["path"] or f["role"] not in ROLES or "\x00" in f["path"]:
             raise BundleError(f"{MANIFEST_NAME} in {name} names {f['path']!r} as {f['role']!r}; only "
                               "text/vision files inside the bundle are allowed — export the bundle again")
         roles.append(f["role"])
@@ -101,19 +147,48 @@ def _check_shape(manifest, name: str) -> None:
                           "— export the bundle again")
 
 
-def verify_bundle(bundle_dir) -> dict:
-    """Check every file against the manifest (presence, size, sha256); returns the manifest."""
+def verify_bundle(bundle_dir, *, hashes: bool = True, remember: Path | None = None) -> dict:
+    """Check every file against the manifest (presence, size and, with hashes, sha256); returns the
+    manifest. With `remember` (a JSON file), a file whose size, mtime and inode are those of an
+    earlier successful check is not hashed again: the first load of a bundle pays the hash, every
+    later one is instant, and a file changed since (copied again, edited) is hashed anew."""
     bundle = Path(bundle_dir)
     manifest = read_manifest(bundle)
+    known = _read_remembered(remember) if remember else {}
+    verified = {}
     for f in manifest["files"]:
         path = bundle / f["path"]
         if not path.is_file():
             raise BundleError(f"bundle file {f['path']} is missing — copy the whole bundle folder again")
-        size = path.stat().st_size
-        if size != f["size"]:
-            raise BundleError(f"bundle file {f['path']} has {size} bytes, the manifest says {f['size']} "
+        st = path.stat()
+        if st.st_size != f["size"]:
+            raise BundleError(f"bundle file {f['path']} has {st.st_size} bytes, the manifest says {f['size']} "
                               "— the copy is incomplete; copy it again")
+        key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino, f["sha256"]]
+        if not hashes or known.get(key) == stamp:
+            continue
         if sha256_file(path) != f["sha256"]:
             raise BundleError(f"bundle file {f['path']} does not match its sha256 in the manifest "
                               "— the file is corrupt; copy or export it again")
+        verified[key] = stamp
+    if remember and verified:
+        _write_remembered(remember, {**known, **verified})
     return manifest
+
+
+def _read_remembered(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_remembered(path: Path, data: dict) -> None:
+    """Best effort: a folder that cannot be written costs a hash on the next load, nothing else."""
+    try:
+        tmp = Path(f"{path}.{os.getpid()}.partial")
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass

@@ -9,27 +9,27 @@ warnings.filterwarnings("ignore", message=".*incorrect regex pattern.*")
 
 @pytest.fixture(scope="session")
 def tiny_dir():
-    from export.testmodels import build_tiny
+    from medgemma_edge.testing.models import build_tiny
 
     return build_tiny()
 
 
 @pytest.fixture(scope="session")
 def gemma270m_dir():
-    from export.testmodels import build_gemma3_270m
+    from medgemma_edge.testing.models import build_gemma3_270m
 
     return build_gemma3_270m()
 
 
 @pytest.fixture(scope="session")
 def gemma270m_gguf():
-    from export.testmodels import gemma3_270m_gguf
+    from medgemma_edge.testing.models import gemma3_270m_gguf
 
     return gemma3_270m_gguf()
 
 
 def _export(tmp_path_factory, src, name, quant, vision_quant):
-    from export.bundle import export_gguf
+    from medgemma_edge.export.bundle import export_gguf
 
     out = tmp_path_factory.mktemp("bundles") / name
     export_gguf(src, out, quant=quant, vision_quant=vision_quant, quality=False)

@@ -93,12 +93,6 @@ def image_features(checkpoint, pixel_values: np.ndarray) -> np.ndarray:
     return feats.float().numpy()
 
 
-def hf_pixel_values(checkpoint, pil_images) -> np.ndarray:
-    """What transformers' image processor makes of PIL images: float32 (N, 3, S, S)."""
-    _, proc, _ = load(str(checkpoint))
-    return proc.image_processor(pil_images, return_tensors="np")["pixel_values"].astype(np.float32)
-
-
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from runtime.cli import main
+from medgemma_edge.cli import main
 
 
 def _png(tmp_path, name="xray.png", size=(300, 200)):
@@ -52,6 +52,19 @@ def test_ask_streams_an_answer_with_stats_and_no_socket(tiny_bundle_f32, tmp_pat
     assert stats["prompt_tokens"] > 512 and stats["completion_tokens"] <= 5
     for key in ("preprocess_ms", "image_encode_s", "prefill_tok_s", "decode_tok_s", "ttft_s", "peak_rss_mb"):
         assert key in stats, key
+
+
+def test_ask_without_a_bundle_refuses_in_one_line(monkeypatch):
+    """No -m and no MEDGEMMA_EDGE_MODEL: a clinic user must not get the demo model's words by accident."""
+    monkeypatch.delenv("MEDGEMMA_EDGE_MODEL", raising=False)
+    line = _one_line_error(_ask("Is there a pneumothorax?"))
+    assert "-m BUNDLE" in line and "MEDGEMMA_EDGE_MODEL" in line and "medgemma-edge demo" in line
+
+
+def test_ask_takes_the_bundle_from_the_environment(tiny_bundle_f32, monkeypatch):
+    monkeypatch.setenv("MEDGEMMA_EDGE_MODEL", str(tiny_bundle_f32))
+    result = _ask("--max-tokens", 2, "Hello")
+    assert result.exit_code == 0, result.output
 
 
 def test_missing_bundle_is_one_line(tmp_path):

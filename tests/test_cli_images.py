@@ -13,11 +13,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-import runtime
-from runtime.cli import main
-from runtime.inputs import Picture, load_pictures
-from runtime.preprocess import model_view, to_model_input
-from runtime.preview import BACKGROUND, LABEL_HEIGHT, contact_sheet
+from medgemma_edge import runtime
+from medgemma_edge.cli import main
+from medgemma_edge.runtime.picture import Picture
+from medgemma_edge.runtime.sources import load_pictures
+from medgemma_edge.runtime.preprocess import model_view, normalize_views
+from medgemma_edge.runtime.preview import BACKGROUND, LABEL_HEIGHT, contact_sheet
 from tests.imagegen import png_header_only, smooth_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def test_preprocess_writes_what_the_model_receives(tmp_path, photo, fit):
     result = _run("preprocess", photo, "-o", out, "--fit", fit, "--size", 64)
     assert result.exit_code == 0, result.output
     got = np.load(out)
-    expected = to_model_input(load_pictures(str(photo)), size=64, fit=fit)
+    expected = normalize_views(model_view(load_pictures(str(photo)), size=64, fit=fit))
     assert got.shape == (1, 3, 64, 64) and got.dtype == np.float32
     assert np.array_equal(got, expected)
 
@@ -50,7 +51,7 @@ def test_preprocess_default_is_pad_at_896(tmp_path, photo):
     assert _run("preprocess", photo, "-o", out).exit_code == 0
     got = np.load(out)
     assert got.shape == (1, 3, 896, 896)
-    assert np.array_equal(got, to_model_input(load_pictures(str(photo)), fit="pad"))
+    assert np.array_equal(got, normalize_views(model_view(load_pictures(str(photo)), fit="pad")))
 
 
 def test_preview_writes_what_the_model_sees(tmp_path, photo):
@@ -72,9 +73,9 @@ def fake_series(monkeypatch, tmp_path):
         return [Picture(np.ascontiguousarray(smooth_rgb(60, 40, seed=i)), f"SLICE {i + 1}")
                 for i in range(5)]
 
-    fake = types.ModuleType("runtime.dicom")
+    fake = types.ModuleType("medgemma_edge.runtime.dicom")
     fake.load_dicom = load_dicom
-    monkeypatch.setitem(sys.modules, "runtime.dicom", fake)
+    monkeypatch.setitem(sys.modules, "medgemma_edge.runtime.dicom", fake)
     monkeypatch.setattr(runtime, "dicom", fake, raising=False)
     folder = tmp_path / "series"
     folder.mkdir()
@@ -103,7 +104,7 @@ def test_preprocess_of_a_series_stacks_slices(tmp_path, fake_series):
     folder, _, pictures = fake_series
     out = tmp_path / "s.npy"
     assert _run("preprocess", folder, "-o", out, "--size", 32).exit_code == 0
-    assert np.array_equal(np.load(out), to_model_input(pictures, size=32))
+    assert np.array_equal(np.load(out), normalize_views(model_view(pictures, size=32)))
 
 
 def _bad_inputs(tmp_path) -> dict[str, Path]:
@@ -145,7 +146,7 @@ def test_real_process_prints_one_line_and_exits_2(tmp_path):
     Image.fromarray(smooth_rgb(64, 64, seed=3)).save(bad, "JPEG")
     bad.write_bytes(bad.read_bytes()[:300])
     proc = subprocess.run(
-        [sys.executable, "-c", "from runtime.cli import main; main()", "preprocess", str(bad),
+        [sys.executable, "-c", "from medgemma_edge.cli import main; main()", "preprocess", str(bad),
          "-o", str(tmp_path / "x.npy")],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )

@@ -1,10 +1,12 @@
-"""runtime/dicom.py on the files shipped inside pydicom: CT windows equal the recipe written
+"""runtime/dicom/ on the files shipped inside pydicom: CT windows equal the recipe written
 out in plain numpy, compressed variants equal (lossless) or approach (lossy) the uncompressed
 image, MONOCHROME1 comes out inverted, and broken files give one actionable line."""
 
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -13,10 +15,11 @@ import pytest
 from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_color_lut, apply_rescale, pixel_array
 
-from runtime.dicom import load_dicom
-from runtime.dicom_windows import PRESETS, describe_presets, parse_window
-from runtime.errors import InputError
-from runtime.inputs import Picture, load_pictures
+from medgemma_edge.runtime.dicom import load_dicom
+from medgemma_edge.runtime.dicom.windows import PRESETS, describe_presets, parse_window
+from medgemma_edge.runtime.errors import InputError
+from medgemma_edge.runtime.picture import Picture
+from medgemma_edge.runtime.sources import load_pictures
 from tests.dicom_helpers import (assert_close, assert_same, image_dataset, rewrite, save,
                                  shipped)
 
@@ -247,13 +250,15 @@ def test_file_without_preamble_or_meta(tmp_path):
 
 BROKEN = {
     "JPEG-lossy.dcm": "cannot decode",  # 12-bit JPEG with a bad scan header (see pydicom README)
-    "JPEG2000-embedded-sequence-delimiter.dcm": "cannot decode",
+    # its codestream declares another size than Rows/Columns: refused before the decoder runs
+    "JPEG2000-embedded-sequence-delimiter.dcm": "the compressed frame declares",
     "MR_truncated.dcm": "truncated",
-    "rtplan.dcm": "holds no image", "rtplan_truncated.dcm": "holds no image",
+    "rtplan.dcm": "holds no image", "rtplan_truncated.dcm": "the file is truncated",
     "rtstruct.dcm": "holds no image", "reportsi.dcm": "holds no image",
     "test-SR.dcm": "holds no image", "waveform_ecg.dcm": "holds no image",
-    "ExplVR_BigEndNoMeta.dcm": "holds no image", "UN_sequence.dcm": "holds no image",
-    "empty_charset_LEI.dcm": "holds no image", "priv_SQ.dcm": "holds no image",
+    "ExplVR_BigEndNoMeta.dcm": "holds no image", "empty_charset_LEI.dcm": "holds no image",
+    # image classes without pixel data: cut before them, or stripped
+    "UN_sequence.dcm": "ends before its pixel data", "priv_SQ.dcm": "ends before its pixel data",
     "rtdose.dcm": "RT dose", "rtdose_rle.dcm": "RT dose", "badVR.dcm": "RT dose",
     "liver_1frame.dcm": "segmentation", "nested_priv_SQ.dcm": "header is damaged",
     "meta_missing_tsyntax.dcm": "header is damaged", "no_meta.dcm": "not a DICOM file",
@@ -359,3 +364,16 @@ def test_damaged_headers_are_refused(tmp_path, change):
     start = time.perf_counter()
     refusal(path)
     assert time.perf_counter() - start < 2.0
+
+
+def test_dicom_package_never_imports_sources_and_presets_load_without_pydicom():
+    """No import cycle: runtime/sources.py dispatches to the DICOM package, never the reverse.
+    And the preset names `--help` lists come without pydicom's ~0.2 s import."""
+    code = ("import sys; import medgemma_edge.runtime.dicom.windows as w; "
+            "assert 'pydicom' not in sys.modules, 'windows.py pulled in pydicom'; "
+            "import medgemma_edge.runtime.dicom.convert; "
+            "assert 'medgemma_edge.runtime.sources' not in sys.modules, 'dicom imports sources'; "
+            "print(','.join(w.PRESET_NAMES))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == ",".join(PRESETS)

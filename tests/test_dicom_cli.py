@@ -7,8 +7,8 @@ import numpy as np
 from click.testing import CliRunner
 from PIL import Image
 
-from runtime.cli import main
-from runtime.preview import GAP, LABEL_HEIGHT
+from medgemma_edge.cli import main
+from medgemma_edge.runtime.preview import GAP, LABEL_HEIGHT
 from tests.dicom_helpers import PATIENT_MARKERS, write_series
 
 

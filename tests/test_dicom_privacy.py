@@ -10,8 +10,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from runtime.dicom import load_dicom
-from runtime.errors import InputError
+from medgemma_edge.runtime.dicom import load_dicom
+from medgemma_edge.runtime.errors import InputError
 from pydicom.data import get_testdata_file
 
 from tests.dicom_helpers import PATIENT_MARKERS, image_dataset, save, with_patient

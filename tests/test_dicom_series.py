@@ -1,4 +1,4 @@
-"""runtime/dicom_series.py: series written here slice by slice (tiny files in tmp_path), so
+"""runtime/dicom/series.py: series written here slice by slice (tiny files in tmp_path), so
 which slice came out where can be read back from its pixels."""
 
 from __future__ import annotations
@@ -8,12 +8,14 @@ import shutil
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 from pydicom.data import get_testdata_file
+from pydicom.dataset import FileMetaDataset
 
-from kernels.window import stored_to_hu, window_reference
-from runtime.dicom import load_dicom
-from runtime.dicom_series import select_indices
-from runtime.errors import InputError
+from medgemma_edge.kernels.window import stored_to_hu, window_reference
+from medgemma_edge.runtime.dicom import load_dicom
+from medgemma_edge.runtime.dicom.series import select_indices
+from medgemma_edge.runtime.errors import InputError
 from tests.dicom_helpers import (SIDE, assert_same, image_dataset, save, slice_pixels,
                                  write_series)
 
@@ -88,14 +90,34 @@ def test_mixed_series_are_refused_without_showing_uids(tmp_path):
     assert "3680043" not in message, "a UID was shown"
 
 
-def test_directory_skips_junk_and_non_images(tmp_path):
+def test_directory_skips_junk_and_non_images_and_says_why(tmp_path, capfd):
     folder = tmp_path / "export"
     write_series(folder / "sub", 5)
     (folder / "README.txt").write_text("not DICOM")
-    (folder / ".DS_Store").write_bytes(b"\0" * 300)
+    (folder / ".DS_Store").write_bytes(b"\0" * 300)  # hidden: skipped without a word
     shutil.copy(get_testdata_file("reportsi.dcm"), folder / "report.dcm")  # SR: no pixels
     shutil.copy(get_testdata_file("rtdose.dcm"), folder / "dose.dcm")  # not a picture
+    Image.new("RGB", (4, 4)).save(folder / "photo.dcm", "PNG")  # a picture, named .dcm
     assert_slices(load_dicom(folder), 5, list(range(5)))
+    notes = capfd.readouterr().err.splitlines()
+    assert notes == [f"note: {folder / 'README.txt'}: skipped — not a DICOM file",
+                     f"note: {folder / 'dose.dcm'}: skipped — an RT dose grid",
+                     f"note: {folder / 'photo.dcm'}: skipped — not a DICOM file",
+                     f"note: {folder / 'report.dcm'}: skipped — no image in it (a report, "
+                     f"plan or other non-image object)"], notes
+
+
+def test_files_without_preamble_are_slices_too(tmp_path, capfd):
+    # Old exports write the bare dataset: no 128-byte preamble, no 'DICM', no file meta. The
+    # README promises they are read; in a folder they used to vanish without a word.
+    paths = write_series(tmp_path / "ct", 6)
+    for p in paths[:3]:
+        ds = pydicom.dcmread(p)
+        ds.file_meta, ds.preamble = FileMetaDataset(), None
+        ds.save_as(p, implicit_vr=p != paths[0], little_endian=True, enforce_file_format=False)
+        assert p.read_bytes()[128:132] != b"DICM"
+    assert_slices(load_dicom(tmp_path / "ct"), 6, list(range(6)))
+    assert capfd.readouterr().err == ""
 
 
 def test_localizer_is_left_out(tmp_path):

@@ -1,13 +1,15 @@
-"""The gray DICOM table path (every stored value mapped once, then a gather) against the plain
-float64 path it replaces: the same bytes for any 8/16-bit frame, rescale, window and inversion."""
+"""The gray DICOM path (X-ray, MR) against its recipe written out per pixel here: the same bytes
+for any 8/16-bit frame, rescale, window and inversion. (This file held a table of every stored
+value to the float64 path; the table was removed, and the written-out recipe guards the bytes.)"""
 
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 
-from runtime import dicom
-from runtime.dicom_read import PixelLayout, Source
+from medgemma_edge.runtime.dicom import convert
+from medgemma_edge.runtime.dicom.frames import PixelLayout
+from medgemma_edge.runtime.dicom.read import Source
 
 DTYPES = [np.uint8, np.int8, np.uint16, np.int16]
 
@@ -26,19 +28,35 @@ def _frame(arr, *, slope=None, intercept=None, window=None, bits_stored=None):
         ds.WindowCenter, ds.WindowWidth = _ds(window[0]), _ds(window[1])
     bits = 8 * arr.itemsize
     pixels = PixelLayout(arr.shape[0], arr.shape[1], 1, 1, "MONOCHROME2", bits, bits_stored or bits)
-    return dicom._Frame(arr, ds, 0, pixels, Source("test"))
+    return convert._Frame(arr, ds, 0, pixels, Source("test"))
 
 
-def _plain(f, mr_range, invert):
-    window = mr_range if mr_range is not None else dicom._voi_window(f)
-    out = dicom._gray_plain(f, window)
+def _reference(f, mr_range, invert):
+    """Per pixel in float64: ×slope then +intercept (pydicom's rescale order); the MR range, else
+    the VOI window centre ± width/2, else the frame's own range; clip, map onto 0..255, round half
+    to even. 8-bit frames with no rescale and no window are display values, kept as they are."""
+    ds = f.ds
+    rescaled = "RescaleSlope" in ds or "RescaleIntercept" in ds
+    values = f.arr.astype(np.float64) * float(ds.get("RescaleSlope", 1.0))
+    values += float(ds.get("RescaleIntercept", 0.0))
+    window = mr_range
+    if window is None and "WindowWidth" in ds and float(ds.WindowWidth) > 0:
+        center, width = float(ds.WindowCenter), float(ds.WindowWidth)
+        window = (center - width / 2, center + width / 2)
+    if window is None and not rescaled and f.arr.dtype == np.uint8 and f.pixels.bits_stored == 8:
+        out = f.arr
+    else:
+        lo, hi = window or (values.min(), values.max())
+        if hi > lo:
+            out = np.round((np.clip(values, lo, hi) - lo) / (hi - lo) * 255.0).astype(np.uint8)
+        else:
+            out = np.zeros(values.shape, np.uint8)
     return 255 - out if invert else out
 
 
 def _check(f, mr_range=None, invert=False):
-    assert dicom._Codes.of(f) is not None, "an 8/16-bit frame must take the table path"
-    got = dicom._gray(f, mr_range, invert)
-    want = _plain(f, mr_range, invert)
+    got = convert._gray(f, mr_range, invert)
+    want = _reference(f, mr_range, invert)
     diff = np.abs(got.astype(int) - want.astype(int))
     assert got.dtype == np.uint8 and got.shape == want.shape
     assert diff.max() == 0, f"{int((diff > 0).sum())} pixels differ, worst by {diff.max()}"
@@ -51,7 +69,7 @@ def _check(f, mr_range=None, invert=False):
        intercept=st.one_of(st.none(), st.floats(-5000, 5000, allow_nan=False), st.sampled_from([-1024.0, 0.5])),
        center=st.floats(-3000, 40000, allow_nan=False), width=st.floats(-10, 40000, allow_nan=False),
        use_window=st.booleans(), invert=st.booleans(), mr=st.booleans())
-def test_table_path_equals_the_float_path(dtype, seed, slope, intercept, center, width, use_window,
+def test_gray_path_equals_the_recipe(dtype, seed, slope, intercept, center, width, use_window,
                                           invert, mr):
     info = np.iinfo(dtype)
     rng = np.random.default_rng(seed)
@@ -60,7 +78,7 @@ def test_table_path_equals_the_float_path(dtype, seed, slope, intercept, center,
     f = _frame(arr, slope=slope, intercept=intercept, window=(center, width) if use_window else None)
     mr_range = None
     if mr:
-        values = dicom._modality_values(f)
+        values = convert._modality_values(f)
         mr_range = (float(values.min()) - 3.0, float(values.max()) + 1.5)
     _check(f, mr_range, invert)
 
@@ -76,8 +94,8 @@ def test_full_16_bit_range_and_ties():
 
 def test_8_bit_display_values_pass_through_and_12_bit_stretches():
     arr = np.random.default_rng(1).integers(0, 256, (32, 32)).astype(np.uint8)
-    assert np.array_equal(dicom._gray(_frame(arr), None), arr)
+    assert np.array_equal(convert._gray(_frame(arr), None), arr)
     twelve = np.random.default_rng(2).integers(0, 4096, (32, 32)).astype(np.uint16)
-    got = dicom._gray(_frame(twelve, bits_stored=12), None)
+    got = convert._gray(_frame(twelve, bits_stored=12), None)
     assert got.min() == 0 and got.max() == 255
     _check(_frame(twelve, bits_stored=12))

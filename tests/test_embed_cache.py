@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.embed_cache import EmbeddingCache, pixel_digest
+from medgemma_edge.runtime.embed_cache import EmbeddingCache, pixel_digest
 
 SHAPE = (4, 8)
 
@@ -41,13 +41,17 @@ def test_disk_round_trip_is_exact_and_private(tmp_path):
 def test_an_open_folder_is_closed_and_stale_parts_removed(tmp_path):
     cache = EmbeddingCache(SHAPE, "f" * 64, disk_dir=tmp_path)
     os.chmod(cache.dir, 0o777)
-    stale, fresh = cache.dir / "x.part", cache.dir / "y.part"
-    stale.write_bytes(b"half an embedding")
-    fresh.write_bytes(b"being written now")
+    # Names as the cache makes them (an earlier version's mkstemp named them tmp????????.part).
+    stale = cache.dir / f"{'1' * 32}.{'2' * 16}.part"
+    stale_old_version = cache.dir / "tmpab_c1234.part"
+    fresh = cache.dir / f"{'3' * 32}.{'4' * 16}.part"
+    for path in (stale, stale_old_version, fresh):
+        path.write_bytes(b"half an embedding")
     os.utime(stale, (1000, 1000))
+    os.utime(stale_old_version, (1000, 1000))
     again = EmbeddingCache(SHAPE, "f" * 64, disk_dir=tmp_path)
     assert stat.S_IMODE(os.stat(again.dir).st_mode) == 0o700
-    assert not stale.exists() and fresh.exists()
+    assert not stale.exists() and not stale_old_version.exists() and fresh.exists()
 
 
 def test_disk_is_bounded_least_recently_used_first(tmp_path):
@@ -84,17 +88,17 @@ def test_a_damaged_file_is_a_miss_and_is_removed(tmp_path, damage):
     assert not path.exists()
 
 
-@pytest.mark.parametrize("where", ["mkstemp", "save"])
+@pytest.mark.parametrize("where", ["open", "save", "replace"])
 def test_a_full_disk_costs_speed_not_the_answer(tmp_path, monkeypatch, where):
     import errno
 
-    import runtime.embed_cache as ec
+    import medgemma_edge.runtime.embed_cache as ec
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     cache = EmbeddingCache(SHAPE, "e" * 64, disk_dir=tmp_path)
-    monkeypatch.setattr(ec.tempfile if where == "mkstemp" else ec.np, where, full)
+    monkeypatch.setattr(ec.np if where == "save" else ec.os, where, full)
     cache.put("d1", _emb(1))  # must not raise
     monkeypatch.undo()
     assert cache.get("d1")[1] == "memory"
@@ -118,27 +122,27 @@ def _chat(seed):
 
 
 def test_disk_cache_gives_the_same_logits_without_loading_the_encoder(tiny_bundle_f32, tmp_path):
-    import runtime
+    import medgemma_edge
 
     msgs = _chat(21)
-    plain = runtime.load(tiny_bundle_f32, threads=2, context=1024)
+    plain = medgemma_edge.load(tiny_bundle_f32, threads=2, context=1024)
     want = plain.next_token_logits(msgs)
-    first = runtime.load(tiny_bundle_f32, threads=2, context=1024, image_cache_dir=tmp_path)
+    first = medgemma_edge.load(tiny_bundle_f32, threads=2, context=1024, image_cache_dir=tmp_path)
     reply = first.chat(msgs, max_new_tokens=1)
-    assert reply.stats["images_from_cache"] == 0 and first.image_cache.disk_usage()[0] == 1
-    again = runtime.load(tiny_bundle_f32, threads=2, context=1024, image_cache_dir=tmp_path)
+    # the image's embeddings, and the evaluated prefix up to its end (runtime/prefill.py)
+    assert reply.stats.images_from_cache == 0 and first.image_cache.disk_usage()[0] == 2
+    again = medgemma_edge.load(tiny_bundle_f32, threads=2, context=1024, image_cache_dir=tmp_path)
     got = again.next_token_logits(msgs)
     worst = float(np.abs(got - want).max())
     print(f"disk-cached vs plain: worst |d| {worst:.2e}")
     assert worst <= 1e-5, f"worst |d| {worst:.2e}"
-    assert again.image_cache.hits["disk"] == 1
     assert again._vision is None, "a cached image should not load the vision file"
 
 
 def test_cli_ask_image_cache_option(tiny_bundle_f32, tmp_path):
     from click.testing import CliRunner
 
-    from runtime.cli import main
+    from medgemma_edge.cli import main
 
     picture = tmp_path / "p.png"
     Image.fromarray(np.full((64, 64), 90, np.uint8)).save(picture)
@@ -149,3 +153,21 @@ def test_cli_ask_image_cache_option(tiny_bundle_f32, tmp_path):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output
     assert len(list(cache.rglob("*.npy"))) == 1
+
+
+def test_cli_refuses_an_image_cache_others_can_write_in_one_line(tiny_bundle_f32, tmp_path):
+    from click.testing import CliRunner
+
+    from medgemma_edge.cli import main
+
+    picture = tmp_path / "p.png"
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(picture)
+    cache = tmp_path / "emb"
+    cache.mkdir()
+    os.chmod(cache, 0o777)
+    args = ["ask", "What is this?", "-m", str(tiny_bundle_f32), "--image", str(picture),
+            "--max-tokens", "2", "--threads", "2", "--image-cache", str(cache)]
+    result = CliRunner().invoke(main, args)
+    print(result.output)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.count("\n") == 1 and "written by other users" in result.output

@@ -14,7 +14,9 @@ from tests import reference as ref
 from tests.gguf_read import read_gguf
 
 TEXT_COS_MIN = 0.9999
-IMAGE_COS_MIN = 0.999
+# f32 mmproj fed our 896² view against transformers in f32: only summation order differs
+# (measured ~0.999999); a resize by mtmd that was not the identity would land near 0.99 or below.
+IMAGE_COS_MIN = 0.99999
 
 CHATS = {
     "short": [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}],
@@ -68,6 +70,9 @@ def tiny_f32_llm(tiny_bundle_f32):
 def test_f32_text_logits_match_transformers(tiny_f32_llm, tiny_dir, name):
     msgs = CHATS[name]
     hf_ids = ref.encode_chat(tiny_dir, msgs)["input_ids"][0].tolist()
+    if name == "long":  # the point of this case: local (windowed) and global layers must differ
+        window = json.loads((tiny_dir / "config.json").read_text())["text_config"]["sliding_window"]
+        assert len(hf_ids) > window + 8, f"the long prompt has {len(hf_ids)} tokens, tiny's window is {window}"
     ours_ids = tiny_f32_llm.tokenize(ref.render_chat(tiny_dir, msgs).encode(), add_bos=False, special=True)
     assert ours_ids == hf_ids, f"{name}: the GGUF tokenizer differs from transformers'"
     theirs = ref.next_token_logits(tiny_dir, msgs)
@@ -79,14 +84,8 @@ def test_f32_text_logits_match_transformers(tiny_f32_llm, tiny_dir, name):
     assert cos >= TEXT_COS_MIN
 
 
-def test_long_chat_crosses_the_sliding_window(tiny_dir):
-    n = len(ref.encode_chat(tiny_dir, CHATS["long"])["input_ids"][0])
-    window = json.loads((tiny_dir / "config.json").read_text())["text_config"]["sliding_window"]
-    assert n > window + 8, f"the long prompt has {n} tokens; it must exceed tiny's {window}-token window"
-
-
 def test_f32_image_embeddings_match_transformers(tiny_f32_llm, tiny_bundle_f32, tiny_dir):
-    from runtime.backends.mtmd import VisionEncoder
+    from medgemma_edge.runtime.backends.mtmd import VisionEncoder
 
     _, files = _files(tiny_bundle_f32)
     pixels = _pixels()
@@ -104,7 +103,7 @@ def test_f32_image_embeddings_match_transformers(tiny_f32_llm, tiny_bundle_f32, 
 
 
 def test_f32_bundle_manifest(tiny_bundle_f32, tiny_dir):
-    from runtime.manifest import verify_bundle
+    from medgemma_edge.runtime.manifest import verify_bundle
 
     m = verify_bundle(tiny_bundle_f32)
     assert m["quantization"] == {"text": "f32", "vision": "f32"} and m["quality"] is None
@@ -128,11 +127,16 @@ KEEP_FOR = "q6_k"  # the one that keeps its intermediate GGUF
 # the quantized model's next-token logits against the f32 export (tiny's random weights give flat
 # distributions, so top-1 is not asked of the K-quants)
 COS_VS_F32 = {"f16": 0.9999, "bf16": 0.999, "q8_0": 0.999, "q6_k": 0.99, "q5_k_m": 0.98, "q4_k_m": 0.95}
+# the vision file's image embeddings against the f32 mmproj on the same picture. f16 and q8_0
+# weights keep ~3 and ~2.5 significant digits per weight; these bounds sit an order of magnitude
+# under 1 - cosine measured on both AVX2 and AVX-512 machines, and far above what a wrong tensor
+# (cosine ~0 to 0.9) gives.
+VISION_COS_VS_F32 = {"f32": 0.99999, "f16": 0.9999, "q8_0": 0.999}
 
 
 @pytest.fixture(scope="module")
 def quant_bundles(tmp_path_factory, tiny_dir):
-    from export.bundle import export_gguf
+    from medgemma_edge.export.bundle import export_gguf
 
     root = tmp_path_factory.mktemp("tiny-quants")
     built = {}
@@ -147,9 +151,8 @@ def quant_bundles(tmp_path_factory, tiny_dir):
 
 
 @pytest.mark.parametrize("quant", list(MATRIX))
-def test_each_quant_loads_and_answers(quant_bundles, tiny_f32_llm, quant):
-    from runtime.backends.mtmd import VisionEncoder
-    from runtime.manifest import verify_bundle
+def test_each_quant_loads_and_answers(quant_bundles, tiny_f32_llm, tiny_bundle_f32, tiny_dir, quant):
+    from medgemma_edge.runtime.manifest import verify_bundle
 
     res = quant_bundles(quant)
     m, files = _files(res.bundle)
@@ -164,30 +167,50 @@ def test_each_quant_loads_and_answers(quant_bundles, tiny_f32_llm, quant):
     assert types["blk.0.attn_norm.weight"] == "F32"
     llm = _llama(files["text"])
     ids = llm.tokenize(b"<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n", add_bos=True, special=True)
-    out = []
-    for _ in range(4):  # greedy a few tokens
-        tok = int(_next_logits(llm, ids + out).argmax())
-        out.append(tok)
-    assert all(0 <= t < 262208 for t in out)
     ours = _next_logits(llm, ids)
     base = _next_logits(tiny_f32_llm, ids)
     cos = ref.cosine(ours, base)
-    print(f"{quant}: next-token cosine vs f32 export {cos:.5f}, greedy {out}")
+    print(f"{quant}: next-token cosine vs f32 export {cos:.5f}")
     assert np.isfinite(ours).all() and cos >= COS_VS_F32[quant]
 
     vtypes = {name: t[0] for name, t in read_gguf(files["vision"])[1].items()}
     assert vtypes["v.patch_embd.weight"] == "F32" and vtypes["v.position_embd.weight"] == "F32"
     assert vtypes["mm.input_projection.weight"] in ("F32", "F16")
-    enc = VisionEncoder(str(files["vision"]), llm.model, 2)
+    emb = _encode(files["vision"], llm, _pixels(3))
+    emb32 = _encode(_files(tiny_bundle_f32)[1]["vision"], tiny_f32_llm, _pixels(3))
+    vcos = ref.cosine(emb, emb32)
+    print(f"{quant}: vision {MATRIX[quant]} embeddings vs f32 mmproj: cosine {vcos:.6f}, "
+          f"worst |d| {np.abs(emb - emb32).max():.2e}")
+    assert emb.shape == (256, 256) and vcos >= VISION_COS_VS_F32[MATRIX[quant]]
+
+    # ... and the product answers through it: the runtime's logits are llama.cpp's on the same prompt.
+    # Not bit-equal: `Llama` lets llama.cpp repack quantized weights for this CPU's kernels (the
+    # runtime does not, to save memory), and the two layouts sum in different orders.
+    import medgemma_edge
+
+    model = medgemma_edge.load(res.bundle, threads=2, context=N_CTX)
+    msgs = [{"role": "user", "content": "Hi"}]
+    runtime_logits = model.next_token_logits(msgs)
+    same = _next_logits(llm, model.engine.tokenize(ref.render_chat(tiny_dir, msgs)))
+    rcos = ref.cosine(runtime_logits, same)
+    print(f"{quant}: runtime vs llama.cpp direct: cosine {rcos:.7f}, worst |d| {np.abs(runtime_logits - same).max():.2e}")
+    assert rcos >= 0.9999
+    reply = model.chat(msgs, max_new_tokens=4)
+    assert reply.completion_tokens == 4 or reply.finish_reason == "stop"
+
+
+def _encode(mmproj, llm, pixels):
+    from medgemma_edge.runtime.backends.mtmd import VisionEncoder
+
+    enc = VisionEncoder(str(mmproj), llm.model, 2)
     try:
-        emb = enc.encode(_pixels(3))
+        return enc.encode(pixels)
     finally:
         enc.close()
-    assert emb.shape == (256, 256) and np.isfinite(emb).all()
 
 
 def test_quality_report_is_in_the_manifest(quant_bundles):
-    from export.quality import load_prompts
+    from medgemma_edge.export.quality import load_prompts
 
     m = quant_bundles(QUALITY_FOR).manifest
     q = m["quality"]
@@ -235,9 +258,9 @@ def test_respelled_sharded_bf16_checkpoint_exports_exactly(tmp_path, respelled_b
     """Every GGUF tensor equals its bf16 source widened to f32 (+1 on Gemma norms only)."""
     import torch
 
-    from export.bundle import export_gguf
-    from export.gguf_tensors import GEMMA_NORM, map_name
-    from export.checkpoint import _canonical
+    from medgemma_edge.export.bundle import export_gguf
+    from medgemma_edge.export.gguf_tensors import GEMMA_NORM, map_name
+    from medgemma_edge.export.checkpoint import _canonical
 
     src, tensors = respelled_bf16
     res = export_gguf(src, tmp_path / "b", "f32", "f32", quality=False)
@@ -259,8 +282,8 @@ def test_respelled_sharded_bf16_checkpoint_exports_exactly(tmp_path, respelled_b
 
 
 def test_bf16_source_is_the_quality_reference(respelled_bf16):
-    from export.bundle import reference_type
-    from export.checkpoint import open_checkpoint
+    from medgemma_edge.export.bundle import reference_type
+    from medgemma_edge.export.checkpoint import open_checkpoint
 
     assert reference_type(open_checkpoint(respelled_bf16[0])) == "bf16"
 
@@ -268,7 +291,7 @@ def test_bf16_source_is_the_quality_reference(respelled_bf16):
 # -- verify ---------------------------------------------------------------------------------------
 
 def test_verify_catches_a_flipped_byte(quant_bundles, tmp_path):
-    from runtime.cli import main
+    from medgemma_edge.cli import main
 
     bundle = shutil.copytree(quant_bundles("q4_k_m").bundle, tmp_path / "copy")
     runner = CliRunner()

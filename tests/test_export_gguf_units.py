@@ -9,36 +9,68 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from export import gguf_tensors as gt
-from export.checkpoint import open_checkpoint
-from export.vocab import CONTROL, UNUSED, Vocab, fit_vocab, read_vocab, special_token_ids
-from runtime.errors import BundleError, ExportError
+from medgemma_edge.export import gguf_tensors as gt
+from medgemma_edge.export.checkpoint import open_checkpoint
+from medgemma_edge.export.vocab import CONTROL, UNUSED, Vocab, fit_vocab, read_vocab, special_token_ids
+from medgemma_edge.runtime.errors import BundleError, ExportError
 
-# Full HF names as gguf-py's TensorNameMap knows them, per part of our canonical naming.
-HF_PREFIX = {"text": "model.", "vision": "vision_tower.vision_model.", "projector": "multi_modal_projector."}
+# -- names: every tensor kind of a Gemma 3 / MedGemma checkpoint → the GGUF name llama.cpp's Gemma 3
+# graph and clip loader read (REFERENCE.md), and whether it gets Gemma's +1 -------------------
+
+EXPECTED_NAMES = [
+    ("text", "embed_tokens.weight", "token_embd.weight", False),
+    ("text", "lm_head.weight", "output.weight", False),
+    ("text", "norm.weight", "output_norm.weight", True),
+    ("text", "layers.3.input_layernorm.weight", "blk.3.attn_norm.weight", True),
+    ("text", "layers.3.self_attn.q_proj.weight", "blk.3.attn_q.weight", False),
+    ("text", "layers.3.self_attn.k_proj.weight", "blk.3.attn_k.weight", False),
+    ("text", "layers.3.self_attn.v_proj.weight", "blk.3.attn_v.weight", False),
+    ("text", "layers.3.self_attn.o_proj.weight", "blk.3.attn_output.weight", False),
+    ("text", "layers.3.self_attn.q_norm.weight", "blk.3.attn_q_norm.weight", True),
+    ("text", "layers.3.self_attn.k_norm.weight", "blk.3.attn_k_norm.weight", True),
+    ("text", "layers.3.post_attention_layernorm.weight", "blk.3.post_attention_norm.weight", True),
+    ("text", "layers.3.pre_feedforward_layernorm.weight", "blk.3.ffn_norm.weight", True),
+    ("text", "layers.3.post_feedforward_layernorm.weight", "blk.3.post_ffw_norm.weight", True),
+    ("text", "layers.3.mlp.gate_proj.weight", "blk.3.ffn_gate.weight", False),
+    ("text", "layers.3.mlp.up_proj.weight", "blk.3.ffn_up.weight", False),
+    ("text", "layers.61.mlp.down_proj.weight", "blk.61.ffn_down.weight", False),  # 27B depth
+    ("vision", "embeddings.patch_embedding.weight", "v.patch_embd.weight", False),
+    ("vision", "embeddings.patch_embedding.bias", "v.patch_embd.bias", False),
+    ("vision", "embeddings.position_embedding.weight", "v.position_embd.weight", False),
+    ("vision", "encoder.layers.26.layer_norm1.weight", "v.blk.26.ln1.weight", False),
+    ("vision", "encoder.layers.2.layer_norm1.bias", "v.blk.2.ln1.bias", False),
+    ("vision", "encoder.layers.2.self_attn.q_proj.weight", "v.blk.2.attn_q.weight", False),
+    ("vision", "encoder.layers.2.self_attn.k_proj.bias", "v.blk.2.attn_k.bias", False),
+    ("vision", "encoder.layers.2.self_attn.v_proj.weight", "v.blk.2.attn_v.weight", False),
+    ("vision", "encoder.layers.2.self_attn.out_proj.weight", "v.blk.2.attn_out.weight", False),
+    ("vision", "encoder.layers.2.layer_norm2.weight", "v.blk.2.ln2.weight", False),
+    ("vision", "encoder.layers.2.mlp.fc1.weight", "v.blk.2.ffn_up.weight", False),
+    ("vision", "encoder.layers.2.mlp.fc2.weight", "v.blk.2.ffn_down.weight", False),
+    ("vision", "post_layernorm.weight", "v.post_ln.weight", False),
+    ("projector", "mm_input_projection_weight", "mm.input_projection.weight", False),
+    ("projector", "mm_soft_emb_norm.weight", "mm.soft_emb_norm.weight", True),
+]
 
 
-# -- name table ---------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("key", sorted(gt.NAME_TABLE))
-def test_name_table_agrees_with_gguf_py(key):
-    part, hf = key
-    arch = gguf.MODEL_ARCH.GEMMA3 if part == "text" else gguf.MODEL_ARCH.MMPROJ
-    name_map = gguf.get_tensor_name_map(arch, 4)
-    full = HF_PREFIX[part] + hf.replace("{bid}", "3")
-    if hf == "lm_head":
-        full = "lm_head"
-    expected = name_map.get_name(full)
-    suffix = "_weight" if hf == "mm_input_projection" else ".weight"
-    ours = gt.map_name(part, hf.replace("{bid}", "3") + suffix).gguf_name
-    assert ours == f"{expected}.weight", f"{part}:{hf}: ours {ours}, gguf-py {expected}"
+@pytest.mark.parametrize("part,hf,want,plus_one", EXPECTED_NAMES, ids=[e[1] for e in EXPECTED_NAMES])
+def test_names_and_transforms(part, hf, want, plus_one):
+    mapped = gt.map_name(part, hf)
+    assert mapped.gguf_name == want, f"{part}:{hf}: ours {mapped.gguf_name}, llama.cpp reads {want}"
+    assert mapped.kind == (gt.GEMMA_NORM if plus_one else gt.KEEP)
 
 
-def test_plus_one_goes_to_every_gemma_norm_and_no_siglip_norm():
-    gemma = {k for k, (_, kind) in gt.NAME_TABLE.items() if kind == gt.GEMMA_NORM}
-    text_norms = {k for k in gt.NAME_TABLE if k[0] == "text" and "norm" in k[1]}
-    assert gemma == text_norms | {("projector", "mm_soft_emb_norm")}
-    assert not any(k[0] == "vision" for k in gemma), "SigLIP LayerNorms must stay as stored"
+def test_every_allowed_tensor_kind_is_covered_above():
+    """The allow-list (gguf_tensors.TENSORS) holds exactly the kinds listed in EXPECTED_NAMES."""
+    seen = {part: set() for part in gt.TENSORS}
+    for part, hf, _, _ in EXPECTED_NAMES:
+        arch, prefix = gt.PARTS[part]
+        stem = hf.rsplit(".", 1)[0] if not hf.endswith("_weight") else hf[: -len("_weight")]
+        found = gt._name_map(arch).get_type_and_name(prefix + stem) or gt._name_map(arch).get_type_and_name(stem)
+        seen[part].add(found[0])
+    assert seen == {part: set(kinds) for part, kinds in gt.TENSORS.items()}
+
+
+def test_plus_one_is_gemmas_norm_rule():
     rows = np.array([[0.25, -1.0]], np.float32)
     np.testing.assert_array_equal(gt.transform(gt.GEMMA_NORM, rows), rows + 1)
     np.testing.assert_array_equal(gt.transform(gt.KEEP, rows), rows)
@@ -62,13 +94,6 @@ def test_unknown_tensor_is_an_export_error():
 ])
 def test_storage_types(name, shape, quant, want):
     assert gt.storage_type(name, shape, quant) == want
-
-
-def test_cli_quant_lists_match_export():
-    from runtime import cli_export
-
-    assert cli_export.TEXT_QUANTS == gt.TEXT_QUANTS
-    assert cli_export.VISION_QUANTS == gt.VISION_QUANTS
 
 
 # -- vocabulary ---------------------------------------------------------------------------------
@@ -172,7 +197,7 @@ def test_missing_shard_is_named(tmp_path):
 
 
 def test_missing_tokenizer_is_one_clear_error(tmp_path):
-    from export.bundle import export_gguf
+    from medgemma_edge.export.bundle import export_gguf
 
     src = _text_checkpoint(tmp_path / "m")
     with pytest.raises(ExportError, match="no tokenizer.model or tokenizer.json"):
@@ -180,7 +205,7 @@ def test_missing_tokenizer_is_one_clear_error(tmp_path):
 
 
 def test_tokenizer_of_another_model_is_refused(tmp_path, tiny_dir):
-    from export.bundle import export_gguf
+    from medgemma_edge.export.bundle import export_gguf
 
     src = _text_checkpoint(tmp_path / "m", tokenizer_from=tiny_dir)
     with pytest.raises(ExportError, match="262144 pieces but the embedding only 512 rows"):
@@ -188,7 +213,7 @@ def test_tokenizer_of_another_model_is_refused(tmp_path, tiny_dir):
 
 
 def test_config_that_does_not_fit_the_weights_is_refused(tmp_path, tiny_dir):
-    from export.bundle import export_gguf
+    from medgemma_edge.export.bundle import export_gguf
 
     src = _text_checkpoint(tmp_path / "m", tokenizer_from=tiny_dir)
     cfg = json.loads((src / "config.json").read_text())
@@ -199,7 +224,7 @@ def test_config_that_does_not_fit_the_weights_is_refused(tmp_path, tiny_dir):
 
 
 def test_gemma2_style_soft_capping_is_refused(tmp_path, tiny_dir):
-    from export.bundle import export_gguf
+    from medgemma_edge.export.bundle import export_gguf
 
     src = _text_checkpoint(tmp_path / "m", tokenizer_from=tiny_dir)
     cfg = json.loads((src / "config.json").read_text())
@@ -210,7 +235,7 @@ def test_gemma2_style_soft_capping_is_refused(tmp_path, tiny_dir):
 
 
 def test_cli_export_error_is_one_line_exit_2(tmp_path):
-    from runtime.cli import main
+    from medgemma_edge.cli import main
 
     res = CliRunner().invoke(main, ["export", str(tmp_path / "nope"), "-o", str(tmp_path / "out")])
     assert res.exit_code == 2
@@ -221,7 +246,7 @@ def test_cli_export_error_is_one_line_exit_2(tmp_path):
 # -- manifest -----------------------------------------------------------------------------------
 
 def _bundle(tmp_path):
-    from runtime.manifest import file_entry, write_manifest
+    from medgemma_edge.runtime.manifest import file_entry, write_manifest
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "m.gguf").write_bytes(b"GGUF" + bytes(range(256)) * 4)
@@ -235,7 +260,7 @@ def _bundle(tmp_path):
 
 
 def test_manifest_round_trip_and_verify(tmp_path):
-    from runtime.manifest import read_manifest, verify_bundle
+    from medgemma_edge.runtime.manifest import read_manifest, verify_bundle
 
     b = _bundle(tmp_path)
     assert read_manifest(b)["files"][0]["size"] == 1028
@@ -251,7 +276,7 @@ def test_manifest_round_trip_and_verify(tmp_path):
     (lambda b: (b / "m.gguf").write_bytes(b"GGUF"), "m.gguf has 4 bytes"),
 ])
 def test_damaged_bundle_is_one_clear_error(tmp_path, damage, match):
-    from runtime.manifest import verify_bundle
+    from medgemma_edge.runtime.manifest import verify_bundle
 
     b = _bundle(tmp_path)
     damage(b)
@@ -267,7 +292,7 @@ def _edit(bundle, **changes):
 
 
 def test_output_folder_is_never_silently_reused(tmp_path):
-    from export.bundle import _prepare_out
+    from medgemma_edge.export.bundle import _prepare_out
 
     b = _bundle(tmp_path / "b")
     (b / "notes.txt").write_text("mine")

@@ -10,12 +10,11 @@ from tests.test_export_gguf import _pixels
 
 F32_COS_MIN = 0.999999  # the same float graph as transformers'
 INT8_COS_MIN = 0.999  # 7-bit weights, dynamic 8-bit activations; tiny measured 0.9999
-LOGIT_COS_MIN = 0.9999
 
 
 @pytest.fixture(scope="module")
 def onnx_bundles(tmp_path_factory, tiny_dir):
-    from export.bundle import export_gguf
+    from medgemma_edge.export.bundle import export_gguf
 
     root = tmp_path_factory.mktemp("onnx-bundles")
     out = {}
@@ -26,7 +25,7 @@ def onnx_bundles(tmp_path_factory, tiny_dir):
 
 
 def _encoder(bundle):
-    from runtime.backends.onnx_vision import OnnxVisionEncoder
+    from medgemma_edge.runtime.backends.onnx_vision import OnnxVisionEncoder
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     path = bundle / next(f["path"] for f in manifest["files"] if f["role"] == "vision")
@@ -48,19 +47,19 @@ def test_onnx_image_embeddings_match_transformers(onnx_bundles, tiny_dir, vq, co
 
 
 def test_onnx_bundle_chat_logits_match_transformers(onnx_bundles, tiny_dir):
-    import runtime
+    import medgemma_edge
     from PIL import Image
 
     from tests.test_runtime import _compare, _image_chat
 
-    model = runtime.load(onnx_bundles["onnx-f32"], threads=2, context=1024, fit="stretch")
+    model = medgemma_edge.load(onnx_bundles["onnx-f32"], threads=2, context=1024, fit="stretch")
     msgs = _image_chat(Image.fromarray(_pixels(seed=8, size=640)))
     _compare(model.next_token_logits(msgs), ref.next_token_logits(tiny_dir, msgs), "onnx-f32 bundle, image chat")
     assert type(model._vision).__name__ == "OnnxVisionEncoder"
 
 
 def test_int8_manifest_records_fidelity_and_verifies(onnx_bundles):
-    from runtime.manifest import verify_bundle
+    from medgemma_edge.runtime.manifest import verify_bundle
 
     m = verify_bundle(onnx_bundles["onnx-int8"])
     assert m["quantization"]["vision"] == "onnx-int8"
@@ -72,8 +71,8 @@ def test_int8_manifest_records_fidelity_and_verifies(onnx_bundles):
 
 
 def test_wrong_width_vision_file_is_one_clear_error(onnx_bundles):
-    from runtime.backends.onnx_vision import OnnxVisionEncoder
-    from runtime.errors import BundleError
+    from medgemma_edge.runtime.backends.onnx_vision import OnnxVisionEncoder
+    from medgemma_edge.runtime.errors import BundleError
 
     path = next(onnx_bundles["onnx-f32"].glob("*.onnx"))
     with pytest.raises(BundleError, match="does not belong to this model"):

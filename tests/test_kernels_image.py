@@ -9,9 +9,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from kernels.full_range import full_range_u8, full_range_u8_reference
-from kernels.normalize import build_lut, normalize, normalize_reference
-from kernels.resize import resize_bilinear, resize_bilinear_reference, vertical_pass_first
+from medgemma_edge.kernels.full_range import full_range_u8, full_range_u8_reference
+from medgemma_edge.kernels.normalize import build_lut, normalize, normalize_reference
+from medgemma_edge.kernels.resize import resize_bilinear, resize_bilinear_reference, vertical_pass_first
 
 
 def _worst(a: np.ndarray, b: np.ndarray) -> str:
@@ -49,7 +49,7 @@ def test_resize_reference_on_clinical_shapes(shape, out):
 def test_pass_order_rule_matters(monkeypatch):
     # The order of Pillow's two passes changes pixels; flipping our rule must break the match,
     # in both directions (a vertical-first shape and a horizontal-first one).
-    import kernels.resize as resize
+    import medgemma_edge.kernels.resize as resize
 
     rng = np.random.default_rng(1)
     for shape, out in [((400, 60), (50, 40)), ((60, 400), (40, 50))]:
@@ -68,7 +68,7 @@ def test_pass_order_rule_matters(monkeypatch):
 def test_banded_resize_equals_pillow(h, w, oh, ow, colour, threads, seed):
     """Rows in bands, then columns in bands (or the reverse, as Pillow orders its passes): the
     same bytes as one Pillow resize, including bands of a single row or none at all."""
-    from kernels.resize import _resize_banded
+    from medgemma_edge.kernels.resize import _resize_banded
 
     img = np.random.default_rng(seed).integers(0, 256, (h, w, 3) if colour else (h, w), dtype=np.uint8)
     whole = resize_bilinear(img, oh, ow)
@@ -79,7 +79,7 @@ def test_banded_resize_equals_pillow(h, w, oh, ow, colour, threads, seed):
 @pytest.mark.parametrize("shape,out", [((2048, 2500), (896, 896)), ((2500, 2500), (896, 896)),
                                        ((4000, 600), (300, 300)), ((1100, 1024, 3), (896, 896))])
 def test_threaded_resize_on_clinical_shapes(shape, out, monkeypatch):
-    import kernels.resize as resize
+    import medgemma_edge.kernels.resize as resize
 
     img = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
     banded = []
@@ -174,14 +174,3 @@ def test_full_range_is_monotone_on_16_bit():
     out = full_range_u8(codes).ravel()
     assert out[0] == 0 and out[-1] == 255 and (np.diff(out.astype(int)) >= 0).all()
 
-
-@pytest.mark.parametrize("shape,threads", [((2048, 2500), 2), ((1025, 1024), 3), ((3, 1 << 20), 4), ((1 << 21,), 2)])
-def test_banded_take_equals_numpy_take(shape, threads):
-    from kernels import bands
-
-    rng = np.random.default_rng(3)
-    table = rng.integers(0, 256, 1 << 16, dtype=np.uint8)
-    index = rng.integers(0, 1 << 16, shape, dtype=np.uint16)
-    got = bands.take(table, index, threads=threads)
-    want = np.take(table, index)
-    assert got.shape == want.shape and np.array_equal(got, want), _worst(got, want)

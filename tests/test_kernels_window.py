@@ -4,7 +4,7 @@ reference equals the recipe (Google's CT notebook arithmetic) written out here o
 import numpy as np
 import pytest
 
-from kernels.window import apply_windows, stored_to_hu, window_reference, window_table
+from medgemma_edge.kernels.window import apply_windows, stored_to_hu, window_reference, window_table
 
 MEDGEMMA = ((-1024, 1024), (-135, 215), (0, 80))
 

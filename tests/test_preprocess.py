@@ -1,5 +1,6 @@
-"""runtime.preprocess against transformers: the same FILE through our path and through
-transformers' load_image + Gemma3ImageProcessor must give the same float32 tensor.
+"""runtime.preprocess against transformers: the same FILE through our path (load_pictures ->
+model_view -> normalize_views) and through transformers' load_image + Gemma3ImageProcessor must
+give the same float32 tensor.
 
 Tolerance: max |difference| <= 1e-6 (in practice 0: the arithmetic is reproduced exactly).
 """
@@ -10,11 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from runtime.errors import InputError
-from runtime.images import load_image
-from runtime.inputs import Picture, load_pictures
-from runtime.preprocess import (DEFAULT_FIT, IMAGE_SIZE, fit_square, model_view, resize_square,
-                                to_model_input)
+from medgemma_edge.runtime.errors import InputError
+from medgemma_edge.runtime.images import load_image
+from medgemma_edge.runtime.picture import Picture
+from medgemma_edge.runtime.sources import load_pictures
+from medgemma_edge.runtime.preprocess import (DEFAULT_FIT, IMAGE_SIZE, fit_square, model_view,
+                                              normalize_views)
 from tests.imagegen import eight_bit_files, smooth_rgb
 
 TOLERANCE = 1e-6
@@ -76,7 +78,7 @@ def test_stretch_equals_transformers(files):
 
     processor = _processor()
     diffs = _compare(files,
-                     lambda p: to_model_input(load_pictures(str(p)), fit="stretch"),
+                     lambda p: normalize_views(model_view(load_pictures(str(p)), fit="stretch")),
                      lambda p: _hf(processor, hf_load_image(str(p))))
     _report(diffs, "stretch vs Gemma3ImageProcessor")
 
@@ -86,7 +88,7 @@ def test_pad_equals_pillow_pad_then_transformers(files):
 
     processor = _processor()
     diffs = _compare(files,
-                     lambda p: to_model_input(load_pictures(str(p)), fit="pad"),
+                     lambda p: normalize_views(model_view(load_pictures(str(p)), fit="pad")),
                      lambda p: _hf(processor, _pad_with_pillow(hf_load_image(str(p)))))
     _report(diffs, "pad vs Pillow pad + Gemma3ImageProcessor")
 
@@ -98,7 +100,7 @@ def test_other_sizes_equal_transformers(files, size):
     processor = _processor(size)
     few = files[::6]
     diffs = _compare(few,
-                     lambda p: to_model_input(load_pictures(str(p)), size=size, fit="stretch"),
+                     lambda p: normalize_views(model_view(load_pictures(str(p)), size=size, fit="stretch")),
                      lambda p: _hf(processor, hf_load_image(str(p))))
     _report(diffs, f"stretch at {size}")
 
@@ -119,29 +121,29 @@ def test_fit_square_centres_on_black():
 
 
 def test_gray_view_gray_copy_and_plane_agree(monkeypatch):
-    import runtime.preprocess as preprocess
+    import medgemma_edge.runtime.preprocess as preprocess
 
     gray = smooth_rgb(123, 77, seed=5)[:, :, 1]
     view = np.broadcast_to(gray[:, :, None], gray.shape + (3,))  # what runtime.images returns
     copied = np.repeat(gray[:, :, None], 3, axis=2)  # what another loader might produce
-    a = to_model_input([view], size=96)
-    assert np.array_equal(a, to_model_input([copied], size=96))
-    assert np.array_equal(a, to_model_input([gray], size=96))
-    assert np.array_equal(resize_square(view, 96), resize_square(copied, 96))
-    assert resize_square(view, 96).shape == (96, 96, 3)
+    a = normalize_views(model_view([view], size=96))
+    assert np.array_equal(a, normalize_views(model_view([copied], size=96)))
+    assert np.array_equal(a, normalize_views(model_view([gray], size=96)))
+    assert np.array_equal(model_view(view, 96), model_view(copied, 96))
+    assert model_view(view, 96)[0].shape == (96, 96, 3)
     # Both gray forms reach the resize kernel as one plane; a colour picture as three.
     seen = []
     real = preprocess.resize_bilinear
     monkeypatch.setattr(preprocess, "resize_bilinear",
                         lambda p, h, w, threads=1: seen.append(p.ndim) or real(p, h, w, threads=threads))
-    to_model_input([view, copied, smooth_rgb(123, 77, seed=5)], size=32)
+    model_view([view, copied, smooth_rgb(123, 77, seed=5)], size=32)
     assert sorted(seen) == [2, 2, 3]
 
 
 def test_batch_of_pictures_and_model_view_agree():
     pics = [Picture(load_image(smooth_rgb(50 + 10 * i, 40, seed=i)), f"SLICE {i + 1}")
             for i in range(3)]
-    batch = to_model_input(pics, size=64)
+    batch = normalize_views(model_view(pics, size=64))
     views = model_view(pics, size=64)
     assert batch.shape == (3, 3, 64, 64) and batch.dtype == np.float32
     assert views.shape == (3, 64, 64, 3) and views.dtype == np.uint8
@@ -153,10 +155,34 @@ def test_batch_of_pictures_and_model_view_agree():
 def test_bad_arguments_are_input_errors():
     img = np.zeros((4, 4, 3), np.uint8)
     with pytest.raises(InputError, match="unknown fit"):
-        to_model_input([img], fit="crop")
-    with pytest.raises(InputError, match="positive integer"):
-        to_model_input([img], size=0)
+        model_view([img], fit="crop")
+    with pytest.raises(InputError, match="an integer from 1 to"):
+        model_view([img], size=0)
     with pytest.raises(InputError, match="no pictures"):
-        to_model_input([])
+        model_view([])
     with pytest.raises(InputError, match="uint8"):
-        to_model_input([np.zeros((4, 4, 3), np.float32)])
+        model_view([np.zeros((4, 4, 3), np.float32)])
+    with pytest.raises(InputError, match="uint8"):
+        model_view([np.zeros((4, 4, 4), np.uint8)])
+    with pytest.raises(InputError, match=r"\(N, S, S, 3\)"):
+        normalize_views(np.zeros((4, 4, 3), np.uint8))  # one view, not a batch of them
+    with pytest.raises(InputError, match=r"\(N, S, S, 3\)"):
+        normalize_views(np.zeros((1, 3, 4, 4), np.float32))
+
+
+def test_threads_change_nothing_but_speed(monkeypatch):
+    """A series resizes slice by slice on threads, a single big picture in bands: the bytes equal
+    the one-thread result, and threads=None is the machine's one thread policy."""
+    import medgemma_edge.runtime.preprocess as preprocess
+
+    series = [smooth_rgb(70 + 9 * i, 50 + 4 * i, seed=i) for i in range(7)]
+    series[3] = series[3][:, :, 0]  # a gray slice among colour ones
+    one = model_view(series, size=48, threads=1)
+    for threads in (2, 3, 16):
+        assert np.array_equal(model_view(series, size=48, threads=threads), one), threads
+    big = np.random.default_rng(0).integers(0, 256, (1200, 1000), dtype=np.uint8)  # >= 1 MPixel: banded
+    assert np.array_equal(model_view(big, size=300, threads=3), model_view(big, size=300, threads=1))
+    asked = []
+    monkeypatch.setattr(preprocess, "resolve_threads", lambda t: asked.append(t) or 1)
+    model_view(series, size=16)
+    assert asked == [None]

@@ -9,11 +9,11 @@ def open_vision(path, llama_model_ptr, n_embd: int, threads: int = 0, device: st
     """The bundle's vision encoder, by file type: a GGUF mmproj through mtmd, an .onnx graph
     through onnxruntime. Both have encode((S, S, 3) uint8) -> (tokens, n_embd) float32 and close()."""
     if Path(path).suffix == ".onnx":
-        from runtime.backends.onnx_vision import OnnxVisionEncoder
+        from medgemma_edge.runtime.backends.onnx_vision import OnnxVisionEncoder
 
         image = image or {}
         return OnnxVisionEncoder(str(path), n_embd, threads, device, mean=image.get("mean", (0.5,) * 3),
                                  std=image.get("std", (0.5,) * 3))
-    from runtime.backends.mtmd import VisionEncoder
+    from medgemma_edge.runtime.backends.mtmd import VisionEncoder
 
     return VisionEncoder(str(path), llama_model_ptr, threads)

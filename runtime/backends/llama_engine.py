@@ -13,29 +13,11 @@ import os
 
 import numpy as np
 
-from runtime.errors import BundleError, InputError
+from medgemma_edge.runtime.backends import llama_logs
+from medgemma_edge.runtime.errors import BundleError, InputError, MedGemmaEdgeError
+from medgemma_edge.runtime.machine import resolve_threads
 
 _BACKEND_READY = False
-
-
-def _quiet_logs() -> None:
-    import llama_cpp
-
-    @llama_cpp.llama_log_callback
-    def _drop(level, text, user_data):  # llama.cpp logs every tensor at load; keep the terminal clean
-        return None
-
-    _quiet_logs.callback = _drop  # keep a reference alive for the C side
-    llama_cpp.llama_log_set(_drop, ctypes.c_void_p(0))
-
-
-def physical_cores() -> int:
-    try:
-        import psutil
-
-        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
-    except ImportError:
-        return max(1, os.cpu_count() or 1)
 
 
 def default_batch(gpu: bool) -> int:
@@ -44,18 +26,31 @@ def default_batch(gpu: bool) -> int:
     return 2048 if gpu else 512
 
 
+def decode_error(rc: int, n_ctx: int) -> Exception:
+    """llama_decode's return codes (llama.h) as errors that say what happened."""
+    if rc == 1:  # no KV-cache slot for the batch
+        return InputError(f"the context of {n_ctx} tokens has no room left for this batch — "
+                          "shorten the conversation or the prompt, or raise --context")
+    if rc == 2:
+        return MedGemmaEdgeError("llama.cpp aborted the evaluation — ask again")
+    if rc == -1:
+        return MedGemmaEdgeError("llama.cpp rejected the batch as invalid (code -1) — this is a bug in "
+                                 "medgemma-edge; please report it with the command you ran")
+    return MedGemmaEdgeError(f"llama.cpp failed to evaluate the prompt (code {rc}), often for lack of "
+                             "memory — close other programs, use a smaller --context, or a smaller quant")
+
+
 class LlamaEngine:
     """One model, one context, one sequence. Positions are counted from 0 for the whole cache."""
 
     def __init__(self, gguf_path: str, *, n_ctx: int = 4096, threads: int | None = None,
-                 n_gpu_layers: int = 0, n_batch: int | None = None, verbose: bool = False):
+                 n_gpu_layers: int = 0, n_batch: int | None = None):
         global _BACKEND_READY
         import llama_cpp
 
         self._c = llama_cpp
         if not _BACKEND_READY:
-            if not verbose:
-                _quiet_logs()
+            llama_logs.install()  # error lines (why a load failed) stay visible; the tensor chatter goes
             llama_cpp.llama_backend_init()
             _BACKEND_READY = True
         mparams = llama_cpp.llama_model_default_params()
@@ -67,7 +62,7 @@ class LlamaEngine:
         if not self.model:
             raise BundleError(f"llama.cpp could not load {os.path.basename(gguf_path)} — "
                               "run `medgemma-edge verify` on the bundle, or export it again")
-        self.threads = threads or physical_cores()
+        self.threads = resolve_threads(threads)
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
@@ -117,6 +112,15 @@ class LlamaEngine:
             n = self._c.llama_tokenize(self.vocab, raw, len(raw), buf, -n, False, special)
         return list(buf[:n])
 
+    def end_ids(self) -> set[int]:
+        """The vocabulary's end-of-sequence and end-of-turn ids (as recorded in the GGUF)."""
+        c = self._c
+        return {t for t in (c.llama_vocab_eos(self.vocab), c.llama_vocab_eot(self.vocab)) if t >= 0}
+
+    def is_end(self, token: int) -> bool:
+        """llama.cpp's end-of-generation test (eos, eot and tokens it knows end a turn by their text)."""
+        return bool(self._c.llama_vocab_is_eog(self.vocab, token))
+
     def piece(self, token: int, *, special: bool = False) -> bytes:
         buf = ctypes.create_string_buffer(64)
         n = self._c.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
@@ -154,19 +158,45 @@ class LlamaEngine:
             self._last_logits = None
         return keep
 
+    def save_state(self) -> bytes:
+        """The evaluated sequence (its KV cache) as bytes, to restore in another process."""
+        c = self._c
+        size = c.llama_state_seq_get_size(self.ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        written = c.llama_state_seq_get_data(self.ctx, buf, size, 0)
+        return bytes(buf[:written])
+
+    def load_state(self, data: bytes, keys: list) -> bool:
+        """Replace the cache by a saved sequence whose positions are `keys`; False if llama.cpp
+        refuses the bytes (another model or context shape), leaving the cache empty."""
+        c = self._c
+        self.reset()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        if not c.llama_state_seq_set_data(self.ctx, buf, len(data), 0):
+            self.reset()
+            return False
+        self.cached = list(keys)
+        self._last_logits = None
+        return True
+
     def reset(self) -> None:
         self._c.llama_memory_clear(self._c.llama_get_memory(self.ctx), True)
         self.cached.clear()
+        self._last_logits = None
 
-    def _room(self, n: int) -> None:
-        if self.n_past + n > self.n_ctx:
-            raise InputError(f"the prompt needs {self.n_past + n} tokens but the context holds {self.n_ctx} — "
-                             "shorten the question, use fewer images or slices, or raise --context")
+    def reserve(self, needed: int, *, grow: bool) -> None:
+        """Make sure `needed` positions fit the context, growing it when allowed (up to the model's
+        training length); InputError saying what to do otherwise."""
+        if needed <= self.n_ctx or (grow and self.grow_context(needed)):
+            return
+        limit = self.n_ctx_train if grow else self.n_ctx
+        raise InputError(f"the prompt needs {needed} tokens but the context holds {limit} — shorten the "
+                         "question, use fewer images or slices" + ("" if grow else ", or raise --context"))
 
     # -- evaluation ----------------------------------------------------------------------------
     def eval_tokens(self, ids: list[int]) -> None:
         """Evaluate token ids after the cache; logits of the last one become available."""
-        self._room(len(ids))
+        self.reserve(self.n_past + len(ids), grow=False)
         c = self._c
         for start in range(0, len(ids), self.n_batch):
             chunk = ids[start:start + self.n_batch]
@@ -194,7 +224,7 @@ class LlamaEngine:
                               f"expects {self.n_embd} — the vision file does not belong to this model")
         if n > self.n_batch:
             raise BundleError(f"an image of {n} tokens does not fit a batch of {self.n_batch}")
-        self._room(n)
+        self.reserve(self.n_past + n, grow=False)
         c = self._c
         batch = c.llama_batch_init(n, self.n_embd, 1)
         try:
@@ -220,8 +250,7 @@ class LlamaEngine:
     def _decode(self, batch) -> None:
         rc = self._c.llama_decode(self.ctx, batch)
         if rc != 0:
-            raise InputError(f"llama.cpp could not evaluate the prompt (code {rc}) — "
-                             "the context may be full; raise --context or shorten the prompt")
+            raise decode_error(rc, self.n_ctx)
 
     def logits(self) -> np.ndarray:
         """Logits (n_vocab,) after the last evaluated token, as float32 (a copy)."""

@@ -9,36 +9,11 @@ from __future__ import annotations
 
 import ctypes
 import os
-import sys
-
 import numpy as np
 
-from runtime.errors import BundleError, InputError
-
-_GGML_LOG_ERROR, _GGML_LOG_CONT = 4, 5  # ggml's levels: 1 debug, 2 info, 3 warn, 4 error, 5 continue
-_last_level = 0
-
-
-def _errors_only(level: int, text: bytes, user_data) -> None:
-    """Keep what explains a failure, drop mtmd's per-image chatter."""
-    global _last_level
-    if level != _GGML_LOG_CONT:
-        _last_level = level
-    if _last_level == _GGML_LOG_ERROR and text:
-        sys.stderr.write(text.decode("utf-8", "replace"))
-
-
-_LOG_CALLBACK = None  # the ctypes callback must outlive every call from C
-
-
-def _quiet_mtmd_logs(mtmd_cpp) -> None:
-    global _LOG_CALLBACK
-    if _LOG_CALLBACK is None:
-        from llama_cpp import llama_cpp as llama
-
-        _LOG_CALLBACK = llama.llama_log_callback(_errors_only)
-        mtmd_cpp.mtmd_log_set(_LOG_CALLBACK, None)
-
+from medgemma_edge.runtime.backends import llama_logs
+from medgemma_edge.runtime.machine import resolve_threads
+from medgemma_edge.runtime.errors import BundleError, InputError
 
 class VisionEncoder:
     """The vision tower + projector of one bundle, bound to the text model it feeds."""
@@ -48,9 +23,9 @@ class VisionEncoder:
         from llama_cpp import mtmd_cpp
 
         self._m, self._model = mtmd_cpp, llama_model_ptr
-        _quiet_mtmd_logs(mtmd_cpp)
+        llama_logs.install()
         params = mtmd_cpp.mtmd_context_params_default()
-        params.n_threads = int(threads or os.cpu_count() or 1)
+        params.n_threads = resolve_threads(threads)
         params.print_timings = False
         params.flash_attn_type = int(flash_attn)  # -1 auto (llama.cpp decides per device), 0 off, 1 on
         params.warmup = False  # a warm-up encode costs as much as a real one; the first image pays once

@@ -2,9 +2,9 @@
 
 Same contract as runtime/backends/mtmd.VisionEncoder: `encode` takes the S×S uint8 RGB image
 from runtime/preprocess and returns (tokens, n_embd) float32, which the model places into the
-decoder itself. The pixels are normalized here with the manifest's mean/std (kernels/normalize,
-the table transformers' arithmetic was measured into), so the graph sees exactly what
-Gemma3ImageProcessor would hand the tower.
+decoder itself. The pixels are normalized here with the manifest's mean/std
+(runtime.preprocess.normalize_views, transformers' arithmetic to the bit), so the graph sees exactly
+what Gemma3ImageProcessor would hand the tower.
 
 onnxruntime opens no sockets; with onnxruntime-gpu installed and device auto/cuda the CUDA
 execution provider runs it.
@@ -16,9 +16,9 @@ import os
 
 import numpy as np
 
-from kernels.normalize import build_lut, normalize
-from runtime.errors import BundleError, InputError
-from runtime.preprocess import RESCALE
+from medgemma_edge.runtime.machine import resolve_threads
+from medgemma_edge.runtime.errors import BundleError, InputError
+from medgemma_edge.runtime.preprocess import normalize_views
 
 
 class OnnxVisionEncoder:
@@ -27,7 +27,7 @@ class OnnxVisionEncoder:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+        opts.intra_op_num_threads = resolve_threads(threads)
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # errors only
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -55,7 +55,7 @@ class OnnxVisionEncoder:
                               f"{n_embd} — the vision file does not belong to this model")
         self.n_embd = n_embd
         self.providers = self._session.get_providers()
-        self._lut = build_lut(RESCALE, list(mean), list(std), channels=3)
+        self._mean, self._std = list(mean), list(std)
 
     def encode(self, rgb_uint8: np.ndarray) -> np.ndarray:
         """Embeddings (n_tokens, n_embd) float32 for one (S, S, 3) uint8 RGB image."""
@@ -64,7 +64,7 @@ class OnnxVisionEncoder:
         img = np.asarray(rgb_uint8)
         if img.dtype != np.uint8 or img.shape != (self.size, self.size, 3):
             raise InputError(f"expected a ({self.size}, {self.size}, 3) uint8 RGB image, got {img.dtype} {img.shape}")
-        pixels = normalize(img, self._lut)[None]  # (1, 3, S, S)
+        pixels = normalize_views(img[None], self._mean, self._std)  # (1, 3, S, S)
         out = self._session.run(None, {self._input: pixels})[0]
         return np.ascontiguousarray(out[0], dtype=np.float32)
 

@@ -16,17 +16,27 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from medgemma_edge.runtime.dicom import offline  # noqa: F401 — before pydicom (see offline.py)
+
 import numpy as np
 from pydicom.multival import MultiValue
 from pydicom.uid import UID
 
-from runtime.dicom_read import NOT_PICTURES, Source, code, floats, read, tag
-from runtime.dicom_read import no_image_message
-from runtime.errors import InputError
+from medgemma_edge.runtime.dicom.frames import check_frame, no_image_message
+from medgemma_edge.runtime.dicom.read import (NOT_PICTURES, Skipped, Source, code, floats, read,
+                                              tag)
+from medgemma_edge.runtime.errors import InputError
+from medgemma_edge.runtime.files import note, shown
+from medgemma_edge.runtime.images import MAX_PIXELS
 
 MODALITIES = ("CT", "MR", "CR", "DX", "MG", "IO", "PX", "RG", "XA", "RF", "US", "NM", "PT",
               "OT", "XC", "ES", "GM", "SM", "OP", "RTIMAGE", "RTDOSE", "SEG")
 _MEDIA_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: an index of files, not an image
+# All kept slices together, bounded from the headers before any is decoded: 85 slices of
+# 2048×2048 fit (CT and MR are 512 or 1024 square); 85 frames of 16384² from a few MB of RLE
+# or deflate would be 23 G pixels.
+MAX_SERIES_PIXELS = 4 * MAX_PIXELS
+_MAX_NOTES = 20  # skipped files named one per line on stderr; past this, only counted
 
 
 @dataclass
@@ -64,7 +74,7 @@ def gather(src, max_slices: int) -> list[Slice]:
     # A series that will be kept whole (at most max_slices files, small enough to hold) is read
     # in one pass; anything else by headers first, then only the kept files again.
     whole = len(sources) <= max_slices and _total_bytes(sources) <= WHOLE_READ_BYTES
-    instances = _read_instances(sources, _describe(src), whole=whole)
+    instances = _read_instances(sources, describe(src), whole=whole)
     instances = _order(_one_series(instances))
     # Slice i of the whole series lives in the instance whose frame range holds i; found by
     # bisection, since a damaged header may claim millions of frames we never list.
@@ -73,7 +83,26 @@ def gather(src, max_slices: int) -> list[Slice]:
     for i in select_indices(ends[-1], max_slices):
         k = bisect.bisect_right(ends, i)
         kept.append(Slice(instances[k], i - (ends[k - 1] if k else 0)))
+    _check_pixels(kept, describe(src))
     return kept
+
+
+def _check_pixels(kept: list[Slice], what: str) -> None:
+    """Pixels per frame and in all kept slices, from the headers, before anything is decoded."""
+    total, largest = 0, 1
+    for s in kept:
+        source, ds = s.instance.source, s.instance.ds
+        rows = tag(ds, "Rows", source, int, 0, strict=False)
+        columns = tag(ds, "Columns", source, int, 0, strict=False)
+        if rows > 0 and columns > 0:  # else layout() refuses the header before decoding
+            check_frame(rows, columns, source)
+            total += rows * columns
+            largest = max(largest, rows * columns)
+    if total > MAX_SERIES_PIXELS:
+        fit = max(MAX_SERIES_PIXELS // largest, 1)
+        raise InputError(f"{what}: the {len(kept)} slices kept hold {total:,} pixels, over the "
+                         f"{MAX_SERIES_PIXELS:,}-pixel limit for one input (decompression-bomb "
+                         f"guard) — keep fewer slices, e.g. --max-slices {fit}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,9 +120,9 @@ def _total_bytes(sources: list[Source]) -> int:
     return total
 
 
-def _describe(src) -> str:
+def describe(src) -> str:
     if isinstance(src, (str, os.PathLike)):
-        return str(src)
+        return shown(src)
     if isinstance(src, (list, tuple)):
         return f"the {len(src)} files given"
     return "the DICOM data"
@@ -115,8 +144,10 @@ def _sources(src) -> list[Source]:
     if isinstance(src, (str, os.PathLike)):
         return _path_sources(src)
     if isinstance(src, (list, tuple)) and src:
+        if all(isinstance(p, (bytes, bytearray, memoryview)) for p in src):  # files of one series, as bytes
+            return [Source(f"DICOM part {i}", data=bytes(p)) for i, p in enumerate(src, 1)]
         if not all(isinstance(p, (str, os.PathLike)) for p in src):
-            raise InputError("a DICOM list must hold file paths — pass paths to the files of "
+            raise InputError("a DICOM list must hold file paths or file bytes — pass the files of "
                              "one series")
         return [s for p in src for s in _path_sources(p)]
     raise InputError(f"cannot read DICOM from {type(src).__name__} — pass a file path, a "
@@ -125,21 +156,19 @@ def _sources(src) -> list[Source]:
 
 def _path_sources(item) -> list[Source]:
     path = Path(item)
-    if path.is_dir():
-        found = []
-        for root, dirs, files in os.walk(path):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in sorted(files):
-                if not name.startswith("."):
-                    full = Path(root) / name
-                    found.append(Source(str(full), path=full, explicit=False))
-        if not found:
-            raise InputError(f"{item}: the directory is empty — point at the directory that "
-                             f"holds the series' DICOM files")
-        return found
-    if not path.exists():
-        raise InputError(f"{item}: no such file or directory — check the path")
-    return [Source(str(item), path=path)]
+    if not path.is_dir():  # read() opens it and says what is wrong with it, if anything
+        return [Source(shown(item), path=path)]
+    found = []
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if not name.startswith("."):
+                full = Path(root) / name
+                found.append(Source(shown(full), path=full, explicit=False))
+    if not found:
+        raise InputError(f"{shown(item)}: the directory is empty — point at the directory that "
+                         f"holds the series' DICOM files")
+    return found
 
 
 def _read_instances(sources: list[Source], what: str, whole: bool = False) -> list[Instance]:
@@ -147,15 +176,16 @@ def _read_instances(sources: list[Source], what: str, whole: bool = False) -> li
     header_only = len(sources) > 1 and not whole
     instances, skipped = [], 0
     for source in sources:
-        ds = read(source, header_only=header_only)
-        if ds is None:
+        try:
+            ds = read(source, header_only=header_only)
+            instances.append(_instance(source, ds, complete=not header_only))
+        except Skipped as why:
+            # Said, not silent: a slice dropped without a word changes the volume.
             skipped += 1
-            continue
-        inst = _instance(source, ds, complete=not header_only)
-        if inst is None:
-            skipped += 1
-            continue
-        instances.append(inst)
+            if skipped <= _MAX_NOTES:
+                note(f"{source.name}: skipped — {why}")
+    if skipped > _MAX_NOTES:
+        note(f"{what}: {skipped - _MAX_NOTES} more files skipped")
     if not instances:
         extra = f" ({skipped} files were not DICOM images)" if skipped else ""
         raise InputError(f"{what}: holds no DICOM images{extra} — point at the directory of "
@@ -163,16 +193,17 @@ def _read_instances(sources: list[Source], what: str, whole: bool = False) -> li
     return instances
 
 
-def _instance(source: Source, ds, complete: bool) -> Instance | None:
-    """Header → Instance; None for an object in a directory that is not a picture."""
+def _instance(source: Source, ds, complete: bool) -> Instance:
+    """Header → Instance; Skipped for an object in a directory that is not a picture."""
     sop = str(tag(ds, "SOPClassUID", source, str, "", strict=False))
     modality = code(tag(ds, "Modality", source, str, "", strict=False), MODALITIES, "")
     if not modality and sop:
         modality = _modality_from_class(sop)
     has_pixels = "Rows" in ds or "PixelData" in ds
     if sop == _MEDIA_DIRECTORY or not has_pixels or modality in NOT_PICTURES:
-        if not source.explicit:
-            return None
+        why = _why_not_a_picture(ds, sop, modality)
+        if why and not source.explicit:
+            raise Skipped(why)
         if modality in NOT_PICTURES:
             raise InputError(f"{source.name}: this is {NOT_PICTURES[modality]}, not a picture "
                              f"MedGemma reads — pass the images it was made from (e.g. the CT)")
@@ -188,6 +219,24 @@ def _instance(source: Source, ds, complete: bool) -> Instance | None:
         frames=max(tag(ds, "NumberOfFrames", source, int, 1) or 1, 1),
         localizer="LOCALIZER" in image_type,
     )
+
+
+def _why_not_a_picture(ds, sop: str, modality: str) -> str | None:
+    """Why a file found in a directory is left out; None for an image object whose pixels are
+    missing: cut short (or stripped), which is an error, as any other damaged slice is."""
+    if modality in NOT_PICTURES:
+        return NOT_PICTURES[modality]
+    if sop == _MEDIA_DIRECTORY:
+        return "a DICOMDIR index of files"
+    meta = getattr(ds, "file_meta", None) or {}
+    try:
+        uid = UID(sop or str(meta.get("MediaStorageSOPClassUID", "")))
+        name = uid.name if uid.is_valid else ""
+    except Exception:
+        name = ""
+    if "Image Storage" in name:  # a registered class name, never text from the file
+        return None
+    return "no image in it (a report, plan or other non-image object)"
 
 
 def _upper_values(value) -> list[str]:

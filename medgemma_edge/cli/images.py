@@ -1,6 +1,7 @@
 """`medgemma-edge preprocess` and `medgemma-edge preview`: the image path, from the shell.
 
-Thin wrappers: load_pictures -> to_model_input / model_view, with the same arguments.
+Thin wrappers over the path Model runs: load_pictures -> model_view (-> normalize_views for
+`preprocess`), with the same arguments.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import click
 import numpy as np
 from PIL import Image
 
-from runtime.cli import main
-from runtime.errors import InputError
-from runtime.inputs import DEFAULT_MAX_SLICES, load_pictures
-from runtime.preprocess import DEFAULT_FIT, FITS, IMAGE_SIZE, model_view, to_model_input
-from runtime.preview import contact_sheet
+from medgemma_edge.runtime.dicom.windows import WINDOW_HELP
+from medgemma_edge.runtime.errors import InputError
+from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
+from medgemma_edge.runtime.sources import load_pictures
+from medgemma_edge.runtime.preprocess import DEFAULT_FIT, FITS, IMAGE_SIZE, MAX_SIZE, model_view, normalize_views
+from medgemma_edge.runtime.preview import contact_sheet
 
 
 def _image_options(command):
@@ -24,10 +26,10 @@ def _image_options(command):
         click.option("--fit", type=click.Choice(FITS), default=DEFAULT_FIT, show_default=True,
                      help="pad: centre on black (as in MedGemma training); "
                           "stretch: squash to square (as transformers does)"),
-        click.option("--size", type=click.IntRange(min=1), default=IMAGE_SIZE, show_default=True,
+        click.option("--size", type=click.IntRange(1, MAX_SIZE), default=IMAGE_SIZE, show_default=True,
                      help="side of the square the model takes"),
         click.option("--window", default=None,
-                     help="DICOM window preset (DICOM inputs only)"),
+                     help=WINDOW_HELP),
         click.option("--max-slices", type=click.IntRange(min=1), default=DEFAULT_MAX_SLICES,
                      show_default=True, help="most slices kept from a DICOM series"),
     ]
@@ -36,19 +38,19 @@ def _image_options(command):
     return command
 
 
-@main.command()
+@click.command()
 @_image_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="where to write the float32 array (.npy)")
 def preprocess(input, fit, size, window, max_slices, output):
     """Write the float32 (N, 3, SIZE, SIZE) array the model will receive for INPUT."""
     pictures = load_pictures(str(input), window=window, max_slices=max_slices)
-    batch = to_model_input(pictures, size=size, fit=fit)
+    batch = normalize_views(model_view(pictures, size=size, fit=fit))  # (N, 3, S, S)
     _write(output, lambda fh: np.save(fh, batch))
     click.echo(f"{output}: float32 {tuple(batch.shape)}")
 
 
-@main.command()
+@click.command()
 @_image_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="where to write the PNG")

@@ -8,20 +8,15 @@ from __future__ import annotations
 
 import click
 
-from runtime.cli import main
-from runtime.errors import ExportError
-
-# Kept here (not imported from export/) so that `medgemma-edge --help` needs no export extras;
-# export.gguf_tensors checks against the same lists.
-TEXT_QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
-VISION_QUANTS = ("f32", "f16", "q8_0", "onnx-f32", "onnx-int8")
+from medgemma_edge.export.quants import TEXT_QUANTS, VISION_QUANTS
+from medgemma_edge.runtime.errors import ExportError
 
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-@main.command("export")
+@click.command("export")
 @click.argument("src", type=click.Path(file_okay=False, path_type=str))
 @click.option("-o", "--out", required=True, type=click.Path(path_type=str), help="Bundle folder to write.")
 @click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True)
@@ -37,13 +32,13 @@ def _mb(n: float) -> str:
 def export_cmd(src, out, fmt, quant, vision_quant, keep_intermediate, no_quality, threads, force):
     """Export the local Hugging Face checkpoint SRC (MedGemma / Gemma 3) to a bundle."""
     try:
-        from export.bundle import export_gguf
+        from medgemma_edge.export.bundle import export_gguf
     except ImportError as err:
         raise ExportError(f"export needs the export extras ({err.name} is missing): "
                           "pip install 'medgemma-edge[export]'") from None
     res = export_gguf(src, out, quant, vision_quant, keep_intermediate=keep_intermediate,
                       quality=not no_quality, threads=threads, overwrite=force)
-    from export.quality import summary_lines
+    from medgemma_edge.export.quality import summary_lines
 
     click.echo(f"bundle: {res.bundle}")
     for f in res.manifest["files"]:
@@ -62,11 +57,11 @@ def export_cmd(src, out, fmt, quant, vision_quant, keep_intermediate, no_quality
     click.echo(f"took {res.seconds:.1f} s; peak memory {peaks}")
 
 
-@main.command("verify")
+@click.command("verify")
 @click.argument("bundle", type=click.Path(path_type=str))
 def verify_cmd(bundle):
     """Check every file of BUNDLE against its manifest (size and sha256)."""
-    from runtime.manifest import verify_bundle
+    from medgemma_edge.runtime.manifest import verify_bundle
 
     manifest = verify_bundle(bundle)
     total = sum(f["size"] for f in manifest["files"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from runtime.errors import InputError
+from medgemma_edge.runtime.errors import InputError
 
 Window = tuple[float, float]  # (lo, hi) in Hounsfield units
 
@@ -49,6 +49,11 @@ PRESETS: dict[str, Preset] = {
     "bone": Preset(_gray(400, 1800), f"{_RADIOPAEDIA}: L 400 / W 1800 (gray)"),
 }
 DEFAULT_PRESET = "medgemma-1.5"
+PRESET_NAMES = tuple(PRESETS)
+
+# The `--window` help of every command that takes it (ask, preprocess, preview): one wording.
+WINDOW_HELP = (f"CT window preset: {', '.join(PRESET_NAMES)} (default {DEFAULT_PRESET}); or HU "
+               'ranges "lo:hi,lo:hi,lo:hi" (R, G, B), or one "lo:hi" (gray). DICOM CT only')
 
 _SYNTAX = ('a preset name or HU ranges "lo:hi,lo:hi,lo:hi" (R, G, B), e.g. '
            '"-1024:1024,-135:215,0:80"')

@@ -15,8 +15,8 @@ import json
 import shutil
 from pathlib import Path
 
-from runtime.cache import cache_root
-from export.tokenizer_gguf import (BOS_ID, END_OF_IMAGE_ID, EOS_ID, IMAGE_SOFT_TOKEN_ID, PAD_ID,
+from medgemma_edge.runtime.cache import cache_root
+from medgemma_edge.testing.tokenizer_gguf import (BOS_ID, END_OF_IMAGE_ID, EOS_ID, IMAGE_SOFT_TOKEN_ID, PAD_ID,
                                    START_OF_IMAGE_ID, build_tokenizer)
 
 # Bump a model's entry when its recipe changes, so caches everywhere rebuild it (and only it).

@@ -1,0 +1,108 @@
+"""`medgemma-edge ask`: one question, optional images or DICOM, a streamed answer."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from medgemma_edge.runtime.dicom.windows import WINDOW_HELP
+from medgemma_edge.runtime.errors import InputError
+from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
+from medgemma_edge.runtime.preprocess import FITS
+
+RADIOLOGIST = "You are an expert radiologist."  # the model card's system prompt for image tasks
+ASSISTANT = "You are a helpful medical assistant."  # ... and for text tasks
+
+
+@click.command()
+@click.argument("prompt")
+@click.option("-m", "--model", "bundle", type=click.Path(path_type=Path), default=None,
+              envvar="MEDGEMMA_EDGE_MODEL", show_envvar=True,
+              help="bundle folder made by `medgemma-edge export`")
+@click.option("--image", "images", multiple=True,
+              help="picture, DICOM file or DICOM series folder; repeat for several")
+@click.option("--system", default=None, help="system prompt (default: the model card's advice)")
+@click.option("--think", is_flag=True, help="let the model think first (MedGemma 1.5 / 27B)")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0 is greedy decoding, the model card's advice")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--stats", is_flag=True, help="print per-stage timings to stderr")
+@click.option("--window", default=None, help=WINDOW_HELP)
+@click.option("--max-slices", type=click.IntRange(min=1), default=DEFAULT_MAX_SLICES, show_default=True,
+              help="most slices taken from a CT/MR series (fewer is faster on a CPU)")
+@click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="seconds of image encoding a CT/MR series may take: fewer slices (same sampling rule) "
+                   "at this machine's measured speed; slices in the image cache cost nothing")
+@click.option("--fit", type=click.Choice(FITS), default=None, help="pad (default) or stretch to square")
+@click.option("--context", type=click.IntRange(min=256), default=None,
+              help="context length in tokens (default: grows to what the prompt needs)")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="default: physical cores")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--image-cache", "image_cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              envvar="MEDGEMMA_EDGE_IMAGE_CACHE", show_envvar=True,
+              help="also keep image embeddings in this folder, so the same image is not encoded again "
+                   "(holds data derived from patient images; off by default)")
+@click.option("--image-cache-mb", type=click.FloatRange(min=1), default=2048, show_default=True,
+              help="size limit of the --image-cache folder; least recently used images go first")
+def ask(prompt, bundle, images, system, think, max_tokens, temperature, top_p, top_k, seed, stats,
+        window, max_slices, budget, fit, context, threads, device, image_cache, image_cache_mb):
+    """Ask PROMPT, about the given images if any; the answer streams to stdout."""
+    if bundle is None:
+        raise InputError("no bundle given — pass -m BUNDLE (a folder made by `medgemma-edge export`) or set "
+                         "MEDGEMMA_EDGE_MODEL; to try the installation, run `medgemma-edge demo`")
+    answer(bundle, prompt, images, system=system, think=think, max_tokens=max_tokens, temperature=temperature,
+           top_p=top_p, top_k=top_k, seed=seed, stats=stats, window=window, max_slices=max_slices, fit=fit,
+           context=context, threads=threads, device=device, image_cache=image_cache, image_cache_mb=image_cache_mb,
+           budget=budget)
+
+
+def _slices_for_budget(model, images, budget, window, fit, max_slices) -> int:
+    """The --max-slices that fits --budget for the series among `images` (one line on stderr)."""
+    from medgemma_edge.runtime.budget import plan_slices
+    from medgemma_edge.runtime.sources import is_dicom_path
+
+    chosen = max_slices
+    for src in images:
+        if is_dicom_path(src):
+            plan = plan_slices(model, src, budget, window=window, fit=fit, max_slices=max_slices)
+            if plan.total > 1:
+                click.echo(plan.describe(budget), err=True)
+                chosen = min(chosen, plan.slices)
+    return chosen
+
+
+def answer(bundle, prompt, images=(), *, system=None, think=False, max_tokens=256, temperature=0.0, top_p=1.0,
+           top_k=0, seed=None, stats=False, window=None, max_slices=DEFAULT_MAX_SLICES, fit=None, context=None,
+           threads=None, device="auto", image_cache=None, image_cache_mb=2048, budget=None) -> None:
+    """Load `bundle`, stream the answer to `prompt` to stdout; what `ask` and `demo` run."""
+    import medgemma_edge
+
+    model = medgemma_edge.load(bundle, device=device, threads=threads, context=context, fit=fit,
+                               image_cache_dir=image_cache, image_cache_mb=image_cache_mb)
+    content = [{"type": "image", "image": src} for src in images] + [{"type": "text", "text": prompt}]
+    messages = [{"role": "system", "content": system or (RADIOLOGIST if images else ASSISTANT)},
+                {"role": "user", "content": content}]
+    if model.demo_notice:  # on stdout, so it travels with the answer wherever it is piped
+        click.echo(f"[{model.demo_notice}]")
+    if budget is not None and images:
+        max_slices = _slices_for_budget(model, images, budget, window, fit, max_slices)
+    model.on_image_encoded = lambda done, total, s: click.echo(f"encoded {done}/{total} images ({s:.0f} s)", err=True)
+    for r in model.stream(messages, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                          seed=seed, think=think, window=window, max_slices=max_slices):
+        click.echo(r.text, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    if think and r.thought:
+        click.echo(f"[thought] {r.thought}", err=True)
+    if model.demo_notice:
+        click.echo(f"[{model.demo_notice}]", err=True)
+    if stats:
+        shown = {"finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+                 "completion_tokens": r.completion_tokens, **r.stats.as_dict()}
+        click.echo("stats " + json.dumps(shown), err=True)

@@ -1,0 +1,87 @@
+"""`medgemma-edge encode`: prepare studies before anyone asks (`Model.prepare` for each), so the
+first question about them answers in seconds."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from medgemma_edge.cli.ask import RADIOLOGIST
+from medgemma_edge.runtime.dicom.windows import WINDOW_HELP
+from medgemma_edge.runtime.errors import InputError, MedGemmaEdgeError
+from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
+from medgemma_edge.runtime.preprocess import FITS
+
+WORKLIST_SUFFIXES = (".txt", ".list")
+
+
+def read_worklist(path: Path) -> list[str]:
+    """One image, DICOM file or series folder a line; blank lines and # comments are skipped;
+    relative paths are taken from the worklist's folder."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read the worklist {_shown(path)} ({err.__class__.__name__}) — "
+                         "give a UTF-8 text file with one path a line") from None
+    entries = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
+    return [str(p if Path(p).is_absolute() else path.parent / p) for p in entries]
+
+
+def _shown(path) -> str:
+    """A path as one printable line: control characters escaped, never raw."""
+    return str(path).encode("unicode_escape", "backslashreplace").decode("ascii")
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True)
+@click.option("-m", "--model", "bundle", type=click.Path(path_type=Path), default=None,
+              envvar="MEDGEMMA_EDGE_MODEL", show_envvar=True, help="bundle folder made by `medgemma-edge export`")
+@click.option("--image-cache", "image_cache", type=click.Path(file_okay=False, path_type=Path), required=True,
+              envvar="MEDGEMMA_EDGE_IMAGE_CACHE", show_envvar=True,
+              help="where the prepared studies are kept (holds data derived from patient images)")
+@click.option("--image-cache-mb", type=click.FloatRange(min=1), default=2048, show_default=True)
+@click.option("--system", default=RADIOLOGIST, show_default=True,
+              help="the system prompt the questions will use (a prepared study is tied to it)")
+@click.option("--window", default=None, help=WINDOW_HELP)
+@click.option("--max-slices", type=click.IntRange(min=1), default=DEFAULT_MAX_SLICES, show_default=True)
+@click.option("--fit", type=click.Choice(FITS), default=None, help="pad (default) or stretch to square")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="default: physical cores")
+def encode(paths, bundle, image_cache, image_cache_mb, system, window, max_slices, fit, threads):
+    """Prepare PATHS (pictures, DICOM files, series folders, or worklists: .txt files with one
+    path a line) so that `ask` with the same --image-cache and system prompt starts at the
+    question. Already prepared studies are skipped; a bad file is reported and the batch goes on."""
+    import medgemma_edge
+
+    if bundle is None:
+        raise InputError("no bundle given — pass -m BUNDLE or set MEDGEMMA_EDGE_MODEL")
+    items = []
+    for p in paths:
+        items += read_worklist(Path(p)) if Path(p).suffix.lower() in WORKLIST_SUFFIXES else [p]
+    model = medgemma_edge.load(bundle, threads=threads, image_cache_dir=image_cache, image_cache_mb=image_cache_mb)
+    done = skipped = failed = 0
+    t_all = time.perf_counter()
+    for i, path in enumerate(items, 1):
+        messages = [{"role": "system", "content": system},
+                    {"role": "user", "content": [{"type": "image", "image": path}]}]
+        t0 = time.perf_counter()
+        try:
+            stats = model.prepare(messages, window=window, max_slices=max_slices, fit=fit)
+        except MedGemmaEdgeError as err:
+            failed += 1
+            click.echo(f"[{i}/{len(items)}] {_shown(path)}: error: {err}", err=True)
+            continue
+        if stats.restored_tokens and not stats.image_encode_s:
+            skipped += 1
+            click.echo(f"[{i}/{len(items)}] {_shown(path)}: already prepared", err=True)
+        else:
+            done += 1
+            click.echo(f"[{i}/{len(items)}] {_shown(path)}: {stats.images} picture(s) prepared in "
+                       f"{time.perf_counter() - t0:.1f} s", err=True)
+        sys.stderr.flush()
+    click.echo(f"prepared {done}, already prepared {skipped}, failed {failed} "
+               f"({time.perf_counter() - t_all:.1f} s)")
+    if failed:
+        sys.exit(2)

@@ -1,0 +1,95 @@
+"""How many CT/MR slices fit a time budget on this machine.
+
+On a 2-core CPU the 4B vision tower takes ~30-60 s per slice, so MedGemma 1.5's 85 slices take
+most of an hour. `ask --budget SECONDS` keeps the recipe's sampling rule (runtime/dicom/series.py
+`select_indices`) but chooses the count: the largest one whose slices not yet in the image cache
+fit the budget at the encode speed measured on this machine (a cached slice costs nothing). The
+speed is the mean of the last encodes of this vision file with this thread count, kept in the
+cache folder; before any, the first chosen slice is encoded and timed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from medgemma_edge.runtime.errors import InputError
+from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
+
+SPEED_FILE = "encode-speed.json"
+KEEP = 8  # encodes averaged per vision file and thread count
+EVERY_SLICE = 10**6
+
+
+class EncodeSpeed:
+    """Seconds per image encode, measured on this machine, remembered in the cache folder."""
+
+    def __init__(self, root: Path | None, vision_id: str, threads: int):
+        self.path = root / SPEED_FILE if root is not None else None
+        self.key = f"{vision_id[:16]}:{threads}"
+
+    def _all(self) -> dict:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def seconds(self) -> float | None:
+        times = self._all().get(self.key)
+        ok = isinstance(times, list) and times and all(isinstance(t, (int, float)) and t > 0 for t in times)
+        return sum(times) / len(times) if ok else None
+
+    def record(self, seconds: float) -> None:
+        if self.path is None:
+            return
+        data = self._all()
+        data[self.key] = ([t for t in data.get(self.key, []) if isinstance(t, (int, float))] + [seconds])[-KEEP:]
+        try:
+            tmp = self.path.with_name(f"{SPEED_FILE}.{os.getpid()}.partial")
+            tmp.write_text(json.dumps(data), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # unmeasured next time: one slice is timed again
+
+
+@dataclass
+class SlicePlan:
+    slices: int  # how many to keep (the sampling rule picks which)
+    total: int  # slices in the series
+    to_encode: int  # of the kept ones, not in the image cache
+    expected_s: float  # encode time expected for them
+    seconds_per_image: float
+
+    def describe(self, budget_s: float) -> str:
+        return (f"budget {budget_s:.0f} s: {self.slices} of {self.total} slices, {self.to_encode} to encode at "
+                f"{self.seconds_per_image:.1f} s each on this machine (about {self.expected_s:.0f} s)")
+
+
+def plan_slices(model, src, budget_s: float, *, window=None, fit=None,
+                max_slices: int = DEFAULT_MAX_SLICES) -> SlicePlan:
+    """The slice count for `src` (a series) that fits `budget_s` seconds of image encoding."""
+    from medgemma_edge.runtime.dicom.series import select_indices  # pydicom: only for a series
+    from medgemma_edge.runtime.embed_cache import pixel_digest
+    from medgemma_edge.runtime.preprocess import model_view
+    from medgemma_edge.runtime.sources import load_pictures
+
+    if not budget_s > 0:
+        raise InputError("--budget must be a positive number of seconds")
+    pictures = load_pictures(src, window=window, max_slices=EVERY_SLICE, threads=model.threads)
+    views = model_view(pictures, model.image_size, fit or model.fit, threads=model.threads)
+    cached = [model.image_cache.get(pixel_digest(v))[0] is not None for v in views] if model.image_cache else \
+        [False] * len(views)
+    per_image = model.encode_speed.seconds()
+    if per_image is None:  # measure on a slice every choice of count contains: the last one
+        model.image_embeddings(views[-1])
+        cached[-1] = True
+        per_image = model.encode_speed.seconds() or 60.0
+    best = None
+    for count in range(1, min(max_slices, len(views)) + 1):
+        missing = sum(not cached[i] for i in select_indices(len(views), count))
+        if best is None or missing * per_image <= budget_s:
+            best = SlicePlan(count, len(views), missing, missing * per_image, per_image)
+    return best

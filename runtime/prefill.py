@@ -1,0 +1,162 @@
+"""Getting a chat's prompt into the KV cache with as little work as possible.
+
+Four steps, each named: render (messages → token ids with image slots, and the 896² views that
+fill them), reuse (keep what the cache already holds of this prompt, or restore a saved prefix
+from disk), encode (only the images whose blocks still need evaluating; the embedding cache
+answers the rest), evaluate (the missing positions, images as embedding blocks).
+
+Persistent prefixes: a clinician asks about a study minutes or days after it was prepared. The
+expensive part of that first question is everything up to the end of the study's images (system
+prompt, images, slice labels): the vision encoder and the image prefill. After evaluating it, the
+sequence state (llama.cpp's KV cache for it) is saved in the image cache's disk folder, keyed by
+the text model's sha256 and the exact prefix (token ids and image digests); a later question,
+in a new process, restores it and evaluates only the question. A prefix saved by another bundle
+or with another system prompt has another key and is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from medgemma_edge.runtime import chat as chatfmt
+from medgemma_edge.runtime.embed_cache import pixel_digest
+from medgemma_edge.runtime.errors import BundleError
+from medgemma_edge.runtime.preprocess import model_view
+from medgemma_edge.runtime.reply import Stats
+from medgemma_edge.runtime.sources import load_pictures
+
+
+@dataclass
+class Prompt:
+    ids: list[int]  # the rendered prompt's token ids
+    runs: list[tuple[int, int]]  # [start, end) of each image's soft-token run in ids
+    views: list[np.ndarray]  # one S×S×3 uint8 view per image, in prompt order
+    keys: list  # one per position: a token id, or ("img", digest, j) inside an image block
+
+    @property
+    def image_prefix(self) -> int:
+        """Positions up to the end of the last image block (0 without images): what is saved."""
+        return self.runs[-1][1] if self.runs else 0
+
+
+def render(model, messages, *, think: bool, window, max_slices, fit, stats: Stats) -> Prompt:
+    """Messages → token ids with image slots, and the views that fill them."""
+    t0 = time.perf_counter()
+    loader = lambda src: load_pictures(src, window=window, max_slices=max_slices, threads=model.threads)
+    expanded, slots = chatfmt.expand_images(messages, loader)
+    views = []
+    if slots:
+        model.require_vision()  # a text-only bundle refuses images here, before any work
+        views = list(model_view([s.pixels for s in slots], model.image_size, fit or model.fit,
+                                threads=model.threads))
+    stats.preprocess_ms = round((time.perf_counter() - t0) * 1000, 2)
+    parts = chatfmt.prompt_parts(expanded, image_tokens=model.image_tokens, think=think)
+    ids = chatfmt.tokenize_prompt(parts, model.engine.tokenize)
+    runs = _image_runs(ids, model.image_token_id) if model.image_token_id is not None else []
+    if len(runs) != len(views) or any(e - s != model.image_tokens for s, e in runs):
+        raise BundleError("the prompt's image slots do not match the images — the bundle's tokenizer "
+                          "lacks <image_soft_token>; export the bundle again")
+    keys = list(ids)
+    for (s, e), view in zip(runs, views):
+        digest = pixel_digest(view)
+        keys[s:e] = [("img", digest, j) for j in range(e - s)]
+    return Prompt(ids, runs, views, keys)
+
+
+def prefix_key(model, keys: list) -> str:
+    """The disk name of an evaluated prefix: this text model and exactly these positions."""
+    h = hashlib.sha256(model.text_id.encode())
+    h.update(repr(keys).encode())
+    return h.hexdigest()
+
+
+def reuse(model, prompt: Prompt, stats: Stats) -> int:
+    """Positions of `prompt` already in the cache: the in-memory prefix, or one restored from disk."""
+    engine = model.engine
+    keep = engine.sync_prefix(prompt.keys)
+    for s, e in prompt.runs:  # an image block is evaluated whole or not at all
+        if s < keep < e:
+            keep = engine.truncate(s)
+    end = prompt.image_prefix
+    if keep < end and model.image_cache is not None:
+        data = model.image_cache.get_blob(prefix_key(model, prompt.keys[:end]))
+        if data is not None and engine.load_state(data, prompt.keys[:end]):
+            keep = end
+            stats.restored_tokens = end
+    return keep
+
+
+def encode(model, prompt: Prompt, keep: int, stats: Stats) -> dict[int, np.ndarray]:
+    """Embeddings of the images whose blocks start at or after `keep`, by run index."""
+    t0 = time.perf_counter()
+    needed = [i for i, (s, _) in enumerate(prompt.runs) if s >= keep]
+    found = {}  # run index → (digest, embeddings, from_cache)
+    for done, i in enumerate(needed, 1):
+        found[i] = model.embed(prompt.views[i])
+        if model.on_image_encoded is not None and len(needed) > 1:
+            model.on_image_encoded(done, len(needed), time.perf_counter() - t0)
+    stats.images = len(prompt.views)
+    stats.images_from_cache = len(prompt.views) - len(needed) + sum(hit for _, _, hit in found.values())
+    stats.image_encode_s = round(time.perf_counter() - t0, 3)
+    return {i: emb for i, (_, emb, _) in found.items()}
+
+
+def evaluate(model, prompt: Prompt, keep: int, embeddings: dict, stats: Stats, *, stop: int | None = None) -> None:
+    """Evaluate positions keep..stop (default: the whole prompt), saving the image prefix to disk
+    when this call evaluated it."""
+    engine, ids, keys = model.engine, prompt.ids, prompt.keys
+    stop = len(ids) if stop is None else stop
+    end = prompt.image_prefix
+    save = model.image_cache is not None and keep < end <= stop
+    t0 = time.perf_counter()
+    pos = keep
+    for i, (s, e) in enumerate(prompt.runs):
+        if e <= pos:
+            continue
+        if pos < s:
+            engine.eval_tokens(ids[pos:s])
+        engine.eval_embeddings(embeddings[i], keys[s:e])
+        pos = e
+    if save:
+        key = prefix_key(model, keys[:end])
+        if not model.image_cache.has_blob(key):
+            model.image_cache.put_blob(key, engine.save_state())
+    if pos < stop:
+        engine.eval_tokens(ids[pos:stop])
+    dt = time.perf_counter() - t0
+    stats.prompt_tokens, stats.reused_tokens = len(ids), keep
+    stats.prefill_tok_s = round((stop - keep) / dt, 2) if dt > 0 and stop > keep else None
+
+
+def prefill(model, messages, *, think, window, max_slices, fit, stats: Stats, reserve: int = 1,
+            prefix_only: bool = False) -> Prompt:
+    """All four steps; with prefix_only, stop after the image prefix (preparing a study)."""
+    prompt = render(model, messages, think=think, window=window, max_slices=max_slices, fit=fit, stats=stats)
+    stop = prompt.image_prefix if prefix_only else len(prompt.ids)
+    if prefix_only and stop and model.image_cache is not None \
+            and model.image_cache.has_blob(prefix_key(model, prompt.keys[:stop])):
+        stats.images, stats.restored_tokens = len(prompt.views), stop  # prepared before: nothing to do
+        return prompt
+    model.engine.reserve(stop + reserve, grow=model.auto_context)
+    keep = reuse(model, prompt, stats)
+    embeddings = encode(model, prompt, keep, stats)
+    evaluate(model, prompt, min(keep, stop), embeddings, stats, stop=stop)
+    return prompt
+
+
+def _image_runs(ids: list[int], image_id: int) -> list[tuple[int, int]]:
+    runs, i = [], 0
+    while i < len(ids):
+        if ids[i] == image_id:
+            j = i
+            while j < len(ids) and ids[j] == image_id:
+                j += 1
+            runs.append((i, j))
+            i = j
+        else:
+            i += 1
+    return runs

@@ -1,0 +1,49 @@
+"""What a chat returns: `Model.stream` yields `Response`s, `Model.chat` joins them into a `Reply`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Stats:
+    """Per-stage numbers of one answer (seconds unless named otherwise)."""
+    load_s: float | None = None  # loading the bundle (once per Model)
+    preprocess_ms: float | None = None  # decode, window, fit and resize every picture
+    images: int = 0
+    images_from_cache: int = 0  # images whose embeddings came from the image cache
+    image_encode_s: float | None = None
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt positions not evaluated again (kept from before, or restored)
+    restored_tokens: int = 0  # of those, restored from a prefix saved on disk (a prepared study)
+    prefill_tok_s: float | None = None
+    ttft_s: float | None = None  # from the call to the first token
+    decode_tok_s: float | None = None
+    peak_rss_mb: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Response:
+    """One streamed piece: `text` is the newly visible answer text (may be empty: a thought, or text
+    held back while it could still become a stop string); the last one has finish_reason, the
+    thought and the stats."""
+    text: str
+    token: int | None  # the token generated at this step (None on the last)
+    prompt_tokens: int
+    completion_tokens: int  # so far
+    finish_reason: str | None = None  # "stop" or "length", on the last response only
+    thought: str | None = None
+    stats: Stats | None = None
+
+
+@dataclass
+class Reply:
+    text: str
+    thought: str | None
+    finish_reason: str  # "stop" (end of turn, eos or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+    stats: Stats = field(default_factory=Stats)
