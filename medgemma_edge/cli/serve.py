@@ -1,0 +1,73 @@
+"""`medgemma-edge serve`: the local OpenAI-compatible server (README "## Server").
+
+The server package is imported inside the command: `medgemma-edge --help` must work on a machine
+without the `serve` extra.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from medgemma_edge.runtime.errors import InputError
+
+# The defaults live in medgemma_edge/server/config.py; repeated here as literals so that --help
+# does not import the server (Starlette) — tests/test_server.py checks the two agree.
+DEFAULTS = {"port": 8080, "max_queue": 8, "max_body_mb": 128, "max_images": 128}
+
+
+@click.command()
+@click.option("-m", "--model", "bundle", type=click.Path(path_type=Path), default=None,
+              envvar="MEDGEMMA_EDGE_MODEL", show_envvar=True, help="bundle folder made by `medgemma-edge export`")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="address to listen on; anything but loopback needs --api-key-file")
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULTS["port"], show_default=True)
+@click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="file whose first line is the key every client must send as 'Authorization: Bearer KEY'")
+@click.option("--max-queue", type=click.IntRange(min=0), default=DEFAULTS["max_queue"], show_default=True,
+              help="requests waiting for the model; more get 429 with Retry-After")
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["max_body_mb"],
+              show_default=True, help="largest request body (an 85-slice CT series as base64 is ~60 MB)")
+@click.option("--max-images", type=click.IntRange(min=1), default=DEFAULTS["max_images"], show_default=True,
+              help="most images in one request")
+@click.option("--image-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
+              envvar="MEDGEMMA_EDGE_IMAGE_CACHE", show_envvar=True,
+              help="also keep image embeddings in this folder (patient-derived data; off by default)")
+@click.option("--cors-origin", default=None, help="allow this one browser origin (no CORS headers otherwise)")
+@click.option("--upstream", default=None,
+              help="answer with this OpenAI-compatible engine (llama-server, vLLM, Ollama) behind our image path")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="default: physical cores")
+@click.option("--context", type=click.IntRange(min=256), default=None,
+              help="context length in tokens (default: grows to what each prompt needs)")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+def serve(bundle, host, port, api_key_file, max_queue, max_body_mb, max_images, image_cache, cors_origin,
+          upstream, threads, context, device):
+    """Serve BUNDLE over HTTP: OpenAI's /v1/chat/completions with images and DICOM, and a kiosk page at /."""
+    from medgemma_edge.server.config import ServerConfig, read_api_key
+
+    config = ServerConfig(host=host, port=port, api_key=read_api_key(api_key_file) if api_key_file else None,
+                          max_queue=max_queue, max_body_mb=max_body_mb, max_images=max_images,
+                          cors_origin=cors_origin).check()  # refused before the model loads
+    if bundle is None and upstream is None:
+        raise InputError("no bundle given — pass -m BUNDLE (a folder made by `medgemma-edge export`), set "
+                         "MEDGEMMA_EDGE_MODEL, or pass --upstream URL")
+    backend = make_backend(bundle, upstream, threads=threads, context=context, device=device, image_cache=image_cache)
+    from medgemma_edge.server.runner import serve as run
+
+    run(backend, config)
+
+
+def make_backend(bundle, upstream, *, threads=None, context=None, device="auto", image_cache=None):
+    """The local model (loaded now, so a bad bundle stops here with one line), or the upstream engine."""
+    if upstream is not None:
+        from medgemma_edge.server.upstream import UpstreamBackend
+
+        return UpstreamBackend(upstream, bundle=bundle, threads=threads)
+    import medgemma_edge
+    from medgemma_edge.server.backend import LocalBackend
+
+    model = medgemma_edge.load(bundle, device=device, threads=threads, context=context, image_cache_dir=image_cache)
+    if model.demo_notice:
+        click.echo(f"[{model.demo_notice}]", err=True)
+    return LocalBackend(model)

@@ -1,0 +1,57 @@
+"""What the HTTP server answers with: the local model, or an upstream OpenAI-compatible engine.
+
+Both take a chat in the runtime's own message format (runtime/chat.py: `{"role", "content"}` with
+`{"type": "text"}` and `{"type": "image", "image": SOURCE}` items, SOURCE being anything
+`runtime.sources.load_pictures` reads: bytes of a PNG/JPEG/DICOM file, a list of DICOM bytes
+for a series, or already-decoded `Picture`s) and yield `runtime.reply.Response`s, the last one
+carrying finish_reason and stats. `cancelled()` is polled once per token: when it turns true
+the backend stops and releases the model at once (a client that went away).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Protocol
+
+from medgemma_edge.runtime.reply import Response
+
+
+class Backend(Protocol):
+    model_id: str  # what /v1/models lists and responses name
+    notice: str | None  # shown by the kiosk page (e.g. the demo model's warning)
+
+    def chat(self, messages: list[dict], options: dict, cancelled: Callable[[], bool]) -> Iterator[Response]:
+        """options: max_tokens, temperature, top_p, top_k, seed, stop, think, window, max_slices, fit."""
+
+    def prepare(self, messages: list[dict], options: dict) -> None:
+        """Do the image work of `messages` now (decode, window, resize, encode into the image
+        cache), so a later chat about the same images starts at the question."""
+
+
+class LocalBackend:
+    """The bundle loaded in this process (`medgemma_edge.load`)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.model_id = model.manifest.get("source", {}).get("path_name") or model.bundle.name
+        self.notice = model.demo_notice
+        self.image_size = model.image_size  # optional for a Backend: the size of upload previews
+
+    def chat(self, messages, options, cancelled) -> Iterator[Response]:
+        stream = self.model.stream(messages, max_new_tokens=options.get("max_tokens", 256),
+                                   temperature=options.get("temperature", 0.0), top_p=options.get("top_p", 1.0),
+                                   top_k=options.get("top_k", 0), seed=options.get("seed"),
+                                   stop=options.get("stop") or (), think=options.get("think", False),
+                                   window=options.get("window"), max_slices=options.get("max_slices", 85),
+                                   fit=options.get("fit"))
+        try:
+            for response in stream:
+                yield response
+                if cancelled():
+                    return
+        finally:
+            stream.close()  # frees the model now, not when the generator is collected
+
+    def prepare(self, messages, options) -> None:
+        self.model.prepare(messages, window=options.get("window"), max_slices=options.get("max_slices", 85),
+                           fit=options.get("fit"))

@@ -1,0 +1,77 @@
+"""Running the app with uvicorn: `serve` (the CLI, blocking) and `ServerThread` (an app or a test
+that wants the server beside it, on a free loopback port)."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import threading
+import time
+
+import uvicorn
+from uvicorn.config import LOGGING_CONFIG
+
+from medgemma_edge.server.app import build_app
+from medgemma_edge.server.config import ServerConfig
+
+START_TIMEOUT_S = 30.0
+
+
+def _uvicorn_config(app, config: ServerConfig, log_config) -> uvicorn.Config:
+    # uvicorn's access log prints the query string and client address; ours (middleware.AccessLog)
+    # prints method, path and status only.
+    return uvicorn.Config(app, host=config.host, port=config.port, access_log=False, log_config=log_config,
+                          lifespan="on", server_header=False, timeout_graceful_shutdown=5)
+
+
+def logging_config() -> dict:
+    """uvicorn's own logging, plus our logger on the same stderr handler."""
+    out = copy.deepcopy(LOGGING_CONFIG)
+    out["loggers"]["medgemma_edge"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return out
+
+
+def serve(backend, config: ServerConfig | None = None) -> None:
+    """Serve `backend` until interrupted (Ctrl-C / SIGTERM stop it cleanly)."""
+    config = (config or ServerConfig()).check()
+    app = build_app(backend, config)
+    uvicorn.Server(_uvicorn_config(app, config, logging_config())).run()
+
+
+class ServerThread:
+    """`with ServerThread(build_app(backend)) as server:` … `server.url` … — uvicorn in a thread on
+    127.0.0.1 and a port the OS picks (or `port`), stopped on exit. Logging is left to the host."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        state = getattr(getattr(app, "state", None), "medgemma", None)
+        if state is not None:  # the same rule as `serve`: no key, no listening beyond this machine
+            ServerConfig(host=host, api_key=state.config.api_key).check()
+        self.app, self.host = app, host
+        self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((host, port))  # bound here, so the port is ours before uvicorn starts
+        self.port = self._socket.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self._server = uvicorn.Server(_uvicorn_config(app, ServerConfig(host=host, port=self.port), None))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
+                                        name="medgemma-edge-server", daemon=True)
+
+    def start(self) -> "ServerThread":
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start (see the log)")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(START_TIMEOUT_S)
+        self._socket.close()
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,98 @@
+"""What the routes share: the backend (or its loader), the model worker, the uploads, the limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from medgemma_edge.runtime.errors import MedGemmaEdgeError
+from medgemma_edge.server.config import ServerConfig
+from medgemma_edge.server.errors import INTERNAL, ApiError
+from medgemma_edge.server.uploads import UploadStore
+from medgemma_edge.server.worker import Job, QueueFull, Worker
+
+log = logging.getLogger("medgemma_edge.server")
+
+
+class ServerState:
+    def __init__(self, backend, config: ServerConfig):
+        self.config = config
+        # A zero-argument callable is a loader, run on the worker so the port answers (503,
+        # /health "loading") while a large bundle loads.
+        self.loader = backend if callable(backend) and not hasattr(backend, "chat") else None
+        self.backend = None if self.loader is not None else backend
+        self.load_error: str | None = None
+        self.worker = Worker(config.max_queue)
+        self.uploads = UploadStore(config.uploads_kept, int(config.uploads_mb * (1 << 20)))
+
+    def start(self) -> None:
+        self.worker.start()
+        if self.loader is not None and self.backend is None:
+            self.worker.submit(self._load, background=True)
+
+    def stop(self) -> None:
+        self.worker.stop()
+
+    def _load(self, cancelled) -> None:
+        try:
+            self.backend = self.loader()
+        except MedGemmaEdgeError as err:
+            self.load_error = str(err)
+            log.error("loading the model failed: %s", err)
+        except Exception as err:
+            self.load_error = INTERNAL
+            log.error("loading the model failed: %s", type(err).__name__)
+
+    @property
+    def status(self) -> str:
+        if self.backend is None:
+            return "error" if self.load_error else "loading"
+        return "busy" if self.worker.busy else "ready"
+
+    def require_backend(self):
+        if self.backend is None:
+            if self.load_error:
+                raise ApiError(503, f"the model could not be loaded: {self.load_error}")
+            raise ApiError(503, "the model is still loading — ask again in a few seconds",
+                           headers={"Retry-After": "5"})
+        return self.backend
+
+    def submit(self, run, *, background: bool = False) -> Job:
+        try:
+            return self.worker.submit(run, background=background)
+        except QueueFull:
+            raise self._busy() from None
+
+    def check_queue(self) -> None:
+        """429 now, before slow work, when a job submitted now would be refused."""
+        if self.worker.full():
+            raise self._busy()
+
+    def _busy(self) -> ApiError:
+        wait = self.worker.retry_after()
+        return ApiError(429, f"the server is busy ({self.worker.waiting} requests are waiting for the model) — "
+                             f"ask again in {wait} s", headers={"Retry-After": str(wait)})
+
+
+async def read_json(request):
+    """The body as JSON; 400 saying so when it is not."""
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "the body is not valid JSON — send Content-Type: application/json with a JSON "
+                            "object") from None
+
+
+def watch_disconnect(request, worker: Worker, job: Job) -> asyncio.Task:
+    """Cancel `job` when the client goes away (read after the body: only http.disconnect comes)."""
+
+    async def watch():
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                worker.cancel(job)
+                return
+
+    return asyncio.create_task(watch())

@@ -1,0 +1,225 @@
+"""OpenAI's chat request in, the runtime's messages and options out (runtime/chat.py's format).
+
+Everything a client can get wrong is caught here with a 400 naming the field, before the request
+takes a place in the model's queue. Images arrive as data: URLs (PNG, JPEG, DICOM) or as
+`medgemma-edge:image/<id>` (an upload); the server never fetches a URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass, field
+
+from medgemma_edge.runtime.dicom.windows import parse_window
+from medgemma_edge.runtime.errors import InputError
+from medgemma_edge.runtime.preprocess import FITS
+from medgemma_edge.runtime.sources import is_dicom_path
+from medgemma_edge.server.errors import ApiError
+
+UPLOAD_SCHEME = "medgemma-edge:image/"
+_DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,",
+                       re.IGNORECASE)
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_UNSUPPORTED = ("tools", "functions", "tool_choice", "logprobs", "response_format")
+_WHY_DATA = ("send the image itself as a data: URL (data:image/png;base64,…, data:image/jpeg;base64,… or "
+             "data:application/dicom;base64,…) or upload it to POST /v1/images")
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]  # runtime format: {"type": "image", "image": SOURCE} items
+    options: dict  # Backend.chat options; only those the client set, plus max_tokens
+    stream: bool = False
+    include_usage: bool = False
+    images: int = 0
+    uploads: list[str] = field(default_factory=list)
+
+
+def decode_data_url(url, param: str) -> tuple[str, bytes]:
+    """(mime type, bytes) of a base64 data: URL; 400 for a remote or malformed URL."""
+    if not isinstance(url, str):
+        raise ApiError(400, f"{param} must be a string URL — {_WHY_DATA}", param)
+    head = url[:16].lower()
+    if head.startswith(("http://", "https://", "ftp://", "file:")):
+        raise ApiError(400, f"{param}: this server never fetches URLs (it runs offline) — {_WHY_DATA}", param)
+    match = _DATA_URL.match(url)
+    if match is None:
+        raise ApiError(400, f"{param} is not a data: URL — {_WHY_DATA}", param)
+    if not match.group("b64"):
+        raise ApiError(400, f"{param}: the data: URL is not base64 — encode the file as base64", param)
+    try:
+        data = base64.b64decode(url[match.end():], validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{param}: the base64 data is damaged — encode the file again", param) from None
+    if not data:
+        raise ApiError(400, f"{param}: the data: URL holds no bytes", param)
+    return (match.group("mime") or "").lower(), data
+
+
+def is_dicom(mime: str, data: bytes) -> bool:
+    """A DICOM part by its type, or by its content (some clients label every file image/*)."""
+    return mime == "application/dicom" or is_dicom_path(data)
+
+
+def image_options(fields: dict, where: str = "") -> dict:
+    """window, fit, max_slices (the image path's own options), checked; only those given."""
+    out = {}
+    window = fields.get("window")
+    if window is not None:
+        if not isinstance(window, str):
+            raise ApiError(400, f"{where}window must be a preset name or 'lo:hi,…' text", f"{where}window")
+        try:
+            parse_window(window)
+        except InputError as err:
+            raise ApiError(400, str(err), f"{where}window") from None
+        out["window"] = window
+    fit = fields.get("fit")
+    if fit is not None:
+        if fit not in FITS:
+            raise ApiError(400, f"{where}fit must be one of {', '.join(FITS)}", f"{where}fit")
+        out["fit"] = fit
+    max_slices = fields.get("max_slices")
+    if max_slices is not None:
+        out["max_slices"] = _integer(max_slices, f"{where}max_slices", least=1)
+    return out
+
+
+def chat_request(body, uploads, *, max_images: int, max_tokens: int) -> ChatRequest:
+    """Check an OpenAI chat.completions body and translate it; ApiError(400) for the first fault."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object with 'messages'")
+    for name in _UNSUPPORTED:
+        if body.get(name) not in (None, False, [], {"type": "text"}):
+            raise ApiError(400, f"{name} is not supported by this server — leave it out", name)
+    if body.get("n") not in (None, 1):
+        raise ApiError(400, "n must be 1: this server gives one answer per request", "n")
+    request = ChatRequest(messages=[], options=_options(body, max_tokens))
+    request.stream = _flag(body.get("stream", False), "stream")
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise ApiError(400, "stream_options must be an object", "stream_options")
+    request.include_usage = _flag(stream_options.get("include_usage", False), "stream_options.include_usage")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list of {role, content}", "messages")
+    fits = set()
+    for i, message in enumerate(messages):
+        request.messages.append(_message(message, i, uploads, request, fits))
+    if request.images > max_images:
+        raise ApiError(400, f"too many images: {request.images} (this server takes at most {max_images} per "
+                            "request) — send fewer, or fewer slices of the series", "messages")
+    if "fit" not in request.options and len(fits) == 1:  # encode as the upload was, so its embeddings are reused
+        request.options["fit"] = fits.pop()
+    return request
+
+
+def _options(body: dict, max_tokens: int) -> dict:
+    options = {"max_tokens": max_tokens}
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if limit is not None:
+        options["max_tokens"] = _integer(limit, "max_tokens", least=1)
+    for name, least, most in (("temperature", 0.0, None), ("top_p", 0.0, 1.0)):
+        value = body.get(name)
+        if value is not None:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < least or (
+                    most is not None and value > most):
+                raise ApiError(400, f"{name} must be a number ≥ {least}" + (f" and ≤ {most}" if most else ""), name)
+            options[name] = float(value)
+    if options.get("top_p") == 0.0:
+        raise ApiError(400, "top_p must be above 0", "top_p")
+    if body.get("seed") is not None:
+        options["seed"] = _integer(body["seed"], "seed", least=None)
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > 16:
+            raise ApiError(400, "stop must be a string or a list of up to 16 non-empty strings", "stop")
+        options["stop"] = stops
+    extras = body.get("medgemma_edge")
+    if extras is not None:
+        if not isinstance(extras, dict):
+            raise ApiError(400, "medgemma_edge must be an object {think, window, fit, max_slices, top_k}",
+                           "medgemma_edge")
+        unknown = set(extras) - {"think", "window", "fit", "max_slices", "top_k"}
+        if unknown:
+            raise ApiError(400, f"medgemma_edge.{sorted(unknown)[0][:40]} is not an option — use think, window, fit, "
+                                "max_slices or top_k", "medgemma_edge")
+        options.update(image_options(extras, "medgemma_edge."))
+        if extras.get("think") is not None:
+            options["think"] = _flag(extras["think"], "medgemma_edge.think")
+        if extras.get("top_k") is not None:
+            options["top_k"] = _integer(extras["top_k"], "medgemma_edge.top_k", least=0)
+    return options
+
+
+def _message(message, i: int, uploads, request: ChatRequest, fits: set) -> dict:
+    where = f"messages[{i}]"
+    if not isinstance(message, dict):
+        raise ApiError(400, f"{where} must be an object {{role, content}}", where)
+    role = _ROLES.get(message.get("role"))
+    if role is None:
+        raise ApiError(400, f"{where}.role must be system, user or assistant", f"{where}.role")
+    content = message.get("content")
+    if content is None:
+        content = ""
+    if isinstance(content, str):
+        return {"role": role, "content": content}
+    if not isinstance(content, list):
+        raise ApiError(400, f"{where}.content must be text or a list of parts", f"{where}.content")
+    items, series, series_at = [], [], None
+    for j, part in enumerate(content):
+        param = f"{where}.content[{j}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise ApiError(400, f"{param}.text must be a string", f"{param}.text")
+            items.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if isinstance(url, str) and url.startswith(UPLOAD_SCHEME):
+                items.append(_upload_item(url, uploads, param, request, fits))
+                continue
+            mime, data = decode_data_url(url, f"{param}.image_url.url")
+            request.images += 1
+            if is_dicom(mime, data):  # every DICOM part of a message is one series, at the first one's place
+                if series_at is None:
+                    series_at = len(items)
+                    items.append(None)
+                series.append(data)
+            else:
+                items.append({"type": "image", "image": data})
+        else:
+            raise ApiError(400, f"{param} must be {{\"type\": \"text\"}} or {{\"type\": \"image_url\"}}", param)
+    if series:
+        items[series_at] = {"type": "image", "image": series[0] if len(series) == 1 else series}
+    return {"role": role, "content": items}
+
+
+def _upload_item(url: str, uploads, param: str, request: ChatRequest, fits: set) -> dict:
+    upload_id = url[len(UPLOAD_SCHEME):]
+    upload = uploads.get(upload_id)
+    if upload is None:
+        raise ApiError(400, f"{param}: no uploaded image with this id (the server keeps the last "
+                            f"{uploads.max_items}, in memory only) — upload it again", param)
+    if upload.status == "error":
+        raise ApiError(400, f"{param}: the uploaded image could not be used: {upload.error}", param)
+    request.images += len(upload.pictures)
+    request.uploads.append(upload_id)
+    if upload.fit is not None:
+        fits.add(upload.fit)
+    return {"type": "image", "image": list(upload.pictures)}
+
+
+def _integer(value, param: str, *, least: int | None) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or (least is not None and value < least):
+        raise ApiError(400, f"{param} must be an integer" + (f" ≥ {least}" if least is not None else ""), param)
+    return value
+
+
+def _flag(value, param: str) -> bool:
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{param} must be true or false", param)
+    return value
