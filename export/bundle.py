@@ -22,12 +22,11 @@ from pathlib import Path
 
 from medgemma_edge.export.checkpoint import Checkpoint, open_checkpoint
 from medgemma_edge.export.config import TextConfig, VisionConfig, check_text, check_vision
-from medgemma_edge.export.quants import K_QUANTS, TEXT_QUANTS, VISION_QUANTS
+from medgemma_edge.export.quants import DEFAULT_VISION_QUANTS, K_QUANTS, TEXT_QUANTS, VISION_QUANTS
 from medgemma_edge.runtime.errors import ExportError
 from medgemma_edge.runtime.memory import peak_rss_mb
 
 DEFAULT_QUANT = "q4_k_m"
-DEFAULT_VISION_QUANT = "f16"  # ~850 MB for MedGemma 4B; Q8_0 projectors have misbehaved before
 INTERMEDIATE_DIR = "intermediate"
 
 
@@ -126,26 +125,28 @@ class ExportPlan:
         return f"{self.stem}-mmproj-{quant}.gguf"
 
 
-def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant: str | None = DEFAULT_VISION_QUANT, *,
+def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant=DEFAULT_VISION_QUANTS, *,
                 keep_intermediate: bool = False, quality: bool = True, threads: int = 0,
                 overwrite: bool = False) -> ExportResult:
     """Export a local Gemma 3 / MedGemma checkpoint to a GGUF bundle in `out`.
 
     quant: text weights (f32/f16/bf16/q8_0 written by gguf-py, q6_k/q5_k_m/q4_k_m by llama.cpp
-    from an unquantized intermediate); vision_quant: f32/f16/q8_0 (a GGUF mmproj for llama.cpp) or
-    onnx-f32/onnx-int8 (an ONNX graph for onnxruntime); ignored for text-only models.
+    from an unquantized intermediate); vision_quant: one or several of f32/f16/q8_0 (a GGUF mmproj
+    for llama.cpp) and onnx-f32/onnx-int8 (an ONNX graph for onnxruntime); the first is the
+    bundle's primary vision file, and `load(vision="auto")` picks the fastest faithful one on the
+    machine that runs it. Ignored for text-only models.
     quality: measure the quantized files against the unquantized export (stored in the manifest).
     """
     from medgemma_edge.export import quality as q
     from medgemma_edge.export.quantize import quantize_gguf
 
+    vision_quants = _vision_quants(vision_quant)
     if quant not in TEXT_QUANTS:
         raise ExportError(f"unknown --quant {quant!r}; choose one of {', '.join(TEXT_QUANTS)}")
-    if vision_quant is not None and vision_quant not in VISION_QUANTS:
-        raise ExportError(f"unknown --vision-quant {vision_quant!r}; choose one of {', '.join(VISION_QUANTS)}")
     t0 = time.perf_counter()
     plan = ExportPlan.read(src)
-    vision_quant = (vision_quant or DEFAULT_VISION_QUANT) if plan.vision else None
+    if not plan.vision:
+        vision_quants = ()
     out = _prepare_out(out, overwrite)
     inter = out / INTERMEDIATE_DIR
     inter.mkdir(exist_ok=True)
@@ -158,11 +159,10 @@ def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant: str | None =
         text_ref = plan.write_text(inter / f"{plan.stem}-{ref}.gguf", ref)
     if quant not in K_QUANTS:
         plan.write_text(text_path, quant)
-    vision_path = vision_ref = None
-    if plan.vision:
-        vision_path = plan.write_vision(out / plan.vision_name(vision_quant), vision_quant)
-        if vision_quant != "f32" and quality:
-            vision_ref = plan.write_vision(inter / f"{plan.stem}-mmproj-f32.gguf", "f32")
+    vision_paths = {vq: plan.write_vision(out / plan.vision_name(vq), vq) for vq in vision_quants}
+    vision_ref = None
+    if quality and any(vq != "f32" for vq in vision_quants):
+        vision_ref = vision_paths.get("f32") or plan.write_vision(inter / f"{plan.stem}-mmproj-f32.gguf", "f32")
     peak = {"write": peak_rss_mb()}
     if quant in K_QUANTS:
         quantize_gguf(text_ref, text_path, quant, threads)
@@ -171,30 +171,51 @@ def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant: str | None =
     report = {}
     if quality and lossy:
         report["text"] = {"quant": quant, **q.compare_text(text_ref, text_path, plan.chat_template, threads, ref)}
-    if quality and vision_ref is not None:
+    vision_reports = {}
+    if vision_ref is not None:
         image = {"mean": plan.vision.image_mean, "std": plan.vision.image_std}  # the ONNX graph's input
-        report["vision"] = {"quant": vision_quant, **q.compare_vision(text_path, vision_ref, vision_path,
-                                                                        plan.vision.image_size, threads,
-                                                                        image=image)}
+        for vq, path in vision_paths.items():
+            if vq != "f32":
+                vision_reports[vq] = {"quant": vq, **q.compare_vision(text_path, vision_ref, path,
+                                                                      plan.vision.image_size, threads, image=image)}
+        report["vision"] = vision_reports.get(vision_quants[0]) or next(iter(vision_reports.values()))
+        if len(vision_quants) > 1:
+            report["vision_files"] = list(vision_reports.values())
     if report:
         peak["quality"] = peak_rss_mb()
     if not (keep_intermediate and any(inter.iterdir())):
         shutil.rmtree(inter)
 
-    manifest = _manifest(plan, out, quant, vision_quant, text_path, vision_path, report or None)
+    manifest = _manifest(plan, out, quant, vision_quants, text_path, vision_paths, vision_reports, report or None)
     from medgemma_edge.runtime.manifest import write_manifest
 
     write_manifest(out, manifest)
     return ExportResult(out, manifest, time.perf_counter() - t0, peak)
 
 
-def _manifest(plan: ExportPlan, out: Path, quant, vision_quant, text_path, vision_path, quality) -> dict:
+def _vision_quants(vision_quant) -> tuple[str, ...]:
+    """The requested vision files, in order, once each; the default when none."""
+    if vision_quant is None:
+        return DEFAULT_VISION_QUANTS
+    wanted = (vision_quant,) if isinstance(vision_quant, str) else tuple(vision_quant)
+    bad = [v for v in wanted if v not in VISION_QUANTS]
+    if bad or not wanted:
+        raise ExportError(f"unknown --vision-quant {bad[0] if bad else '(none)'!r}; choose from {', '.join(VISION_QUANTS)}")
+    return tuple(dict.fromkeys(wanted))
+
+
+def _manifest(plan: ExportPlan, out: Path, quant, vision_quants, text_path, vision_paths, vision_reports,
+              quality) -> dict:
     from medgemma_edge.runtime import __version__
     from medgemma_edge.runtime.manifest import FORMAT_VERSION, file_entry
 
     files = [file_entry(out, "text", text_path.name)]
-    if vision_path is not None:
-        files.append(file_entry(out, "vision", vision_path.name))
+    for vq in vision_quants:
+        # fidelity: min cosine of image embeddings against the f32 mmproj (1.0: the f32 file itself;
+        # None: not measured, an export with --no-quality)
+        measured = vision_reports.get(vq, {}).get("min_cosine")
+        files.append({**file_entry(out, "vision", vision_paths[vq].name), "quant": vq,
+                      "fidelity": 1.0 if vq == "f32" else measured})
     v = plan.vision
     return {
         "format_version": FORMAT_VERSION,
@@ -202,7 +223,7 @@ def _manifest(plan: ExportPlan, out: Path, quant, vision_quant, text_path, visio
         "tool": f"medgemma-edge {__version__}",
         "source": {"path_name": plan.ckpt.path.name, "architecture": plan.ckpt.architecture,
                    "config_sha256": plan.ckpt.config_sha256()},
-        "quantization": {"text": quant, "vision": vision_quant},
+        "quantization": {"text": quant, "vision": vision_quants[0] if vision_quants else None},
         "files": files,
         "image": None if v is None else {"size": v.image_size, "patch_size": v.patch_size,
                                          "tokens_per_image": v.mm_tokens_per_image,

@@ -195,8 +195,7 @@ def summary_lines(quality: dict | None) -> list[str]:
             lines.append(f"  where {t['reference']} is decisive (top-1 leads by ≥ {DECISIVE_GAP:g} nat, "
                          f"{t['decisive_positions']} positions): top-1 agreement "
                          f"{100 * t['top1_agreement_decisive']:.1f}%")
-    v = quality.get("vision")
-    if v:
+    for v in quality.get("vision_files") or ([quality["vision"]] if quality.get("vision") else []):
         lines.append(f"vision {v['quant']} vs {v['reference']}: image-embedding cosine mean "
                      f"{v['mean_cosine']:.5f}, min {v['min_cosine']:.5f} over {v['images']} images")
     return lines

@@ -13,7 +13,7 @@ __all__ = ["__version__", "load", "MedGemmaEdgeError", "InputError", "BundleErro
 
 def load(bundle_dir, device="auto", threads=None, context=None, fit=None, **options):
     """Load a bundle folder made by `medgemma-edge export`; see `medgemma_edge.runtime.model.load`
-    (options: image_cache_dir, image_cache_mb). Imported lazily so `import medgemma_edge` stays light."""
+    (options: image_cache_dir, image_cache_mb, vision). Imported lazily so `import medgemma_edge` stays light."""
     from medgemma_edge.runtime.model import load as _load
     from medgemma_edge.runtime.preprocess import DEFAULT_FIT
 

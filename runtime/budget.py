@@ -28,7 +28,7 @@ class EncodeSpeed:
 
     def __init__(self, root: Path | None, vision_id: str, threads: int):
         self.path = root / SPEED_FILE if root is not None else None
-        self.key = f"{vision_id[:16]}:{threads}"
+        self.key = f"{vision_id[:16]}:{threads}"  # vision_id: the file's sha256 (or its path)
 
     def _all(self) -> dict:
         try:

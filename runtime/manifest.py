@@ -4,7 +4,7 @@ Shape (format_version 1):
     {"format_version": 1, "backend": "gguf", "tool": "medgemma-edge 0.1.0",
      "source": {"path_name", "architecture", "config_sha256"},
      "quantization": {"text": "q4_k_m", "vision": "f16" | null},
-     "files": [{"role": "text" | "vision", "path", "size", "sha256"}],
+     "files": [{"role": "text" | "vision", "path", "size", "sha256"[, "quant", "fidelity"]}],
      "image": {"size", "patch_size", "tokens_per_image", "mean", "std"} | null,
      "chat_template", "special_tokens": {...}, "context_length",
      "vocab": {"tokenizer_entries", "embedding_rows", "padded"}, "quality": {...} | null}
@@ -102,7 +102,8 @@ def _image_ok(v) -> bool:
 def _file_ok(f) -> bool:
     return (isinstance(f, dict) and isinstance(f.get("role"), str) and isinstance(f.get("path"), str)
             and _is_int(f.get("size")) and f["size"] >= 0 and isinstance(f.get("sha256"), str)
-            and len(f["sha256"]) == 64)
+            and len(f["sha256"]) == 64 and isinstance(f.get("quant", ""), str)
+            and (f.get("fidelity") is None or _is_number(f["fidelity"])))
 
 
 # The fields the runtime reads, and what each must be (everything else is kept, not read).
@@ -142,9 +143,11 @@ def _check_shape(manifest, name: str) -> None:
             raise BundleError(f"{MANIFEST_NAME} in {name} names {f['path']!r} as {f['role']!r}; only "
                               "text/vision files inside the bundle are allowed — export the bundle again")
         roles.append(f["role"])
-    if "text" not in roles or len(set(roles)) != len(roles):
-        raise BundleError(f"{MANIFEST_NAME} in {name} must list one text file and at most one vision file "
-                          "— export the bundle again")
+    if roles.count("text") != 1:
+        raise BundleError(f"{MANIFEST_NAME} in {name} must list one text file — export the bundle again")
+    paths = [f["path"] for f in manifest["files"]]
+    if len(set(paths)) != len(paths):
+        raise BundleError(f"{MANIFEST_NAME} in {name} lists a file twice — export the bundle again")
 
 
 def verify_bundle(bundle_dir, *, hashes: bool = True, remember: Path | None = None) -> dict:

@@ -23,6 +23,7 @@ from medgemma_edge.runtime.memory import peak_rss_mb
 from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
 from medgemma_edge.runtime.preprocess import DEFAULT_FIT
 from medgemma_edge.runtime.reply import Reply, Response, Stats
+from medgemma_edge.runtime.vision_choice import choose_vision
 
 AUTO_CONTEXT_START = 4096
 VERIFIED_FILES = "verified-bundle-files.json"  # in the cache folder: files hashed once, by size+mtime+inode
@@ -42,7 +43,8 @@ def _gpu_layers(device: str) -> int:
 
 
 def load(bundle_dir, device: str = "auto", threads: int | None = None, context: int | None = None,
-         fit: str = DEFAULT_FIT, image_cache_dir=None, image_cache_mb: float = DEFAULT_DISK_MB) -> "Model":
+         fit: str = DEFAULT_FIT, image_cache_dir=None, image_cache_mb: float = DEFAULT_DISK_MB,
+         vision: str = "auto") -> "Model":
     """Read and check the bundle's manifest, then build the backend it names.
 
     threads: one value for every pool (llama.cpp, the vision encoder, preprocessing, DICOM);
@@ -51,6 +53,8 @@ def load(bundle_dir, device: str = "auto", threads: int | None = None, context: 
     ~23k tokens) up to the model's training length; a number fixes it.
     image_cache_dir: also keep image embeddings on disk there (bounded by image_cache_mb), so the
     same image is not encoded again after a restart; off by default (see runtime/embed_cache).
+    vision: which of the bundle's vision files runs — "auto" (the fastest faithful one on this
+    machine, runtime/vision_choice.py) or an encoding the bundle holds ("f16", "onnx-int8", …).
     """
     from medgemma_edge.runtime.manifest import verify_bundle
 
@@ -60,6 +64,8 @@ def load(bundle_dir, device: str = "auto", threads: int | None = None, context: 
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
             raise InputError(f"{name} must be a positive integer or None, got {value!r:.40}")
     _check_image_options(False, 1, fit)
+    if not isinstance(vision, str):
+        raise InputError(f"vision must be 'auto' or an encoding name, got {type(vision).__name__}")
     if not isinstance(bundle_dir, (str, os.PathLike)):
         raise InputError(f"bundle_dir must be a folder path, got {type(bundle_dir).__name__}")
     bundle = Path(bundle_dir)
@@ -74,24 +80,32 @@ def load(bundle_dir, device: str = "auto", threads: int | None = None, context: 
         raise BundleError(f"this runtime reads GGUF bundles; {bundle.name} is '{backend}' — "
                           "export it with --format gguf")
     return Model(bundle, manifest, device=device, threads=threads, context=context, fit=fit,
-                 image_cache_dir=image_cache_dir, image_cache_mb=image_cache_mb)
+                 image_cache_dir=image_cache_dir, image_cache_mb=image_cache_mb, vision=vision)
 
 
 class Model:
     def __init__(self, bundle: Path, manifest: dict, *, device: str, threads, context: int | None, fit: str,
-                 image_cache_dir=None, image_cache_mb: float = DEFAULT_DISK_MB):
+                 image_cache_dir=None, image_cache_mb: float = DEFAULT_DISK_MB, vision: str = "auto"):
         from medgemma_edge.runtime.backends.llama_engine import LlamaEngine
 
         t0 = time.perf_counter()
         self.bundle, self.manifest, self.fit, self.device = bundle, manifest, fit, device
         self.threads = resolve_threads(threads)
-        files = {f["role"]: f for f in manifest["files"]}
+        text = next(f for f in manifest["files"] if f["role"] == "text")
         self.auto_context = context is None
-        self.engine = LlamaEngine(str(bundle / files["text"]["path"]), n_ctx=context or AUTO_CONTEXT_START,
-                                  threads=self.threads, n_gpu_layers=_gpu_layers(device))
+        gpu_layers = _gpu_layers(device)
+        self.engine = LlamaEngine(str(bundle / text["path"]), n_ctx=context or AUTO_CONTEXT_START,
+                                  threads=self.threads, n_gpu_layers=gpu_layers)
         self.vocab = _vocabulary(self.engine, manifest)
-        self.text_id = files["text"].get("sha256") or _file_id(bundle / files["text"]["path"])
-        self.vision_path = bundle / files["vision"]["path"] if "vision" in files else None
+        self.text_id = text.get("sha256") or _file_id(bundle / text["path"])
+        try:
+            speeds = cache_root()
+        except OSError:  # no cache folder: speeds are not remembered
+            speeds = None
+        speed_of = lambda e: EncodeSpeed(speeds, e.get("sha256") or e["path"], self.threads)
+        self.vision_file = choose_vision([f for f in manifest["files"] if f["role"] == "vision"], vision,
+                                         gpu=gpu_layers != 0, measured=lambda e: speed_of(e).seconds())
+        self.vision_path = bundle / self.vision_file["path"] if self.vision_file else None
         self._vision = None
         image = manifest.get("image") or {}
         self.image_size = int(image.get("size", 896))
@@ -101,11 +115,8 @@ class Model:
         self.image_cache = None
         self.encode_speed = EncodeSpeed(None, "", self.threads)
         if self.vision_path is not None:
-            vision_id = files["vision"].get("sha256") or _file_id(self.vision_path)
-            try:
-                self.encode_speed = EncodeSpeed(cache_root(), vision_id, self.threads)
-            except OSError:  # no cache folder: speeds are not remembered
-                pass
+            vision_id = self.vision_file.get("sha256") or _file_id(self.vision_path)
+            self.encode_speed = EncodeSpeed(speeds, vision_id, self.threads)
             self.image_cache = EmbeddingCache((self.image_tokens, self.engine.n_embd), vision_id,
                                               memory_items=DEFAULT_MEMORY_ITEMS, disk_dir=image_cache_dir,
                                               disk_mb=image_cache_mb)

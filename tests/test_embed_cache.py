@@ -152,7 +152,7 @@ def test_cli_ask_image_cache_option(tiny_bundle_f32, tmp_path):
     for _ in range(2):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output
-    assert len(list(cache.rglob("*.npy"))) == 1
+    assert len(list(cache.rglob("*.npy"))) == 2  # the image's embeddings and its evaluated prefix
 
 
 def test_cli_refuses_an_image_cache_others_can_write_in_one_line(tiny_bundle_f32, tmp_path):

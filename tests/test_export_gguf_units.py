@@ -271,7 +271,7 @@ def test_manifest_round_trip_and_verify(tmp_path):
     (lambda b: (b / "manifest.json").unlink(), "no manifest.json"),
     (lambda b: (b / "manifest.json").write_text("{"), "not valid JSON"),
     (lambda b: _edit(b, format_version=2), "upgrade medgemma-edge"),
-    (lambda b: _edit(b, files=[{"role": "text", "path": "../m.gguf", "size": 1, "sha256": "0"}]), "inside the bundle"),
+    (lambda b: _edit(b, files=[{"role": "text", "path": "../m.gguf", "size": 1, "sha256": "0" * 64}]), "inside the bundle"),
     (lambda b: (b / "m.gguf").unlink(), "m.gguf is missing"),
     (lambda b: (b / "m.gguf").write_bytes(b"GGUF"), "m.gguf has 4 bytes"),
 ])

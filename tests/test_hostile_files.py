@@ -51,8 +51,10 @@ def attempt(load, *args, **kwargs):
     return outcome
 
 def report(**outcomes):
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
-    print("RESULT " + json.dumps({"outcomes": outcomes, "peak_rss_mb": rss}))
+    # VmHWM, not ru_maxrss: ru_maxrss survives fork+exec, so a child of a test run holding models
+    # would be charged the parent's gigabytes (runtime/memory.py)
+    from medgemma_edge.runtime.memory import peak_rss_mb
+    print("RESULT " + json.dumps({"outcomes": outcomes, "peak_rss_mb": peak_rss_mb()}))
 '''
 
 

@@ -49,7 +49,8 @@ def _shown(path) -> str:
 @click.option("--max-slices", type=click.IntRange(min=1), default=DEFAULT_MAX_SLICES, show_default=True)
 @click.option("--fit", type=click.Choice(FITS), default=None, help="pad (default) or stretch to square")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="default: physical cores")
-def encode(paths, bundle, image_cache, image_cache_mb, system, window, max_slices, fit, threads):
+@click.option("--vision", default="auto", show_default=True, help="vision file to run (as in `ask`)")
+def encode(paths, bundle, image_cache, image_cache_mb, system, window, max_slices, fit, threads, vision):
     """Prepare PATHS (pictures, DICOM files, series folders, or worklists: .txt files with one
     path a line) so that `ask` with the same --image-cache and system prompt starts at the
     question. Already prepared studies are skipped; a bad file is reported and the batch goes on."""
@@ -60,7 +61,8 @@ def encode(paths, bundle, image_cache, image_cache_mb, system, window, max_slice
     items = []
     for p in paths:
         items += read_worklist(Path(p)) if Path(p).suffix.lower() in WORKLIST_SUFFIXES else [p]
-    model = medgemma_edge.load(bundle, threads=threads, image_cache_dir=image_cache, image_cache_mb=image_cache_mb)
+    model = medgemma_edge.load(bundle, threads=threads, image_cache_dir=image_cache, image_cache_mb=image_cache_mb,
+                               vision=vision)
     done = skipped = failed = 0
     t_all = time.perf_counter()
     for i, path in enumerate(items, 1):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from medgemma_edge.export.quants import TEXT_QUANTS, VISION_QUANTS
+from medgemma_edge.export.quants import DEFAULT_VISION_QUANTS, TEXT_QUANTS, VISION_QUANTS
 from medgemma_edge.runtime.errors import ExportError
 
 
@@ -22,9 +22,11 @@ def _mb(n: float) -> str:
 @click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True)
 @click.option("--quant", type=click.Choice(TEXT_QUANTS), default="q4_k_m", show_default=True,
               help="Text model weights.")
-@click.option("--vision-quant", type=click.Choice(VISION_QUANTS), default="f16", show_default=True,
-              help="Vision tower: a GGUF mmproj (f32/f16/q8_0, run by llama.cpp) or an ONNX graph "
-                   "(onnx-f32, onnx-int8: run by onnxruntime; int8 is the fastest CPU path).")
+@click.option("--vision-quant", type=click.Choice(VISION_QUANTS), multiple=True, default=DEFAULT_VISION_QUANTS,
+              show_default=True,
+              help="Vision tower file(s); repeat for several: GGUF mmproj (f32/f16/q8_0, run by llama.cpp) or "
+                   "ONNX (onnx-f32, onnx-int8: run by onnxruntime). The runtime picks the fastest faithful "
+                   "one on its machine (load(vision='auto')).")
 @click.option("--keep-intermediate", is_flag=True, help="Keep the unquantized GGUFs in <out>/intermediate.")
 @click.option("--no-quality", is_flag=True, help="Skip the quantization report (faster).")
 @click.option("--threads", type=int, default=0, help="Threads for quantization and the report (0: all).")

@@ -37,12 +37,15 @@ DEFAULTS = {"port": 8080, "max_queue": 8, "max_body_mb": 128, "max_images": 128}
 @click.option("--cors-origin", default=None, help="allow this one browser origin (no CORS headers otherwise)")
 @click.option("--upstream", default=None,
               help="answer with this OpenAI-compatible engine (llama-server, vLLM, Ollama) behind our image path")
+@click.option("--upstream-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="file holding the upstream engine's API key, if it wants one")
+@click.option("--upstream-model", default=None, help="model name to ask the upstream engine for (Ollama needs one)")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="default: physical cores")
 @click.option("--context", type=click.IntRange(min=256), default=None,
               help="context length in tokens (default: grows to what each prompt needs)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def serve(bundle, host, port, api_key_file, max_queue, max_body_mb, max_images, image_cache, cors_origin,
-          upstream, threads, context, device):
+          upstream, upstream_key_file, upstream_model, threads, context, device):
     """Serve BUNDLE over HTTP: OpenAI's /v1/chat/completions with images and DICOM, and a kiosk page at /."""
     from medgemma_edge.server.config import ServerConfig, read_api_key
 
@@ -52,18 +55,21 @@ def serve(bundle, host, port, api_key_file, max_queue, max_body_mb, max_images, 
     if bundle is None and upstream is None:
         raise InputError("no bundle given — pass -m BUNDLE (a folder made by `medgemma-edge export`), set "
                          "MEDGEMMA_EDGE_MODEL, or pass --upstream URL")
-    backend = make_backend(bundle, upstream, threads=threads, context=context, device=device, image_cache=image_cache)
+    upstream_key = read_api_key(upstream_key_file) if upstream_key_file else None
+    backend = make_backend(bundle, upstream, threads=threads, context=context, device=device, image_cache=image_cache,
+                           upstream_key=upstream_key, upstream_model=upstream_model)
     from medgemma_edge.server.runner import serve as run
 
     run(backend, config)
 
 
-def make_backend(bundle, upstream, *, threads=None, context=None, device="auto", image_cache=None):
+def make_backend(bundle, upstream, *, threads=None, context=None, device="auto", image_cache=None,
+                 upstream_key=None, upstream_model=None):
     """The local model (loaded now, so a bad bundle stops here with one line), or the upstream engine."""
     if upstream is not None:
         from medgemma_edge.server.upstream import UpstreamBackend
 
-        return UpstreamBackend(upstream, bundle=bundle, threads=threads)
+        return UpstreamBackend(upstream, api_key=upstream_key, model=upstream_model, bundle=bundle, threads=threads)
     import medgemma_edge
     from medgemma_edge.server.backend import LocalBackend
 

@@ -1,0 +1,86 @@
+"""load(vision="auto"): the fastest faithful vision file for this machine, by measurement where
+there is one, else by the CPU's kind (mocked flags here); an unfaithful file is never picked."""
+
+import json
+
+import numpy as np
+import pytest
+
+from medgemma_edge.runtime.errors import InputError
+from medgemma_edge.runtime.vision_choice import choose_vision, cpu_kind
+
+F16 = {"role": "vision", "path": "m-mmproj-f16.gguf", "quant": "f16", "fidelity": 0.99998}
+INT8 = {"role": "vision", "path": "m-vision-int8.onnx", "quant": "onnx-int8", "fidelity": 0.9995}
+INT8_BAD = {**INT8, "fidelity": 0.98}  # 8-bit weights overflowing AVX2's int16 sums: measured 0.98
+Q8 = {"role": "vision", "path": "m-mmproj-q8_0.gguf", "quant": "q8_0", "fidelity": None}  # not measured
+F32 = {"role": "vision", "path": "m-mmproj-f32.gguf", "quant": "f32", "fidelity": 1.0}
+
+VNNI = {"avx2", "avx512f", "avx512_vnni"}
+AVX2 = {"avx2", "fma"}
+NEON = {"asimd"}
+
+
+@pytest.mark.parametrize("flags,gpu,kind", [(VNNI, False, "vnni"), (AVX2, False, "avx2"), (NEON, False, "other"),
+                                            (VNNI, True, "gpu")])
+def test_cpu_kind(flags, gpu, kind):
+    assert cpu_kind(flags, gpu) == kind
+
+
+def test_int8_on_cpus_where_it_was_measured_fastest():
+    assert choose_vision([F16, INT8], flags=VNNI) is INT8
+    assert choose_vision([F16, INT8], flags=AVX2) is INT8
+
+
+def test_float_where_int8_was_not_measured_and_on_a_gpu():
+    assert choose_vision([F16, INT8], flags=NEON) is F16
+    assert choose_vision([INT8, F16], flags=VNNI, gpu=True) is F16
+
+
+def test_never_an_unfaithful_or_unmeasured_file():
+    assert choose_vision([F16, INT8_BAD], flags=VNNI) is F16
+    assert choose_vision([F16, Q8], flags=VNNI) is F16
+    assert choose_vision([Q8], flags=VNNI) is Q8  # the only one there is: the primary
+    assert choose_vision([F32, INT8_BAD], flags=VNNI) is F32
+
+
+def test_this_machines_measurements_win():
+    times = {"f16": 20.0, "onnx-int8": 30.0}
+    assert choose_vision([F16, INT8], flags=VNNI, measured=lambda e: times[e["quant"]]) is F16
+    partly = {"f16": 20.0, "onnx-int8": None}  # not every candidate timed: the ranking decides
+    assert choose_vision([F16, INT8], flags=VNNI, measured=lambda e: partly[e["quant"]]) is INT8
+
+
+def test_an_explicit_choice_and_a_missing_one():
+    assert choose_vision([F16, INT8], "f16", flags=VNNI) is F16
+    with pytest.raises(InputError, match="no 'q8_0' vision file"):
+        choose_vision([F16, INT8], "q8_0", flags=VNNI)
+
+
+def test_a_bundle_with_two_vision_files(tiny_dir, tmp_path, monkeypatch):
+    """Export writes every --vision-quant with its fidelity; the runtime runs the one chosen, and
+    both give the same image embeddings within the recorded fidelity."""
+    import medgemma_edge
+    from medgemma_edge.export.bundle import export_gguf
+    from medgemma_edge.runtime import vision_choice
+
+    res = export_gguf(tiny_dir, tmp_path / "b", "f32", ("f16", "onnx-int8"), threads=2)
+    vision = [f for f in res.manifest["files"] if f["role"] == "vision"]
+    print(json.dumps(vision, indent=1))
+    assert [f["quant"] for f in vision] == ["f16", "onnx-int8"] and res.manifest["quantization"]["vision"] == "f16"
+    assert all(f["fidelity"] is not None and f["fidelity"] >= 0.999 for f in vision)
+    assert [v["quant"] for v in res.manifest["quality"]["vision_files"]] == ["f16", "onnx-int8"]
+    monkeypatch.setattr(vision_choice, "cpu_flags", lambda: VNNI)
+    monkeypatch.setenv("MEDGEMMA_EDGE_CACHE", str(tmp_path / "cache"))  # no encode times measured yet
+    auto = medgemma_edge.load(res.bundle, threads=2, context=1024)
+    f16 = medgemma_edge.load(res.bundle, threads=2, context=1024, vision="f16")
+    assert auto.vision_path.suffix == ".onnx" and f16.vision_path.suffix == ".gguf"
+    pixels = np.random.default_rng(0).integers(0, 256, (896, 896, 3), dtype=np.uint8)
+    a, b = auto.image_embeddings(pixels)[1], f16.image_embeddings(pixels)[1]
+    cos = float((a * b).sum() / np.linalg.norm(a) / np.linalg.norm(b))
+    print(f"onnx-int8 vs f16 embeddings: cosine {cos:.6f}")
+    assert cos >= 0.998
+
+
+def test_int8_below_the_fidelity_bar_is_not_picked():
+    """At 4B shape with random weights onnx-int8 measured 0.9987: under 0.999, so f16 runs."""
+    assert choose_vision([F16, {**INT8, "fidelity": 0.9987}], flags=VNNI) is F16
