@@ -47,6 +47,8 @@ ASSISTANT = "You are a helpful medical assistant."  # ... and for text tasks
 @click.option("--vision", default="auto", show_default=True,
               help="which of the bundle's vision files runs: auto (the fastest faithful one on this machine) "
                    "or an encoding it holds (f16, onnx-int8, ...)")
+@click.option("--repack-weights", "repack", is_flag=True,
+              help="faster decode on AVX-512 (+17 percent measured at 4B) for +1.5 GB of memory and ~1.5 s of load")
 @click.option("--image-cache", "image_cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               envvar="MEDGEMMA_EDGE_IMAGE_CACHE", show_envvar=True,
               help="also keep image embeddings in this folder, so the same image is not encoded again "
@@ -54,7 +56,7 @@ ASSISTANT = "You are a helpful medical assistant."  # ... and for text tasks
 @click.option("--image-cache-mb", type=click.FloatRange(min=1), default=2048, show_default=True,
               help="size limit of the --image-cache folder; least recently used images go first")
 def ask(prompt, bundle, images, system, think, max_tokens, temperature, top_p, top_k, seed, stats,
-        window, max_slices, budget, fit, context, threads, device, vision, image_cache, image_cache_mb):
+        window, max_slices, budget, fit, context, threads, device, vision, repack, image_cache, image_cache_mb):
     """Ask PROMPT, about the given images if any; the answer streams to stdout."""
     if bundle is None:
         raise InputError("no bundle given — pass -m BUNDLE (a folder made by `medgemma-edge export`) or set "
@@ -62,7 +64,7 @@ def ask(prompt, bundle, images, system, think, max_tokens, temperature, top_p, t
     answer(bundle, prompt, images, system=system, think=think, max_tokens=max_tokens, temperature=temperature,
            top_p=top_p, top_k=top_k, seed=seed, stats=stats, window=window, max_slices=max_slices, fit=fit,
            context=context, threads=threads, device=device, image_cache=image_cache, image_cache_mb=image_cache_mb,
-           budget=budget, vision=vision)
+           budget=budget, vision=vision, repack=repack)
 
 
 def _slices_for_budget(model, images, budget, window, fit, max_slices) -> int:
@@ -82,12 +84,14 @@ def _slices_for_budget(model, images, budget, window, fit, max_slices) -> int:
 
 def answer(bundle, prompt, images=(), *, system=None, think=False, max_tokens=256, temperature=0.0, top_p=1.0,
            top_k=0, seed=None, stats=False, window=None, max_slices=DEFAULT_MAX_SLICES, fit=None, context=None,
-           threads=None, device="auto", image_cache=None, image_cache_mb=2048, budget=None, vision="auto") -> None:
+           threads=None, device="auto", image_cache=None, image_cache_mb=2048, budget=None, vision="auto",
+           repack=False) -> None:
     """Load `bundle`, stream the answer to `prompt` to stdout; what `ask` and `demo` run."""
     import medgemma_edge
 
     model = medgemma_edge.load(bundle, device=device, threads=threads, context=context, fit=fit,
-                               image_cache_dir=image_cache, image_cache_mb=image_cache_mb, vision=vision)
+                               image_cache_dir=image_cache, image_cache_mb=image_cache_mb, vision=vision,
+                               repack=repack)
     content = [{"type": "image", "image": src} for src in images] + [{"type": "text", "text": prompt}]
     messages = [{"role": "system", "content": system or (RADIOLOGIST if images else ASSISTANT)},
                 {"role": "user", "content": content}]
