@@ -18,17 +18,22 @@ from medgemma_edge.runtime.errors import InputError
 FIDELITY_MIN = 0.999
 EXACT = ("f32", "onnx-f32")  # the reference arithmetic: no fidelity to measure
 
-# Encode seconds measured at 4B shape, 2 threads (benchmarks/results/REPORT.md, issue 14):
-# AVX-512 VNNI EPYC: onnx-int8 25.7, f16 63.9 (llama.cpp's own path 85.6);
-# AVX2 EPYC: onnx-int8 38-40, f16 52.8-55, onnx-f32 54, q8_0 72, f32 127.
+# Encode seconds measured at 4B shape, 2 threads (export/quants.py; benchmarks/results/REPORT.md):
+# AVX-512 VNNI EPYC: onnx-int8-vnni 22.9, onnx-int8 25.3, onnx-f32 39.7, f16 50.9-63.9 (llama.cpp's
+# own path 85.6); AVX2 EPYC: onnx-int8 38-40, f16 52.8-55, onnx-f32 54, q8_0 72, f32 127.
 # int8 ONNX leads on both (VNNI's int8 dot products widen the gap); a GPU runs llama.cpp's f16
 # (or onnxruntime's CUDA provider on the float graph), never the CPU's int8 kernels.
 SPEED_RANK = {
-    "vnni": ("onnx-int8", "f16", "onnx-f32", "q8_0", "f32"),
+    "vnni": ("onnx-int8-vnni", "onnx-int8", "onnx-f32", "f16", "q8_0", "f32"),
     "avx2": ("onnx-int8", "f16", "onnx-f32", "q8_0", "f32"),
     "other": ("f16", "onnx-f32", "onnx-int8", "q8_0", "f32"),  # no measurement: float kernels first
     "gpu": ("f16", "f32", "onnx-f32", "q8_0", "onnx-int8"),
 }
+
+
+# Encodings a kind of CPU cannot run faithfully, whatever the export measured on its own machine:
+# full 8-bit weights overflow AVX2's saturating int16 pair sums (tiny's cosine fell to 0.98).
+NEEDS = {"onnx-int8-vnni": ("vnni",)}
 
 
 def cpu_flags() -> set[str]:
@@ -56,7 +61,7 @@ def quant_of(entry: dict) -> str:
         return entry["quant"]
     name = entry["path"]
     if name.endswith(".onnx"):
-        return "onnx-int8" if "int8" in name else "onnx-f32"
+        return "onnx-int8-vnni" if "int8-vnni" in name else "onnx-int8" if "int8" in name else "onnx-f32"
     return next((q for q in ("f32", "f16", "q8_0") if name.endswith(f"-{q}.gguf")), "f16")
 
 
@@ -77,10 +82,12 @@ def choose_vision(entries: list[dict], want: str = "auto", *, flags: set[str] | 
                 return e
         have = ", ".join(quant_of(e) for e in entries)
         raise InputError(f"this bundle has no {want!r} vision file (it has {have}) — pick one of those, or auto")
-    pool = [e for e in entries if faithful(e)] or entries[:1]  # unmeasured files: the primary (first) only
+    kind = cpu_kind(cpu_flags() if flags is None else flags, gpu)
+    runnable = [e for e in entries if kind in NEEDS.get(quant_of(e), (kind,))]
+    pool = [e for e in runnable if faithful(e)] or runnable[:1] or entries[:1]  # else the primary (first)
     if measured is not None:
         times = {id(e): measured(e) for e in pool}
         if all(t is not None for t in times.values()):
             return min(pool, key=lambda e: times[id(e)])
-    rank = SPEED_RANK[cpu_kind(cpu_flags() if flags is None else flags, gpu)]
+    rank = SPEED_RANK[kind]
     return min(pool, key=lambda e: rank.index(quant_of(e)) if quant_of(e) in rank else len(rank))

@@ -18,7 +18,7 @@ def onnx_bundles(tmp_path_factory, tiny_dir):
 
     root = tmp_path_factory.mktemp("onnx-bundles")
     out = {}
-    for vq in ("onnx-f32", "onnx-int8"):
+    for vq in ("onnx-f32", "onnx-int8", "onnx-int8-vnni"):
         out[vq] = root / vq
         export_gguf(tiny_dir, out[vq], quant="f32", vision_quant=vq, quality=(vq == "onnx-int8"))
     return out
@@ -34,8 +34,19 @@ def _encoder(bundle):
                              std=manifest["image"]["std"])
 
 
-@pytest.mark.parametrize("vq,cos_min", [("onnx-f32", F32_COS_MIN), ("onnx-int8", INT8_COS_MIN)])
+def _has_vnni() -> bool:
+    from medgemma_edge.runtime.vision_choice import cpu_flags, cpu_kind
+
+    return cpu_kind(cpu_flags()) == "vnni"
+
+
+@pytest.mark.parametrize("vq,cos_min", [("onnx-f32", F32_COS_MIN), ("onnx-int8", INT8_COS_MIN),
+                                        ("onnx-int8-vnni", INT8_COS_MIN)])
 def test_onnx_image_embeddings_match_transformers(onnx_bundles, tiny_dir, vq, cos_min):
+    if vq == "onnx-int8-vnni" and not _has_vnni():
+        # full 8-bit weights overflow AVX2's int16 pair sums (cosine ~0.98): the runtime never runs
+        # this file on such a CPU (tests/test_vision_choice.py), so there is no bound to hold here
+        pytest.skip("full 8-bit int8 weights are for CPUs with VNNI; this one has none")
     pixels = _pixels(seed=3)
     ours = _encoder(onnx_bundles[vq]).encode(pixels)
     normalized = ((pixels.astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)[None]

@@ -84,3 +84,13 @@ def test_a_bundle_with_two_vision_files(tiny_dir, tmp_path, monkeypatch):
 def test_int8_below_the_fidelity_bar_is_not_picked():
     """At 4B shape with random weights onnx-int8 measured 0.9987: under 0.999, so f16 runs."""
     assert choose_vision([F16, {**INT8, "fidelity": 0.9987}], flags=VNNI) is F16
+
+
+VNNI8 = {"role": "vision", "path": "m-vision-int8-vnni.onnx", "quant": "onnx-int8-vnni", "fidelity": 0.9996}
+
+
+def test_full_8bit_int8_runs_only_where_vnni_is():
+    assert choose_vision([F16, INT8, VNNI8], flags=VNNI) is VNNI8
+    assert choose_vision([F16, INT8, VNNI8], flags=AVX2) is INT8  # it would overflow there
+    assert choose_vision([VNNI8, F16], flags=AVX2) is F16  # even when it is the primary
+    assert choose_vision([F16, VNNI8], flags=VNNI, gpu=True) is F16
