@@ -10,11 +10,10 @@ cache folder; before any, the first chosen slice is encoded and timed.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from medgemma_edge.runtime.cache import read_record, write_record
 from medgemma_edge.runtime.errors import InputError
 from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
 
@@ -31,11 +30,7 @@ class EncodeSpeed:
         self.key = f"{vision_id[:16]}:{threads}"  # vision_id: the file's sha256 (or its path)
 
     def _all(self) -> dict:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, AttributeError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return read_record(self.path) if self.path is not None else {}
 
     def seconds(self) -> float | None:
         times = self._all().get(self.key)
@@ -47,12 +42,7 @@ class EncodeSpeed:
             return
         data = self._all()
         data[self.key] = ([t for t in data.get(self.key, []) if isinstance(t, (int, float))] + [seconds])[-KEEP:]
-        try:
-            tmp = self.path.with_name(f"{SPEED_FILE}.{os.getpid()}.partial")
-            tmp.write_text(json.dumps(data), encoding="utf-8")
-            os.replace(tmp, self.path)
-        except OSError:
-            pass  # unmeasured next time: one slice is timed again
+        write_record(self.path, data)  # unwritable: unmeasured next time, one slice is timed again
 
 
 @dataclass

@@ -21,6 +21,7 @@ import json
 import os
 from pathlib import Path, PurePosixPath
 
+from medgemma_edge.runtime.cache import read_record, write_record
 from medgemma_edge.runtime.errors import BundleError
 
 FORMAT_VERSION = 1
@@ -157,7 +158,7 @@ def verify_bundle(bundle_dir, *, hashes: bool = True, remember: Path | None = No
     later one is instant, and a file changed since (copied again, edited) is hashed anew."""
     bundle = Path(bundle_dir)
     manifest = read_manifest(bundle)
-    known = _read_remembered(remember) if remember else {}
+    known = read_record(remember) if remember else {}
     verified = {}
     for f in manifest["files"]:
         path = bundle / f["path"]
@@ -175,23 +176,5 @@ def verify_bundle(bundle_dir, *, hashes: bool = True, remember: Path | None = No
                               "— the file is corrupt; copy or export it again")
         verified[key] = stamp
     if remember and verified:
-        _write_remembered(remember, {**known, **verified})
+        write_record(remember, {**known, **verified})  # unwritable: the next load hashes again
     return manifest
-
-
-def _read_remembered(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _write_remembered(path: Path, data: dict) -> None:
-    """Best effort: a folder that cannot be written costs a hash on the next load, nothing else."""
-    try:
-        tmp = Path(f"{path}.{os.getpid()}.partial")
-        tmp.write_text(json.dumps(data), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        pass

@@ -12,6 +12,7 @@ import click
 from medgemma_edge.cli.ask import RADIOLOGIST
 from medgemma_edge.runtime.dicom.windows import WINDOW_HELP
 from medgemma_edge.runtime.errors import InputError, MedGemmaEdgeError
+from medgemma_edge.runtime.files import shown
 from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
 from medgemma_edge.runtime.preprocess import FITS
 
@@ -24,15 +25,10 @@ def read_worklist(path: Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read the worklist {_shown(path)} ({err.__class__.__name__}) — "
+        raise InputError(f"cannot read the worklist {shown(path)} ({err.__class__.__name__}) — "
                          "give a UTF-8 text file with one path a line") from None
     entries = [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
     return [str(p if Path(p).is_absolute() else path.parent / p) for p in entries]
-
-
-def _shown(path) -> str:
-    """A path as one printable line: control characters escaped, never raw."""
-    return str(path).encode("unicode_escape", "backslashreplace").decode("ascii")
 
 
 @click.command()
@@ -73,14 +69,14 @@ def encode(paths, bundle, image_cache, image_cache_mb, system, window, max_slice
             stats = model.prepare(messages, window=window, max_slices=max_slices, fit=fit)
         except MedGemmaEdgeError as err:
             failed += 1
-            click.echo(f"[{i}/{len(items)}] {_shown(path)}: error: {err}", err=True)
+            click.echo(f"[{i}/{len(items)}] {shown(path)}: error: {err}", err=True)
             continue
         if stats.restored_tokens and not stats.image_encode_s:
             skipped += 1
-            click.echo(f"[{i}/{len(items)}] {_shown(path)}: already prepared", err=True)
+            click.echo(f"[{i}/{len(items)}] {shown(path)}: already prepared", err=True)
         else:
             done += 1
-            click.echo(f"[{i}/{len(items)}] {_shown(path)}: {stats.images} picture(s) prepared in "
+            click.echo(f"[{i}/{len(items)}] {shown(path)}: {stats.images} picture(s) prepared in "
                        f"{time.perf_counter() - t0:.1f} s", err=True)
         sys.stderr.flush()
     click.echo(f"prepared {done}, already prepared {skipped}, failed {failed} "
