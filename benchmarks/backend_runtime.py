@@ -16,8 +16,16 @@ STAT_KEYS = ("preprocess_ms", "image_encode_s", "prefill_tok_s", "decode_tok_s",
 
 
 class RuntimeBackend(Backend):
-    def __init__(self, bundle: str, threads: int, context: int = 4096, fit: str | None = None):
+    """vision: "auto" (what a user gets) or one of the bundle's encodings; repack: llama.cpp's
+    repacked weights (--repack-weights); image_cache_dir: the disk image cache a prepared study
+    lives in (`prepare` fills it in one process, `ask` in the next reads it)."""
+
+    def __init__(self, bundle: str, threads: int, context: int = 4096, fit: str | None = None,
+                 vision: str = "auto", repack: bool = False, image_cache_dir: str | None = None,
+                 prepare: bool = False, open_vision: bool = True):
         self.bundle, self.threads, self.context, self.fit = bundle, threads, context, fit
+        self.vision, self.repack, self.image_cache_dir = vision, repack, image_cache_dir
+        self.open_vision = open_vision  # False for text-only entries: their RSS is the text model's
         self.model = None
         self._history: list = []
 
@@ -40,13 +48,26 @@ class RuntimeBackend(Backend):
 
         t0 = time.perf_counter()
         self.model = medgemma_edge.load(self.bundle, device="cpu", threads=self.threads,
-                                        context=self.context, fit=self.fit)
+                                        context=self.context, fit=self.fit, vision=self.vision,
+                                        repack=self.repack, image_cache_dir=self.image_cache_dir)
         text_s = time.perf_counter() - t0
-        if self.model.vision_path is not None:
+        if self.model.vision_path is not None and self.open_vision:
             # The runtime opens the vision file on the first image; open it now, so that "load"
             # means ready for an image question, as it does for llama.cpp's handler.
             self.model.load_vision()
-        return {"load_text_s": round(text_s, 3), "model_load_s": self.model.load_s}
+        vision = (self.model.vision_file or {}).get("quant")
+        return {"load_text_s": round(text_s, 3), "model_load_s": self.model.load_s, "vision": vision}
+
+    def prepare(self, case: Case) -> dict:
+        """Pre-encode the study (`medgemma-edge encode`): the image and the prompt up to it."""
+        t0 = time.perf_counter()
+        stats = self.model.prepare(self._study(case))
+        return {"prepare_s": round(time.perf_counter() - t0, 3), "image_encode_s": stats.image_encode_s}
+
+    @staticmethod
+    def _study(case: Case) -> list:
+        return [{"role": "system", "content": case.system},
+                {"role": "user", "content": [{"type": "image", "image": case.image}]}]
 
     def _chat(self, messages, n: int) -> tuple[str, dict]:
         reply = self.model.chat(messages, max_new_tokens=n)
@@ -56,9 +77,8 @@ class RuntimeBackend(Backend):
         return reply.text, stats
 
     def ask(self, case: Case) -> dict:
-        self._history = [{"role": "system", "content": case.system},
-                         {"role": "user", "content": [{"type": "image", "image": case.image},
-                                                      {"type": "text", "text": case.question}]}]
+        self._history = self._study(case)
+        self._history[-1]["content"].append({"type": "text", "text": case.question})
         text, stats = self._chat(self._history, case.decode_tokens)
         self._history.append({"role": "assistant", "content": text})
         return stats

@@ -32,9 +32,26 @@ def _rate(model, model_mod, adaptive: bool, tokens: int, rounds: int) -> float:
         model_mod.threads_beside = real
 
 
+def measure(model, tokens: int = 48, rounds: int = 3) -> dict:
+    """Best decode rate of `model` in the four conditions (quiet / one busy process, all threads /
+    the runtime's choice); the busy process runs only for the two busy conditions."""
+    from medgemma_edge.runtime import model as model_mod
+
+    res = {"quiet, all threads": _rate(model, model_mod, False, tokens, rounds),
+           "quiet, runtime's choice": _rate(model, model_mod, True, tokens, rounds)}
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    time.sleep(1.0)
+    try:
+        res["busy, all threads"] = _rate(model, model_mod, False, tokens, rounds)
+        res["busy, runtime's choice"] = _rate(model, model_mod, True, tokens, rounds)
+    finally:
+        busy.kill()
+        busy.wait()
+    return res
+
+
 def main(argv=None) -> dict:
     import medgemma_edge
-    from medgemma_edge.runtime import model as model_mod
     from medgemma_edge.runtime.vision_choice import cpu_flags
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -49,15 +66,7 @@ def main(argv=None) -> dict:
         args.bundle = demo_bundle(progress=print)
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx2", "avx512f", "avx512_vnni", "avx512_bf16")))
     model = medgemma_edge.load(args.bundle, threads=args.threads, context=1024)
-    res = {"quiet, all threads": _rate(model, model_mod, False, args.tokens, args.rounds),
-           "quiet, runtime's choice": _rate(model, model_mod, True, args.tokens, args.rounds)}
-    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    time.sleep(1.0)
-    try:
-        res["busy, all threads"] = _rate(model, model_mod, False, args.tokens, args.rounds)
-        res["busy, runtime's choice"] = _rate(model, model_mod, True, args.tokens, args.rounds)
-    finally:
-        busy.kill()
+    res = measure(model, args.tokens, args.rounds)
     print(f"{args.bundle.name}, {model.threads} threads, CPU flags {' '.join(flags) or 'unknown'}")
     for name, rate in res.items():
         print(f"  {name:24s} {rate:7.2f} tok/s")

@@ -4,10 +4,13 @@
 
 Every variant of the same vision tower (the MedGemma-4B-shaped checkpoint, or `tiny` with --quick)
 encodes the same 896² X-ray, one after another in this process: llama.cpp's mtmd with the mmproj
-at F32 / F16 / Q8_0, flash attention on and off, and onnxruntime with the tower at f32 and int8.
-Fidelity is the cosine (whole output and worst token row) and the worst relative difference of
-the image embeddings against the F32 mmproj without flash attention, the reference. Files are
-exported once into the cache (bench/vision/) with our own exporter.
+at F32 / F16 / BF16 / Q8_0, flash attention on and off, and onnxruntime with the tower at f32,
+int8 (7-bit weights) and, on CPUs with VNNI only, int8-vnni (8-bit weights; it overflows
+elsewhere, so the runtime never runs it there). BF16 runs everywhere but is only fast with
+avx512_bf16; the table says when this CPU lacks it. Fidelity is the cosine (whole output and
+worst token row) and the worst relative difference of the image embeddings against the F32
+mmproj without flash attention, the reference. Files are exported once into the cache
+(bench/vision/) with our own exporter; the ONNX files all come from one traced graph.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ VARIANTS = [
     ("mmproj f32, flash attn off (reference)", "f32", 0),
     ("mmproj f16, flash attn off", "f16", 0),
     ("mmproj f16, flash attn on (runtime default)", "f16", 1),
+    ("mmproj bf16, flash attn on", "bf16", 1),
     ("mmproj q8_0, flash attn on", "q8_0", 1),
     ("onnx f32", "onnx-f32", None),
     ("onnx int8 (7-bit weights)", "onnx-int8", None),
+    ("onnx int8-vnni (8-bit weights)", "onnx-int8-vnni", None),
 ]
 
 
@@ -36,10 +41,23 @@ def vision_file(plan, folder: Path, quant: str) -> Path:
     path = folder / plan.vision_name(quant)
     if not path.is_file():
         say(f"[vision] exporting {path.name} ...")
+        if quant.startswith("onnx-") and plan.onnx_traced is None and (folder / plan.vision_name("onnx-f32")).is_file():
+            plan.onnx_traced = folder / plan.vision_name("onnx-f32")  # the traced graph itself
         tmp = path.with_name(path.name + ".part" + path.suffix)
-        plan.write_vision(tmp, quant)
+        plan.write_vision(tmp, quant, scratch=folder)
         tmp.replace(path)
     return path
+
+
+def runnable(quant: str, flags: set[str]) -> str | None:
+    """Why this CPU skips or slows a variant: None when it runs as intended."""
+    from medgemma_edge.runtime.vision_choice import NEEDS, cpu_kind
+
+    if cpu_kind(flags) not in NEEDS.get(quant, (cpu_kind(flags),)):
+        return "skipped: needs VNNI"
+    if quant == "bf16" and "avx512_bf16" not in flags:
+        return "no avx512_bf16 on this CPU: bf16 widened to f32 in software"
+    return None
 
 
 def main(argv=None) -> int:
@@ -52,6 +70,7 @@ def main(argv=None) -> int:
     from medgemma_edge.runtime.machine import physical_cores
     from medgemma_edge.runtime.backends.mtmd import VisionEncoder
     from medgemma_edge.runtime.preprocess import model_view
+    from medgemma_edge.runtime.vision_choice import cpu_flags
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny test model instead of the 4B shape")
@@ -77,10 +96,16 @@ def main(argv=None) -> int:
     pixels = model_view([np.asarray(Image.open(inputs.png).convert("RGB"))], plan.vision.image_size, "pad")[0]
     engine = LlamaEngine(str(text), n_ctx=512, threads=threads, n_gpu_layers=0)
     image = {"mean": plan.vision.image_mean, "std": plan.vision.image_std}
-    rows, ref = [], None
+    rows, ref, notes = [], None, []
+    flags = cpu_flags()
     for name, quant, flash in VARIANTS:
         if any(w in name for w in args.skip) and ref is not None:
             continue
+        note = runnable(quant, flags)
+        if note:
+            notes.append(f"{name}: {note}")
+            if note.startswith("skipped"):
+                continue
         path = vision_file(plan, folder, quant)
         if flash is None:
             enc = open_vision(path, engine.model, engine.n_embd, threads, "cpu", image)
@@ -99,6 +124,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|---|---|")
     for name, mb, s, cos, row, rel in rows:
         print(f"| {name} | {mb:,.0f} | {s:.1f} | {rows[0][2] / s:.2f}× | {cos:.6f} | {row:.6f} | {rel:.2e} |")
+    for note in notes:
+        print(f"\n- {note}")
     return 0
 
 

@@ -24,26 +24,41 @@ def _stamp(src: Path, quant: str, vision_quant: str) -> str:
                        "tool": __version__})
 
 
-def bundle(src: Path, quant: str, vision_quant: str = "f16", threads: int = 0) -> Path:
-    """The bundle of `src` at `quant` (text) / `vision_quant`, exported on first use."""
-    from medgemma_edge.export.bundle import export_gguf
+DEFAULT = "default"  # vision_quant: every file of export's default (export.quants.DEFAULT_VISION_QUANTS)
 
+
+def bundle(src: Path, quant: str, vision_quant: str = "f16", threads: int = 0, quality=False) -> Path:
+    """The bundle of `src` at `quant` (text) / `vision_quant` (one encoding, or DEFAULT), exported on
+    first use. quality="vision": measure the vision files' fidelity (what load(vision="auto") reads)."""
+    from medgemma_edge.export.bundle import export_gguf
+    from medgemma_edge.export.quants import DEFAULT_VISION_QUANTS
+
+    quants = DEFAULT_VISION_QUANTS if vision_quant == DEFAULT else (vision_quant,)
     out = cache_root() / "bench" / "bundles" / f"{src.name}-{quant}-{vision_quant}"
-    stamp = _stamp(src, quant, vision_quant)
+    stamp = _stamp(src, quant, "+".join(quants) + (f" quality={quality}" if quality else ""))
     if (out / STAMP).is_file() and (out / STAMP).read_text() == stamp:
         return out
     say(f"[export] {src.name} -> {quant} + vision {vision_quant} (cached in {out}) ...")
     t0 = time.perf_counter()
-    res = export_gguf(src, out, quant, vision_quant, quality=False, threads=threads, overwrite=True)
+    res = export_gguf(src, out, quant, quants, quality=quality, threads=threads, overwrite=True)
     (out / STAMP).write_text(stamp)
     say(f"[export] done in {time.perf_counter() - t0:.0f} s, peak {max(res.peak_mb.values(), default=0):,.0f} MB")
     return out
 
 
 def files(bundle_dir: Path) -> dict[str, Path]:
-    """role ('text', 'vision') -> path, from the bundle's manifest."""
+    """role ('text', 'vision': the first vision file, the bundle's primary) -> path, from the manifest."""
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    return {f["role"]: bundle_dir / f["path"] for f in manifest["files"]}
+    out = {}
+    for f in manifest["files"]:
+        out.setdefault(f["role"], bundle_dir / f["path"])
+    return out
+
+
+def vision_quants(bundle_dir: Path) -> list[str]:
+    """The encodings of the bundle's vision files, in manifest order."""
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    return [f.get("quant") for f in manifest["files"] if f["role"] == "vision"]
 
 
 def warm(paths) -> None:

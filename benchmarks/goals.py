@@ -1,4 +1,4 @@
-"""Issue 7's goals as data, and the ratios that decide them, computed from one run's results.
+"""Issue 14's goals as data, and the ratios that decide them, computed from one run's results.
 
 Each ratio is measured against an anchor from the same run on the same machine (STYLE.md, habit 6).
 A goal is either `at_least` a ratio (higher is better) or `at_most` a limit (lower is better);
@@ -62,68 +62,70 @@ def _fmt(v, unit: str, digits: int = 2) -> str:
     return "—" if v is None else f"{v:.{digits}f} {unit}"
 
 
-def evaluate(results: dict, prep: dict, roof: dict, names: dict, alternating: dict | None = None) -> list[Goal]:
-    """results: spec name -> model-phase result; prep: spec name -> {kind: timing}; names: role ->
-    spec name ('ours', 'llama', 'hf', 'hf_text'); alternating: quant -> spec name -> decode rates
-    from alternating rounds (the decode-vs-llama.cpp goals; the per-backend runs are in the tables)."""
+def evaluate(results: dict, prep: dict, roof: dict, names: dict, alternating: dict | None = None,
+             busy: dict | None = None, flags=()) -> list[Goal]:
+    """Issue 14's goals. results: spec name -> model-phase result; prep: spec name -> {kind: timing};
+    names: role -> spec name ('ours' = the default bundle with vision auto, 'prepared', 'llama',
+    'hf', 'floor', 'hf_text') and 'ours_paths' (every default vision path); alternating: quant ->
+    spec name -> decode rates from alternating rounds; busy: benchmarks.bench_busy's rates;
+    flags: the CPU's flags (the encode goal against transformers depends on VNNI)."""
     ours, llama, hf = names["ours"], names["llama"], names["hf"]
+    first = lambda name, key: _get(results, name, "first", key)  # noqa: E731
     goals = []
+
+    t_cold, t_prep = first(ours, "ttft_s"), first(names.get("prepared"), "ttft_s")
+    goals.append(Goal("TTFT, first question about a pre-encoded study, new process", 3.0, "at_most", unit="s",
+                      value=t_prep, ours=_fmt(t_prep, "s"), anchor=_fmt(t_cold, "s cold")))
+    goals.append(Goal("TTFT, pre-encoded study vs cold first question", 20.0, "at_least",
+                      value=_ratio(t_cold, t_prep), ours=_fmt(t_prep, "s"), anchor=_fmt(t_cold, "s cold")))
+    vision = _get(results, ours, "vision") or "?"
+    for who, name, target in (("llama.cpp direct", llama, 3.0), ("transformers fp32", hf, 1.5)):
+        theirs = first(name, "ttft_s")
+        goals.append(Goal(f"TTFT, cold first question ({vision}) vs {who}", target, "at_least",
+                          value=_ratio(theirs, t_cold), ours=_fmt(t_cold, "s"), anchor=_fmt(theirs, "s")))
+    e_ours = first(ours, "image_encode_s")
+    vnni = bool(set(flags) & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    for who, name, target in (("llama.cpp's own path", llama, 2.0),
+                              ("transformers fp32", hf, 2.0 if vnni else 1.3)):
+        theirs = first(name, "image_encode_s")
+        goals.append(Goal(f"image encode, fastest faithful path ({vision}) vs {who}", target, "at_least",
+                          value=_ratio(theirs, e_ours), ours=_fmt(e_ours, "s"), anchor=_fmt(theirs, "s"),
+                          note="" if theirs else f"{name} did not run"))
 
     for quant, pair in (alternating or {}).items():
         if not pair:
             continue
         a, b = (pair.get(f"{who} {quant}", {}).get("best") for who in ("ours", "llama.cpp"))
+        rounds = len(pair.get(f"ours {quant}", {}).get("rounds") or ())
         goals.append(Goal(f"decode vs llama.cpp direct, same file ({quant})", 0.97, "at_least",
                           value=_ratio(a, b), ours=_fmt(a, "tok/s"), anchor=_fmt(b, "tok/s"),
-                          note="text prompt, best of alternating rounds in one process"))
-    d_ours = _get(results, ours, "first", "decode_tok_s")
-    best_q4 = ((alternating or {}).get("q4_k_m") or {}).get("ours q4_k_m", {}).get("best")
-    d_ours = max([v for v in (d_ours, best_q4) if v], default=None)
-    ceiling = roof.get("decode_ceiling_tok_s")
-    goals.append(Goal("decode vs bandwidth roofline", 0.80, "at_least", value=_ratio(d_ours, ceiling),
-                      ours=_fmt(d_ours, "tok/s"), anchor=_fmt(ceiling, "tok/s ceiling"),
-                      note="ceiling = numpy read bandwidth / text GGUF bytes"))
+                          note=f"text prompt, best of {rounds} alternating rounds in one process"))
+    rates = (busy or {}).get("rates") or {}
+    b, q = rates.get("busy, runtime's choice"), rates.get("quiet, runtime's choice")
+    goals.append(Goal("decode with one competing busy process / quiet", 0.5, "at_least", value=_ratio(b, q),
+                      ours=_fmt(b, "tok/s busy"), anchor=_fmt(q, "tok/s quiet")))
 
-    e_ours, e_fast, path = _fastest_encode(results, ours, names.get("ours_vision"))
-    e_hf = _get(results, hf, "first", "image_encode_s")
-    e_llama = _get(results, llama, "first", "image_encode_s")
-    goals.append(Goal("image encode vs transformers fp32", 3.0, "at_least", value=_ratio(e_hf, e_fast),
-                      ours=_fmt(e_fast, f"s ({path})"), anchor=_fmt(e_hf, "s"),
-                      note="" if e_hf else "transformers fp32 did not run"))
-    goals.append(Goal("image encode vs llama.cpp's own path", 1.0, "at_least", value=_ratio(e_llama, e_ours),
-                      ours=_fmt(e_ours, "s"), anchor=_fmt(e_llama, "s")))
+    floor = prep.get(names.get("floor", "")) or {}
+    for kind, target in (("png", 1.5), ("dicom16", 1.5), ("ct_series", 3.0)):
+        mine = ((prep.get(ours) or {}).get(kind) or {}).get("best_ms")
+        base = (floor.get(kind) or {}).get("best_ms")
+        goals.append(Goal(f"preprocessing {kind} / file-decode floor", target, "at_most", unit="x",
+                          value=_ratio(mine, base), ours=_fmt(mine, "ms", 1), anchor=_fmt(base, "ms floor", 1)))
 
-    t1 = _get(results, ours, "first", "ttft_s")
-    t2 = _get(results, ours, "follow_up", "ttft_s")
-    goals.append(Goal("follow-up on the same image: TTFT first / follow-up", 10.0, "at_least",
-                      value=_ratio(t1, t2), ours=_fmt(t2, "s follow-up"), anchor=_fmt(t1, "s first")))
-
-    for kind in ("png", "dicom16", "ct_series"):
-        mine = (prep.get(ours) or {}).get(kind) or {}
-        theirs = (prep.get(hf) or {}).get(kind) or {}
-        goals.append(Goal(f"preprocessing vs HF processor: {kind}", 5.0, "at_least",
-                          value=_ratio(theirs.get("best_ms"), mine.get("best_ms")),
-                          ours=_fmt(mine.get("best_ms"), "ms", 1), anchor=_fmt(theirs.get("best_ms"), "ms", 1)))
-
-    rss_gb = [None if v is None else v * MIB / GB for v in (_get(results, n, "peak_rss_mb") for n in (ours, llama))]
-    goals.append(Goal("peak RSS, q4_k_m + mmproj f16, one image", 4.5, "at_most", unit="GB", value=rss_gb[0],
-                      ours=_fmt(rss_gb[0], "GB"), anchor=_fmt(rss_gb[1], "GB llama.cpp")))
+    paths = [n for n in names.get("ours_paths", [ours]) if _get(results, n, "peak_rss_mb")]
+    rss = {n: _get(results, n, "peak_rss_mb") * MIB / GB for n in paths}
+    worst = max(rss, key=rss.get) if rss else None
+    goals.append(Goal("peak RSS, every default path, one image", 4.5, "at_most", unit="GB",
+                      value=rss.get(worst), ours=_fmt(rss.get(worst), f"GB ({_get(results, worst, 'vision')})"),
+                      anchor=", ".join(f"{_get(results, n, 'vision')} {v:.2f}" for n, v in rss.items())))
     load = _get(results, ours, "load_s")
-    goals.append(Goal("load, bundle -> ready for an image question", 3.0, "at_most", unit="s", value=load,
-                      ours=_fmt(load, "s"), anchor=_fmt(_get(results, llama, "load_s"), "s llama.cpp")))
+    goals.append(Goal("load, warm page cache, bundle -> ready for an image question", 3.0, "at_most", unit="s",
+                      value=load, ours=_fmt(load, "s"), anchor=_fmt(_get(results, llama, "load_s"), "s llama.cpp")))
     return goals
 
 
-def _fastest_encode(results: dict, ours: str, ours_vision: str | None) -> tuple:
-    """(mmproj encode s, fastest of ours s, which path) — the onnx-int8 vision bundle when it ran."""
-    mmproj = _get(results, ours, "first", "image_encode_s")
-    onnx = _get(results, ours_vision, "first", "image_encode_s") if ours_vision else None
-    if onnx and (not mmproj or onnx < mmproj):
-        return mmproj, onnx, "onnx-int8 vision"
-    return mmproj, mmproj, "mmproj f16"
-
-
-def context_ratios(results: dict, prep: dict, roof: dict, names: dict) -> list[tuple[str, str, str, str]]:
+def context_ratios(results: dict, prep: dict, roof: dict, names: dict, alternating: dict | None = None,
+                   busy: dict | None = None) -> list[tuple[str, str, str, str]]:
     """Further comparisons without a goal: (what, ours, anchor, ours' advantage as a factor > 1 = better)."""
     ours, llama, hf, hf_text = names["ours"], names["llama"], names["hf"], names.get("hf_text")
     rows = []
@@ -147,11 +149,26 @@ def context_ratios(results: dict, prep: dict, roof: dict, names: dict) -> list[t
     hf_decode = max([v for v in (first(hf, "decode_tok_s"), _get(results, hf_text, "text", "decode_tok_s")) if v],
                     default=None)
     add("decode vs transformers (faster of fp32 / bf16)", first(ours, "decode_tok_s"), hf_decode, "tok/s", True)
-    onnx_name = names.get("ours_vision")
-    add("image encode: onnx-int8 vision vs our mmproj f16 path", first(onnx_name, "image_encode_s"),
-        first(ours, "image_encode_s"), "s", False)
-    add("TTFT, first question: onnx-int8 vision vs transformers fp32", first(onnx_name, "ttft_s"),
-        first(hf, "ttft_s"), "s", False)
+    for name in names.get("ours_paths", []):
+        if name != ours and first(name, "image_encode_s"):
+            add(f"image encode: vision {_get(results, name, 'vision')} vs transformers fp32",
+                first(name, "image_encode_s"), first(hf, "image_encode_s"), "s", False)
+    add("TTFT, follow-up on the same image vs first question", _get(results, ours, "follow_up", "ttft_s"),
+        first(ours, "ttft_s"), "s", False)
+    alt = (alternating or {}).get("q4_k_m") or {}
+    rep, plain = (alt.get(n, {}).get("best") for n in (names.get("repacked"), "ours q4_k_m"))
+    add("decode q4_k_m: repacked weights (--repack-weights) vs default, alternating rounds", rep, plain,
+        "tok/s", True)
+    mem = [_get(results, n, "peak_rss_mb") for n in (names.get("repacked"), names.get("text_q4"))]
+    if all(mem):
+        rows.append(("peak RSS, text only: repacked weights vs default (memory cost)", f"{mem[0] * MIB / GB:.2f} GB",
+                     f"{mem[1] * MIB / GB:.2f} GB", f"+{(mem[0] - mem[1]) * MIB / GB:.2f} GB"))
+    busy_rates = (busy or {}).get("rates") or {}
+    add("decode beside one busy process: runtime's choice vs all threads", busy_rates.get("busy, runtime's choice"),
+        busy_rates.get("busy, all threads"), "tok/s", True)
+    d_best = (alt.get("ours q4_k_m") or {}).get("best")
+    add("decode q4_k_m vs bandwidth roofline ceiling (ours / ceiling)", d_best, roof.get("decode_ceiling_tok_s"),
+        "tok/s", True)
     add("image encode vs roofline floor (floor / ours)", first(ours, "image_encode_s"), roof.get("encode_floor_s"),
         "s", False)
     png_ours = ((prep.get(ours) or {}).get("png") or {}).get("best_ms")

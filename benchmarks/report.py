@@ -7,6 +7,7 @@ from pathlib import Path
 
 from benchmarks.goals import GB, MIB, Goal, context_ratios
 from benchmarks.inputs import LABELS
+from benchmarks.reasons import missed
 
 STAGES = (  # (label, section, key, format)
     ("import s", None, "import_s", "{:.1f}"),
@@ -30,7 +31,17 @@ NOTES = [
     "decode tokens; the follow-up is a second user turn in the same conversation.",
     "decode vs llama.cpp goals: both engines in one process on the same GGUF, text prompt, alternating "
     "rounds, best round each (the machine's load drifts between the per-backend processes).",
-    "ours: numbers are the runtime's own Reply.stats; 'load' includes opening the vision file.",
+    "ours: numbers are the runtime's own Reply.stats; 'load' includes opening the vision file. `ours q4_k_m` "
+    "is the default export (q4_k_m text + every default vision file with its measured fidelity) loaded "
+    "with vision='auto', as a user gets it; each other vision file of it runs once more on its own "
+    "(`ours q4_k_m, vision X`) for its encode time and memory.",
+    "pre-encoded study: `Model.prepare` (what `medgemma-edge encode` runs) in one process, with a disk "
+    "image cache; the first question about the study in a new process reads it (no image encode, the "
+    "saved prefix restored).",
+    "busy machine: benchmarks.bench_busy on the default bundle: decode quiet, then beside one other "
+    "process spinning on a core, with all threads and with the runtime's own choice; best of 3 each.",
+    "repacked weights: `load(repack=True)` (`--repack-weights`), decode in the q4_k_m alternating rounds "
+    "with ours and llama.cpp; its text-only memory in the stages table.",
     "llama.cpp direct: llama-cpp-python `Llama` + `MTMDChatHandler` (its defaults: flash attention off, "
     "vision warm-up on) on the same GGUF files; TTFT is wall clock to the first streamed chunk, decode from "
     "chunk times; image encode from mtmd's own log line ('image slice encoded in N ms'), prefill from "
@@ -125,8 +136,11 @@ def markdown(data: dict, goals: list[Goal]) -> str:
            f"({data['model_note']}), {data.get('threads', '?')} thread(s) per backend, "
            f"{data['seconds'] / 60:.0f} min. {met} of {len(goals)} goals met.", "",
            "## Goals (ratios against anchors measured in the same run)", "", *goals_table(goals), "",
+           *(["## Why goals were missed (measured in this run)", "", *missed(goals, data), ""]
+             if any(g.met is False for g in goals) else []),
            "## Other comparisons (no goal set)", "",
-           *ratio_table(context_ratios(data["results"], data["preprocess"], data["roofline"], data["names"])), "",
+           *ratio_table(context_ratios(data["results"], data["preprocess"], data["roofline"], data["names"],
+                                        data.get("alternating"), data.get("busy"))), "",
            "## Stages per backend", "", *stage_table(data["results"]), "",
            "Text-only entries (no image) show their text prompt's prefill, decode and TTFT. *others' load*: "
            "CPU cores that other processes on the machine used, on average, while that backend ran; above "
@@ -194,7 +208,8 @@ def rerender(out_dir: Path) -> list[Path]:
     data = json.loads((out_dir / "results.json").read_text())
     data.pop("goals", None)
     data["notes"] = NOTES + data.get("run_notes", [])
-    goals = evaluate(data["results"], data["preprocess"], data["roofline"], data["names"], data.get("alternating"))
+    goals = evaluate(data["results"], data["preprocess"], data["roofline"], data["names"], data.get("alternating"),
+                     data.get("busy"), data["machine"].get("simd", ()))
     return write(out_dir, data, goals)
 
 

@@ -31,6 +31,7 @@ from benchmarks.inputs import write_inputs
 from medgemma_edge.runtime.cache import cache_root
 
 RESULTS = Path(__file__).parent / "results"
+ROUNDS = 5  # alternating decode rounds (issue 14: best of >= 5)
 FP32_WORKING_BYTES = 1.5e9  # transformers fp32: 4 bytes per parameter plus activations (4096-patch attention)
 
 
@@ -43,7 +44,7 @@ def machine() -> dict:
         info = Path("/proc/cpuinfo").read_text()
         cpu = next(ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name"))
         have = set(next(ln for ln in info.splitlines() if ln.startswith("flags")).split())
-        flags = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile")
+        flags = [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_int8")
                  if f in have]
     except (OSError, StopIteration):
         pass
@@ -59,21 +60,34 @@ def machine() -> dict:
             "load_start": os.getloadavg()[0]}
 
 
-ONNX_VISION = "ours q4_k_m + onnx-int8 vision"
+OURS = "ours q4_k_m"  # the default bundle, vision "auto": what a user gets
+PREPARED = "ours q4_k_m, pre-encoded study"
+REPACKED = "ours q4_k_m, repacked weights"
+TEXT_Q4 = "ours q4_k_m, text only"
 
 
-def specs(ckpt: Path, q4: Path, q8: Path, threads: int, q4_onnx: Path | None = None) -> list[Spec]:
-    """The report's entries. Another backend = one more Spec (and its class in benchmarks.backends)."""
+def vision_path_name(quant: str) -> str:
+    return f"ours q4_k_m, vision {quant}"
+
+
+def specs(ckpt: Path, q4: Path, q8: Path, threads: int, cache_dir: Path) -> list[Spec]:
+    """The report's entries. Another backend = one more Spec (and its class in benchmarks.backends).
+    q4: the default export (q4_k_m text + every default vision file); each vision path of it runs
+    once more on its own (skipped where it is the one "auto" chose), for its encode time and memory."""
     f4, f8 = bundles.files(q4), bundles.files(q8)
     t = {"threads": threads}
-    onnx = [Spec(ONNX_VISION, "ours", {"bundle": str(q4_onnx), **t}, image=True)] if q4_onnx else []
+    ours = {"bundle": str(q4), **t}
+    paths = [Spec(vision_path_name(vq), "ours", {**ours, "vision": vq}, image=True) for vq in bundles.vision_quants(q4)]
     return [
         Spec("decode only (floor)", "floor", preprocess=True, model=False),
-        Spec("ours q4_k_m", "ours", {"bundle": str(q4), **t}, image=True, preprocess=True),
-        *onnx,
+        Spec(OURS, "ours", ours, image=True, preprocess=True),
+        Spec(PREPARED, "ours", {**ours, "image_cache_dir": str(cache_dir), "prepare": True}, image=True),
+        *paths,
         Spec("llama.cpp q4_k_m", "llama.cpp", {"text_gguf": str(f4["text"]), "mmproj": str(f4["vision"]), **t},
              image=True, preprocess=True),
-        Spec("ours q8_0", "ours", {"bundle": str(q8), **t}, image=False),
+        Spec(TEXT_Q4, "ours", {**ours, "open_vision": False}, image=False),
+        Spec(REPACKED, "ours", {**ours, "repack": True, "open_vision": False}, image=False),
+        Spec("ours q8_0", "ours", {"bundle": str(q8), "open_vision": False, **t}, image=False),
         Spec("llama.cpp q8_0", "llama.cpp", {"text_gguf": str(f8["text"]), **t}, image=False),
         Spec("transformers fp32", "transformers", {"checkpoint": str(ckpt), "dtype": "float32", **t},
              image=True, preprocess=True),
@@ -131,10 +145,12 @@ def backend_job(spec: Spec, case: Case, phase: str, inputs=(), repeat: int = 0) 
 
 
 def alternating_job(pair: list[Spec], case: Case, rounds: int) -> dict:
-    """Decode of `pair` in one process, alternating rounds: the fair way to compare two engines
-    on a machine whose load changes (the per-backend runs give each a different moment)."""
+    """Decode of `pair` in one process, alternating rounds: the fair way to compare engines on a
+    machine whose load changes (the per-backend runs give each a different moment)."""
     text_case = Case(**{**asdict(case), "text_prompt_words": 40})
-    specs = [Spec(s.name, s.kind, {k: v for k, v in s.options.items() if k != "mmproj"}, image=False)
+    drop = ("mmproj", "image_cache_dir", "prepare", "vision")
+    specs = [Spec(s.name, s.kind, {**{k: v for k, v in s.options.items() if k not in drop},
+                                   **({"open_vision": False} if s.kind == "ours" else {})}, image=False)
              for s in pair]
     return {"specs": [s.to_dict() for s in specs], "case": asdict(text_case), "phase": "alternating",
             "repeat": rounds}
@@ -172,9 +188,19 @@ def run_backends(todo: list[Spec], case: Case, inputs, args, ckpt: Path, names: 
                 spec = Spec("transformers bf16 (image)", spec.kind, {**spec.options, "dtype": "bfloat16"},
                             image=True, preprocess=True)
                 names["hf"] = spec.name
+        chosen = (out["results"].get(OURS) or {}).get("vision")
+        if spec.options.get("vision") and spec.options["vision"] == chosen:
+            say(f"  [{spec.name}] skipped: {OURS} ran this vision path ('auto' chose it)")
+            continue
         if args.wait_idle:
             wait_for_quiet(args.wait_idle)
         bundles.warm(_files_of(spec))
+        if spec.options.get("prepare"):
+            res = run_worker(backend_job(spec, case, "prepare"), spec.name, tmp)
+            if "error" in res:
+                out["errors"][f"{spec.name} (prepare)"] = res["error"]
+                continue
+            out.setdefault("prepare", {})[spec.name] = {**res.get("prepare", {}), "peak_rss_mb": res.get("peak_rss_mb")}
         if spec.preprocess:
             job = backend_job(spec, case, "preprocess", inputs.items(), 2 if args.quick else 5)
             res = run_worker(job, spec.name, tmp)
@@ -189,20 +215,37 @@ def run_backends(todo: list[Spec], case: Case, inputs, args, ckpt: Path, names: 
 
 
 def run_alternating(todo: list[Spec], case: Case, args, errors: dict, tmp: Path) -> dict:
-    """quant -> decode rates of ours and llama.cpp on the same file, in alternating rounds."""
+    """quant -> decode rates of ours and llama.cpp on the same file, in alternating rounds (q4_k_m:
+    also ours with repacked weights)."""
     by_name, out = {s.name: s for s in todo}, {}
     for quant in ("q4_k_m", "q8_0"):
         pair = [by_name.get(f"ours {quant}"), by_name.get(f"llama.cpp {quant}")]
         if None in pair:
             continue
+        if quant == "q4_k_m" and REPACKED in by_name:
+            pair.insert(1, by_name[REPACKED])
         if args.wait_idle:
             wait_for_quiet(args.wait_idle)
         say(f"[bench] decode, ours vs llama.cpp on the {quant} file, alternating rounds ...")
-        res = run_worker(alternating_job(pair, case, 3), f"alternating {quant}", tmp)
+        res = run_worker(alternating_job(pair, case, ROUNDS), f"alternating {quant}", tmp)
         out[quant] = res.get("decode")
         if "error" in res:
             errors[f"alternating {quant}"] = res["error"]
     return out
+
+
+def run_busy(todo: list[Spec], case: Case, args, errors: dict, tmp: Path) -> dict | None:
+    """Decode of the default bundle quiet and beside one busy process (benchmarks.bench_busy)."""
+    spec = next((s for s in todo if s.name == TEXT_Q4), None)
+    if spec is None:
+        return None
+    if args.wait_idle:
+        wait_for_quiet(args.wait_idle)
+    say("[bench] decode beside one busy process (quiet vs busy; all threads vs the runtime's choice) ...")
+    res = run_worker(backend_job(spec, case, "busy", repeat=3), "busy machine", tmp)
+    if "error" in res:
+        errors["busy machine"] = res["error"]
+    return res.get("busy") and {"rates": res["busy"]}
 
 
 def parse_args(argv):
@@ -237,10 +280,10 @@ def main(argv=None) -> int:
         from benchmarks.checkpoint4b import build_4b
 
         ckpt, title, out_dir = build_4b(), "MedGemma-4B shape, random weights", args.out or RESULTS
-    q4, q8 = bundles.bundle(ckpt, "q4_k_m"), bundles.bundle(ckpt, "q8_0")
+    # q4: the default export (every default vision file, with their measured fidelity, which
+    # load(vision="auto") needs); q8: text for the q8_0 decode comparison
+    q4, q8 = bundles.bundle(ckpt, "q4_k_m", bundles.DEFAULT, quality="vision"), bundles.bundle(ckpt, "q8_0")
     wanted = lambda name: not args.only or any(w in name for w in args.only)  # noqa: E731
-    # the onnx-int8 vision bundle costs a torch trace (MedGemma: ~3 min, 6 GB): only when asked for
-    q4_onnx = bundles.bundle(ckpt, "q4_k_m", "onnx-int8") if wanted(ONNX_VISION) else None
     inputs = write_inputs(cache_root() / "bench" / "inputs", ct_slices=8 if args.quick else 48)
     case = Case(image=str(inputs.png), decode_tokens=args.decode_tokens, text_prompt_words=120, threads=threads)
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -251,20 +294,22 @@ def main(argv=None) -> int:
     say(f"[bench] read {roof['bandwidth']['read_gb_s']} GB/s -> decode ceiling {roof['decode_ceiling_tok_s']} "
         f"tok/s; GEMM {roof['gemm']['gflop_s']} GFLOP/s -> encode floor {roof['encode_floor_s']} s")
 
-    todo = [s for s in specs(ckpt, q4, q8, threads, q4_onnx) if wanted(s.name)]
-    names = {"ours": "ours q4_k_m", "llama": "llama.cpp q4_k_m", "hf": "transformers fp32",
-             "floor": "decode only (floor)", "hf_text": "transformers bf16", "ours_vision": ONNX_VISION}
+    names = {"ours": OURS, "prepared": PREPARED, "llama": "llama.cpp q4_k_m", "hf": "transformers fp32",
+             "floor": "decode only (floor)", "hf_text": "transformers bf16", "repacked": REPACKED,
+             "text_q4": TEXT_Q4, "ours_paths": [OURS] + [vision_path_name(v) for v in bundles.vision_quants(q4)]}
     with tempfile.TemporaryDirectory() as tmp:
+        todo = [s for s in specs(ckpt, q4, q8, threads, Path(tmp) / "image-cache") if wanted(s.name)]
         measured = run_backends(todo, case, inputs, args, ckpt, names, Path(tmp))
         alternating = run_alternating(todo, case, args, measured["errors"], Path(tmp))
+        busy = run_busy(todo, case, args, measured["errors"], Path(tmp))
     info["load_end"] = os.getloadavg()[0]
     data = {"title": title, "command": " ".join(["python -m benchmarks.run", *argv]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": ckpt.name,
             "model_note": "tiny random test model" if args.quick else "MedGemma 4B config, random bf16 weights",
             "machine": info, "threads": threads, "case": asdict(case), "roofline": roof, **measured,
-            "alternating": alternating, "notes": report.NOTES + args.note, "run_notes": args.note, "names": names,
+            "alternating": alternating, "busy": busy, "notes": report.NOTES + args.note, "run_notes": args.note, "names": names,
             "seconds": round(time.perf_counter() - t_start, 1)}
-    evaluated = goals.evaluate(data["results"], data["preprocess"], roof, names, alternating)
+    evaluated = goals.evaluate(data["results"], data["preprocess"], roof, names, alternating, busy, info["simd"])
     paths = report.write(out_dir, data, evaluated)
     say(f"[bench] done in {data['seconds']:.0f} s; wrote {', '.join(str(p) for p in paths)}")
     print("\n".join(report.goals_table(evaluated)))

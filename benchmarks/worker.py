@@ -2,9 +2,11 @@
 
     python -m benchmarks.worker JOB.json RESULT.json
 
-JOB holds {"spec": Spec, "case": Case, "phase": "preprocess" | "model", "inputs": [[kind, path]],
-"repeat": n}, or {"specs": [Spec, ...], "phase": "alternating", "case", "repeat"} for the decode
-comparison in alternating rounds. Progress goes to stderr; the result (or the error) to RESULT.json.
+JOB holds {"spec": Spec, "case": Case, "phase": "preprocess" | "model" | "prepare" | "busy",
+"inputs": [[kind, path]], "repeat": n}, or {"specs": [Spec, ...], "phase": "alternating", "case",
+"repeat"} for the decode comparison in alternating rounds. "prepare" pre-encodes the study into the
+spec's image cache (the model phase that follows, in a new process, asks about it); "busy" is
+benchmarks.bench_busy on the spec's bundle (decode quiet vs beside one busy process). Progress goes to stderr; the result (or the error) to RESULT.json.
 """
 
 from __future__ import annotations
@@ -114,6 +116,16 @@ def main(job_path: str, result_path: str) -> int:
             backend = build(spec)
             if job["phase"] == "preprocess":
                 result["preprocess"] = run_preprocess(spec, backend, job["inputs"], job["repeat"])
+            elif job["phase"] in ("prepare", "busy"):
+                backend.imports()
+                backend.load()
+                if job["phase"] == "prepare":
+                    result["prepare"] = backend.prepare(case)
+                else:
+                    from benchmarks.bench_busy import measure
+
+                    result["busy"] = measure(backend.model, case.decode_tokens, job["repeat"])
+                result["peak_rss_mb"] = peak_rss_mb()
             else:
                 result.update(run_model(spec, backend, case))
             backend.close()

@@ -88,12 +88,20 @@ class ExportPlan:
     special: dict
     chat_template: str
     stem: str  # file-name stem
+    onnx_traced: Path | None = None  # the float ONNX graph traced from ckpt, once per export
+    adapter: dict | None = None  # the LoRA merged into ckpt (export/lora.Adapter.manifest_entry)
 
     @classmethod
-    def read(cls, src) -> "ExportPlan":
+    def read(cls, src, adapter=None) -> "ExportPlan":
+        """adapter: a PEFT LoRA folder merged into the weights as they are read (export/lora.py)."""
+        from medgemma_edge.export.lora import merge_adapter, read_adapter
         from medgemma_edge.export.vocab import fit_vocab, read_chat_template, read_vocab, special_token_ids
 
         ckpt = open_checkpoint(src)
+        lora = None
+        if adapter is not None:
+            lora = read_adapter(adapter, ckpt.architecture)
+            ckpt = merge_adapter(ckpt, lora)
         text = TextConfig.from_dict(ckpt.text_config)
         check_text(text, _shapes(ckpt))
         vision = None
@@ -103,18 +111,26 @@ class ExportPlan:
         vocab = fit_vocab(read_vocab(ckpt.path), text.vocab_size)
         stem = re.sub(r"[^A-Za-z0-9._-]+", "-", ckpt.path.name).strip("-") or "model"
         return cls(ckpt, text, vision, vocab, special_token_ids(vocab, ckpt.multimodal),
-                   read_chat_template(ckpt.path), stem)
+                   read_chat_template(ckpt.path), stem, adapter=lora.manifest_entry() if lora else None)
 
     def write_text(self, path: Path, quant: str) -> Path:
         from medgemma_edge.export.gguf_text import write_text_gguf
 
         return write_text_gguf(self.ckpt, self.text, self.vocab, self.special, self.chat_template, path, quant)
 
-    def write_vision(self, path: Path, quant: str) -> Path:
+    def write_vision(self, path: Path, quant: str, scratch: Path | None = None) -> Path:
+        """Write one vision file. ONNX files all come from one traced float graph: the first one
+        traces it into `scratch` (kept there, reused by the next; None: a temporary folder, traced
+        again each call) or uses `onnx_traced` when set."""
         if quant.startswith("onnx-"):
-            from medgemma_edge.export.onnx_vision import write_vision_onnx
+            from medgemma_edge.export.onnx_vision import derive_vision_onnx, trace_vision_onnx, write_vision_onnx
 
-            return write_vision_onnx(self.ckpt, path, quant, say=lambda msg: print(msg, file=sys.stderr, flush=True))
+            say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+            if scratch is None and self.onnx_traced is None:
+                return write_vision_onnx(self.ckpt, path, quant, say=say)
+            if self.onnx_traced is None or not self.onnx_traced.is_file():
+                self.onnx_traced = trace_vision_onnx(self.ckpt, Path(scratch) / f"{self.stem}-vision-traced.onnx", say)
+            return derive_vision_onnx(self.onnx_traced, path, quant, say)
         from medgemma_edge.export.gguf_vision import write_vision_gguf
 
         return write_vision_gguf(self.ckpt, self.vision, self.text.hidden_size, path, quant)
@@ -127,15 +143,19 @@ class ExportPlan:
 
 def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant=DEFAULT_VISION_QUANTS, *,
                 keep_intermediate: bool = False, quality: bool = True, threads: int = 0,
-                overwrite: bool = False) -> ExportResult:
+                overwrite: bool = False, adapter=None) -> ExportResult:
     """Export a local Gemma 3 / MedGemma checkpoint to a GGUF bundle in `out`.
 
     quant: text weights (f32/f16/bf16/q8_0 written by gguf-py, q6_k/q5_k_m/q4_k_m by llama.cpp
-    from an unquantized intermediate); vision_quant: one or several of f32/f16/q8_0 (a GGUF mmproj
-    for llama.cpp) and onnx-f32/onnx-int8 (an ONNX graph for onnxruntime); the first is the
+    from an unquantized intermediate); vision_quant: one or several of f32/f16/bf16/q8_0 (a GGUF
+    mmproj for llama.cpp) and onnx-f32/onnx-int8/onnx-int8-vnni (ONNX graphs for onnxruntime, all
+    made from one trace kept in the intermediate folder); the first is the
     bundle's primary vision file, and `load(vision="auto")` picks the fastest faithful one on the
     machine that runs it. Ignored for text-only models.
-    quality: measure the quantized files against the unquantized export (stored in the manifest).
+    quality: measure the quantized files against the unquantized export (stored in the manifest);
+    "vision": the vision files only (their fidelity, which load(vision="auto") reads).
+    adapter: a PEFT LoRA folder merged into the weights (recorded in the manifest); for one base
+    bundle serving several adapters, see export/gguf_lora.write_lora_gguf instead.
     """
     from medgemma_edge.export import quality as q
     from medgemma_edge.export.quantize import quantize_gguf
@@ -144,7 +164,7 @@ def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant=DEFAULT_VISIO
     if quant not in TEXT_QUANTS:
         raise ExportError(f"unknown --quant {quant!r}; choose one of {', '.join(TEXT_QUANTS)}")
     t0 = time.perf_counter()
-    plan = ExportPlan.read(src)
+    plan = ExportPlan.read(src, adapter)
     if not plan.vision:
         vision_quants = ()
     out = _prepare_out(out, overwrite)
@@ -159,7 +179,7 @@ def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant=DEFAULT_VISIO
         text_ref = plan.write_text(inter / f"{plan.stem}-{ref}.gguf", ref)
     if quant not in K_QUANTS:
         plan.write_text(text_path, quant)
-    vision_paths = {vq: plan.write_vision(out / plan.vision_name(vq), vq) for vq in vision_quants}
+    vision_paths = {vq: plan.write_vision(out / plan.vision_name(vq), vq, scratch=inter) for vq in vision_quants}
     vision_ref = None
     if quality and any(vq != "f32" for vq in vision_quants):
         vision_ref = vision_paths.get("f32") or plan.write_vision(inter / f"{plan.stem}-mmproj-f32.gguf", "f32")
@@ -169,7 +189,7 @@ def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant=DEFAULT_VISIO
         peak["quantize"] = peak_rss_mb()
 
     report = {}
-    if quality and lossy:
+    if quality and quality != "vision" and lossy:  # "vision": only the vision files' fidelity
         report["text"] = {"quant": quant, **q.compare_text(text_ref, text_path, plan.chat_template, threads, ref)}
     vision_reports = {}
     if vision_ref is not None:
@@ -234,4 +254,5 @@ def _manifest(plan: ExportPlan, out: Path, quant, vision_quants, text_path, visi
         "vocab": {"tokenizer_entries": plan.vocab.tokenizer_entries, "embedding_rows": len(plan.vocab.tokens),
                   "padded": plan.vocab.padded},
         "quality": quality,
+        **({"adapter": plan.adapter} if plan.adapter else {}),
     }

@@ -52,6 +52,9 @@ class TensorRef:
     stored_name: str
     shape: tuple[int, ...]
     dtype: str  # "f32" | "f16" | "bf16"
+    # LoRA terms merged into this tensor as it is read (export/lora.py: objects with
+    # `rows(start, stop)` giving the float32 delta of those rows)
+    deltas: tuple = ()
 
 
 @dataclass
@@ -186,4 +189,7 @@ def read_rows(ref: TensorRef, start: int = 0, stop: int | None = None) -> np.nda
     with safe_open(str(ref.file), framework="pt") as f:
         sl = f.get_slice(ref.stored_name)
         t = sl[start:stop] if len(ref.shape) > 1 else sl[:]
-    return t.to(torch.float32).numpy()
+    rows = t.to(torch.float32).numpy()
+    for term in ref.deltas:
+        rows = rows + term.rows(start, stop)
+    return rows

@@ -38,7 +38,7 @@ def add_vision_hparams(w: gguf.GGUFWriter, cfg: VisionConfig, text_hidden: int) 
 
 
 def write_vision_gguf(ckpt: Checkpoint, cfg: VisionConfig, text_hidden: int, out: Path, quant: str) -> Path:
-    """Write the vision tower + projector at f32/f16/q8_0 to `out`, streaming the weights."""
+    """Write the vision tower + projector at f32/f16/bf16/q8_0 to `out`, streaming the weights."""
     w = gguf.GGUFWriter(None, ARCH)
     w.add_type(gguf.GGUFType.MMPROJ)
     w.add_name(f"{ckpt.path.name} vision")

@@ -1,23 +1,35 @@
 """The vision tower + projector as one ONNX graph, for onnxruntime: the faster CPU image path.
 
-On a 2-core AVX2 CPU llama.cpp's mmproj encodes one 896² image of the 4B shape in about 55 s
-(F16, flash attention; Q8_0 is slower there, 72 s). onnxruntime with int8 weights (dynamic
-quantization: 7-bit weights per channel, activations quantized per call) takes about 40 s,
-image-embedding cosine 0.9987 against F32 on random weights (python -m benchmarks.bench_vision;
-the export's quality report measures it on the real weights). The runtime feeds
-the ONNX graph the same normalized pixels and hands its output to llama.cpp as embeddings
-(runtime/backends/onnx_vision.py).
+4B shape, 2 threads: int8 weights encode one 896² image in 23-25 s on an AVX-512 VNNI EPYC
+(llama.cpp's f16 mmproj 51 s) and 40 s on AVX2 (f16 55 s); export/quants.py has the table.
+
+One trace per export: `trace_vision_onnx` writes the float graph once (into the export's
+intermediate folder), and `derive_vision_onnx` makes onnx-f32 (the same file) and the int8 files
+(dynamic quantization of its weight matmuls) from it. Tracing the 4B tower takes about 3 min, so
+three traced files cost 9 min where one costs 3.
+
+Attention is one com.microsoft MultiHeadAttention node per layer, not transformers' eager
+MatMul → Softmax → MatMul: onnxruntime runs that node as a tiled (flash) kernel on the CPU, so the
+16 × 4096 × 4096 f32 score matrix (1.07 GB, twice with the softmax output) never exists. One
+4B-shape attention on 2 threads: eager 0.85 s and +2.2 GB, fused 0.44 s and +0.1 GB, same output
+to 1.2e-7. (The opset-23 Attention op is materialized and slower there: 1.7-3.1 s, +2.1 GB.)
+Whole int8-vnni tower, one image question beside the q4_k_m text: peak RSS 5.87 → 4.22 GB (with
+runtime/backends/onnx_vision's session options), encode 88 → 79 s back to back on a busy 2-core
+machine, embeddings cosine 0.999986 between the two graphs. The CUDA provider runs the same node.
 
 Graph: pixel_values float32 (1, 3, S, S), normalized as the manifest says → image_embeds float32
 (1, tokens, text hidden). Built with transformers' own SiglipVisionModel and
-Gemma3MultiModalProjector (the reference code, so nothing is re-implemented), weights read
-from the checkpoint through export.checkpoint (either name spelling, bf16 widened exactly).
-The projector's matmul stays float: a quantized projector has broken Gemma 3 images before.
+Gemma3MultiModalProjector (the reference code; only the attention kernel is swapped, through
+transformers' AttentionInterface), weights read from the checkpoint through export.checkpoint
+(either name spelling, bf16 widened exactly). The projector's matmul stays float: a quantized
+projector has broken Gemma 3 images before.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -27,17 +39,49 @@ from medgemma_edge.export.quants import ONNX_VISION_QUANTS
 from medgemma_edge.runtime.errors import ExportError
 
 OPSET = 17
+CONTRIB = {"com.microsoft": 1}  # the domain of onnxruntime's fused MultiHeadAttention
 INPUT, OUTPUT = "pixel_values", "image_embeds"
+ATTENTION = "medgemma_onnx_mha"  # our name in transformers' AttentionInterface
+
+
+def _fused_attention():
+    """A transformers attention function that traces to one MultiHeadAttention node."""
+    import torch
+
+    class MultiHeadAttention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, heads: int, scale: float):  # (B, S, H*D) each → (B, S, H*D)
+            split = lambda x: x.unflatten(2, (heads, -1)).transpose(1, 2)  # (B, H, S, D)
+            out = torch.softmax(split(q) @ split(k).transpose(-1, -2) * scale, -1) @ split(v)
+            return out.transpose(1, 2).flatten(2)
+
+        @staticmethod
+        def symbolic(g, q, k, v, heads: int, scale: float):
+            out = g.op("com.microsoft::MultiHeadAttention", q, k, v, num_heads_i=heads, scale_f=scale)
+            out.setType(q.type())  # same shape and type as the query
+            return out
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if attention_mask is not None:
+            raise ExportError("the fused vision attention takes no mask; SigLIP's tower has none")
+        # plain Python numbers from the module: traced shapes would become graph values
+        heads, d = int(module.num_heads), int(module.head_dim)
+        scale = float(scaling if scaling is not None else d ** -0.5)
+        merge = lambda x: x.transpose(1, 2).flatten(2)  # (B, H, S, D) → (B, S, H*D)
+        out = MultiHeadAttention.apply(merge(query), merge(key), merge(value), heads, scale)
+        return out.unflatten(2, (heads, d)), None  # the caller reshapes (B, S, H, D) to (B, S, H*D)
+
+    return attention
 
 
 def _tower(ckpt: Checkpoint):
     import torch
-    from transformers import AutoConfig
+    from transformers import AttentionInterface, AutoConfig
     from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
-    from transformers.models.siglip.modeling_siglip import SiglipVisionModel
+    from transformers.models.siglip.modeling_siglip import SiglipAttention, SiglipVisionModel
 
     cfg = AutoConfig.from_pretrained(ckpt.path)
-    cfg.vision_config._attn_implementation = "eager"  # plain MatMul/Softmax ops in the graph
+    cfg.vision_config._attn_implementation = "eager"
 
     class Tower(torch.nn.Module):
         def __init__(self):
@@ -50,6 +94,10 @@ def _tower(ckpt: Checkpoint):
 
     with torch.device("meta"):
         tower = Tower()
+    AttentionInterface.register(ATTENTION, _fused_attention())
+    for module in tower.modules():
+        if isinstance(module, SiglipAttention):
+            module.config._attn_implementation = ATTENTION
     state = {}
     for (part, name), ref in ckpt.tensors.items():
         if part == "vision":
@@ -70,31 +118,49 @@ def _tower(ckpt: Checkpoint):
     return tower.eval(), cfg.vision_config.image_size
 
 
-def write_vision_onnx(ckpt: Checkpoint, out: Path, quant: str, say=print) -> Path:
-    """Export the tower + projector to `out` (.onnx, one file) at onnx-f32 or onnx-int8."""
+def trace_vision_onnx(ckpt: Checkpoint, out: Path, say=print) -> Path:
+    """Trace the tower + projector once into the float graph `out` (.onnx, one file)."""
     import torch
 
-    if quant not in ONNX_VISION_QUANTS:
-        raise ExportError(f"unknown ONNX vision type {quant!r}; use one of {', '.join(ONNX_VISION_QUANTS)}")
     t0 = time.perf_counter()
     say("vision onnx: reading the tower ...")
     tower, size = _tower(ckpt)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        int8 = quant in ("onnx-int8", "onnx-int8-vnni")
-        f32 = Path(tmp) / "vision-f32.onnx" if int8 else out
-        say(f"vision onnx: tracing at {size}x{size} (MedGemma: about 3 min, 6 GB) ...")
-        with torch.no_grad():
-            for p in tower.parameters():
-                p.requires_grad_(False)
-            torch.onnx.export(tower, (torch.zeros(1, 3, size, size),), str(f32), input_names=[INPUT],
-                              output_names=[OUTPUT], opset_version=OPSET, dynamo=False,
-                              dynamic_axes=None)
-        del tower
-        if int8:
-            say("vision onnx: int8 weights (dynamic quantization) ...")
-            _quantize_int8(f32, out, full_range=quant == "onnx-int8-vnni")
+    say(f"vision onnx: tracing at {size}x{size} (MedGemma: about 3 min, 6 GB) ...")
+    with torch.no_grad():
+        for p in tower.parameters():
+            p.requires_grad_(False)
+        torch.onnx.export(tower, (torch.zeros(1, 3, size, size),), str(out), input_names=[INPUT],
+                          output_names=[OUTPUT], opset_version=OPSET, custom_opsets=CONTRIB,
+                          dynamo=False, dynamic_axes=None)
+    say(f"vision onnx: traced in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def derive_vision_onnx(traced: Path, out: Path, quant: str, say=print) -> Path:
+    """onnx-f32 (the traced graph itself) or an int8 file made from it, written to `out`."""
+    if quant not in ONNX_VISION_QUANTS:
+        raise ExportError(f"unknown ONNX vision type {quant!r}; use one of {', '.join(ONNX_VISION_QUANTS)}")
+    t0 = time.perf_counter()
+    out.unlink(missing_ok=True)
+    if quant == "onnx-f32":
+        try:
+            os.link(traced, out)  # same bytes; the intermediate copy goes with its folder
+        except OSError:
+            shutil.copyfile(traced, out)
+    else:
+        say(f"vision onnx: {quant} weights (dynamic quantization) ...")
+        _quantize_int8(traced, out, full_range=quant == "onnx-int8-vnni")
     say(f"vision onnx: {out.name} written in {time.perf_counter() - t0:.0f} s")
     return out
+
+
+def write_vision_onnx(ckpt: Checkpoint, out: Path, quant: str, say=print, traced: Path | None = None) -> Path:
+    """Export one ONNX vision file; `traced`: the float graph already traced from `ckpt`, else
+    it is traced here into a temporary folder next to `out`."""
+    if traced is not None:
+        return derive_vision_onnx(traced, out, quant, say)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        return derive_vision_onnx(trace_vision_onnx(ckpt, Path(tmp) / "vision-f32.onnx", say), out, quant, say)
 
 
 def _quantize_int8(src: Path, dst: Path, full_range: bool = False) -> None:
@@ -106,10 +172,12 @@ def _quantize_int8(src: Path, dst: Path, full_range: bool = False) -> None:
     # 7-bit weights, one scale per output channel. On AVX2 without VNNI onnxruntime multiplies
     # u8 x s8 pairs into saturating int16 sums, which full 8-bit weights can overflow: tiny's image
     # embeddings fell to cosine 0.98 against f32 that way (0.9999 with 7 bits). One-off runs of
-    # the 4B-shape graph, 2 threads: 8-bit per tensor 40.2 s / cosine 0.99925, 7-bit per tensor
-    # 43.1 s / 0.99774, 8-bit per channel 38.0 s / 0.99898, this 36.9 s / 0.99870 (tiny: 0.9999).
+    # the 4B-shape graph (eager attention then), 2 threads: 8-bit per tensor 40.2 s / cosine 0.99925,
+    # 7-bit per tensor 43.1 s / 0.99774, 8-bit per channel 38.0 s / 0.99898, this 36.9 s / 0.99870.
     # full_range (onnx-int8-vnni): 8-bit weights per channel, for CPUs whose VNNI instructions sum
     # u8 x s8 products in int32, where nothing saturates; the runtime never runs it elsewhere.
+    # The attention nodes (activation x activation) stay float: only MatMuls with a constant B
+    # are quantized (quantize_dynamic's default).
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to run "pre-processing" first is for calibrated (static) quantization

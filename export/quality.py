@@ -101,24 +101,47 @@ def _compare_text(reference, quantized, chat_template, threads, reference_type) 
     seqs = [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in texts]
     _close(llm)
     n_ctx = max(len(s) for s in seqs) + 8
+
+    def runner(path):
+        def open_():
+            llm = _open_llama(path, n_ctx, threads)
+            return (lambda ids: _teacher_forced(llm, ids)), (lambda: _close(llm))
+        return open_
+
+    return compare_sequences(seqs, runner(reference), runner(quantized), reference_type, len(prompts),
+                             scratch=quantized.parent)
+
+
+def compare_sequences(seqs: list[list[int]], open_reference, open_quantized, reference_type: str,
+                      n_prompts: int, scratch: Path) -> dict:
+    """The text report for any backend: `open_x()` returns (forward, close), forward(ids) giving
+    the teacher-forced logits (len(ids), vocab) of one sequence. The reference runs first and its
+    logits wait on disk (in `scratch`), so one model is in memory at a time."""
     from tqdm import tqdm
 
-    with tempfile.TemporaryDirectory(prefix="quality-", dir=quantized.parent) as tmp:
+    with tempfile.TemporaryDirectory(prefix="quality-", dir=scratch) as tmp:
         ref_logits = []
-        llm = _open_llama(reference, n_ctx, threads)
-        for i, ids in enumerate(tqdm(seqs, desc=f"quality: {reference_type} reference", leave=False)):
-            arr = np.lib.format.open_memmap(Path(tmp) / f"{i}.npy", mode="w+", dtype=np.float32,
-                                            shape=(len(ids), llm.n_vocab()))
-            arr[:] = _teacher_forced(llm, ids)
-            arr.flush()
-            ref_logits.append(Path(tmp) / f"{i}.npy")
-        _close(llm)
-        llm = _open_llama(quantized, n_ctx, threads)
-        per_prompt = [kl_and_top1(np.load(ref_path, mmap_mode="r"), _teacher_forced(llm, ids))
-                      for ids, ref_path in tqdm(list(zip(seqs, ref_logits)), desc="quality: quantized", leave=False)]
-        _close(llm)
+        forward, close = open_reference()
+        try:
+            for i, ids in enumerate(tqdm(seqs, desc=f"quality: {reference_type} reference", leave=False)):
+                logits = forward(ids)
+                arr = np.lib.format.open_memmap(Path(tmp) / f"{i}.npy", mode="w+", dtype=np.float32,
+                                                shape=logits.shape)
+                arr[:] = logits
+                arr.flush()
+                del arr, logits
+                ref_logits.append(Path(tmp) / f"{i}.npy")
+        finally:
+            close()
+        forward, close = open_quantized()
+        try:
+            per_prompt = [kl_and_top1(np.load(ref_path, mmap_mode="r"), forward(ids))
+                          for ids, ref_path in tqdm(list(zip(seqs, ref_logits)), desc="quality: quantized",
+                                                    leave=False)]
+        finally:
+            close()
     kl, top1, decisive = (np.concatenate(parts) for parts in zip(*per_prompt))
-    return {"reference": reference_type, "prompts": len(prompts), "positions": int(kl.size),
+    return {"reference": reference_type, "prompts": n_prompts, "positions": int(kl.size),
             "mean_kl": float(kl.mean()), "max_kl": float(kl.max()),
             "top1_agreement": float(top1.mean()),
             "decisive_positions": int(decisive.sum()),
@@ -144,38 +167,59 @@ def quality_images(size: int, n: int = 2) -> list[np.ndarray]:
     return [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images[:n]]
 
 
-def compare_vision(text_gguf: Path, reference: Path, quantized: Path, image_size: int,
-                   threads: int = 0, reference_type: str = "f32", image: dict | None = None) -> dict:
-    """Cosine between image embeddings of the reference and the quantized vision file (GGUF or ONNX)."""
+# the reference file's embeddings of the quality images, kept for the next comparison with it (the
+# f32 tower costs ~85 s an image at 4B shape on 2 cores; an export compares up to four files with it)
+_REFERENCE_EMBEDDINGS: dict = {}
+
+
+def compare_vision(text_gguf: Path | None, reference: Path, quantized: Path, image_size: int,
+                   threads: int = 0, reference_type: str = "f32", image: dict | None = None,
+                   n_embd: int | None = None) -> dict:
+    """Cosine between image embeddings of the reference and the quantized vision file (GGUF or ONNX).
+    text_gguf: the text model a GGUF mmproj needs; None when both files are ONNX (then n_embd, the
+    text model's width, is given)."""
     from medgemma_edge.runtime.backends.llama_logs import install
 
     install()
-    return _compare_vision(text_gguf, reference, quantized, image_size, threads, reference_type, image)
+    return _compare_vision(text_gguf, reference, quantized, image_size, threads, reference_type, image, n_embd)
 
 
-def _compare_vision(text_gguf, reference, quantized, image_size, threads, reference_type, image) -> dict:
-    import llama_cpp
-
+def _compare_vision(text_gguf, reference, quantized, image_size, threads, reference_type, image,
+                    n_embd=None) -> dict:
     from tqdm import tqdm
 
     from medgemma_edge.runtime.backends import open_vision
 
-    llama_cpp.llama_backend_init()
-    # A vocab-only load reports width 0, which mtmd needs; the weights are memory-mapped, not read.
-    model = llama_cpp.llama_model_load_from_file(str(text_gguf).encode(),
-                                                 llama_cpp.llama_model_default_params())
+    model = None
+    if text_gguf is not None:
+        import llama_cpp
+
+        llama_cpp.llama_backend_init()
+        # A vocab-only load reports width 0, which mtmd needs; the weights are memory-mapped, not read.
+        model = llama_cpp.llama_model_load_from_file(str(text_gguf).encode(),
+                                                     llama_cpp.llama_model_default_params())
+        n_embd = int(llama_cpp.llama_model_n_embd(model))
     images = quality_images(image_size)
     try:
         outs = []
         for path in (reference, quantized):
-            enc = open_vision(path, model, int(llama_cpp.llama_model_n_embd(model)), threads, image=image)
+            st = Path(path).stat()
+            key = (str(path), st.st_size, st.st_mtime_ns, image_size, repr(image))
+            if path == reference and key in _REFERENCE_EMBEDDINGS:
+                outs.append(_REFERENCE_EMBEDDINGS[key])
+                continue
+            enc = open_vision(path, model, n_embd, threads, image=image)
             try:
                 outs.append([enc.encode(im) for im in tqdm(images, desc=f"quality: vision {path.stem}",
                                                             leave=False)])
             finally:
                 enc.close()
+            if path == reference:  # one export compares several vision files with the same reference
+                _REFERENCE_EMBEDDINGS.clear()
+                _REFERENCE_EMBEDDINGS[key] = outs[-1]
     finally:
-        llama_cpp.llama_model_free(model)
+        if model is not None:
+            llama_cpp.llama_model_free(model)
     cos = [float(np.dot(a.ravel(), b.ravel()) / (np.linalg.norm(a) * np.linalg.norm(b)))
            for a, b in zip(*outs)]
     return {"reference": reference_type, "images": len(images),

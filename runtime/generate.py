@@ -67,6 +67,12 @@ class Step:
 def pick_token(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
     if s.temperature == 0:
         return int(np.argmax(logits))
+    p = probabilities(logits, s)
+    return int(rng.choice(len(p), p=p))
+
+
+def probabilities(logits: np.ndarray, s: Sampling) -> np.ndarray:
+    """The sampling distribution (float64, sums to 1) after temperature, top_k and top_p."""
     z = logits.astype(np.float64) / s.temperature
     if s.top_k:
         kth = np.partition(z, -s.top_k)[-s.top_k]
@@ -79,24 +85,56 @@ def pick_token(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int
         cut = order[np.searchsorted(cum, s.top_p) + 1:]
         p[cut] = 0
         p /= p.sum()
-    return int(rng.choice(len(p), p=p))
+    return p
 
 
-def decode(engine, s: Sampling, vocab: Vocabulary) -> Iterator[Step]:
+GREEDY_TRIES = 32  # best tokens tried one by one (14 µs each) before masking the vocabulary (~70 ms)
+SAMPLE_TRIES = 64  # draws tried one by one before masking
+
+
+def choose_token(logits: np.ndarray, s: Sampling, rng: np.random.Generator, constraint=None) -> int:
+    """pick_token, within a grammar when given one (runtime/constrain.Constraint).
+
+    The grammar is asked about single tokens first: greedy takes the best token it allows among the
+    GREEDY_TRIES best (the argmax of the masked logits, when it is among them); sampling draws from
+    the free distribution until a draw is allowed, which is exactly a draw from the distribution
+    restricted to the allowed tokens (rejection sampling). Only when every try is refused is the whole
+    vocabulary masked and the pick made from what is left — the same answer, at ~1 ms a step
+    instead of ~70 ms.
+    """
+    if constraint is None:
+        return pick_token(logits, s, rng)
+    if s.temperature == 0:
+        k = min(GREEDY_TRIES, len(logits) - 1)
+        best = np.argpartition(-logits, k)[:k]
+        for tok in best[np.lexsort((best, -logits[best]))]:  # by logit, ties by id as argmax
+            if constraint.allows(int(tok)):
+                return int(tok)
+    else:
+        for tok in rng.choice(len(logits), size=SAMPLE_TRIES, p=probabilities(logits, s)):
+            if constraint.allows(int(tok)):
+                return int(tok)
+    return pick_token(constraint.mask(logits), s, rng)
+
+
+def decode(engine, s: Sampling, vocab: Vocabulary, constraint=None) -> Iterator[Step]:
     """Generate after the evaluated prompt, one `Step` per token and a last one with the reason.
 
     Text is held back while it could still be the start of a stop string, so a stop string is
-    never shown in part.
+    never shown in part. `constraint` (runtime/constrain.Constraint) keeps the answer inside a
+    grammar; it ends only where the grammar allows an end token.
     """
     rng = np.random.default_rng(s.seed)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out, shown, reason = "", 0, "length"
     hold = max((len(x) for x in s.stop), default=1) - 1
     for n in range(1, s.max_new_tokens + 1):
-        tok = pick_token(engine.logits(), s, rng)
+        tok = choose_token(engine.logits(), s, rng, constraint)
         if tok in vocab.end_ids or engine.is_end(tok):
             reason = "stop"
             break
+        if constraint is not None:
+            constraint.accept(tok)
         out += utf8.decode(engine.piece(tok, special=tok in vocab.shown_special_ids))
         hit = min((i for i in (out.find(x) for x in s.stop) if i >= 0), default=-1)
         if hit >= 0:

@@ -1,7 +1,7 @@
 """manifest.json: the contract between an exported bundle and the runtime.
 
 Shape (format_version 1):
-    {"format_version": 1, "backend": "gguf", "tool": "medgemma-edge 0.1.0",
+    {"format_version": 1, "backend": "gguf" | "onnx", "tool": "medgemma-edge 0.1.0",
      "source": {"path_name", "architecture", "config_sha256"},
      "quantization": {"text": "q4_k_m", "vision": "f16" | null},
      "files": [{"role": "text" | "vision", "path", "size", "sha256"[, "quant", "fidelity"]}],
@@ -11,6 +11,9 @@ Shape (format_version 1):
 `vocab`: the GGUF's token list has `embedding_rows` entries; padded means placeholders were added
 after the tokenizer's entries; tokenizer_entries > embedding_rows means added tokens the model has
 no row for were left out.
+An ONNX bundle (backend "onnx") also lists its decoder's external weights ("text_data"), the
+embedding table ("embeddings") and the vocabulary-only GGUF ("tokenizer"), and describes the
+decoder graph under "decoder" (export/onnx_decoder.py). Every listed file is hashed by verify.
 No torch here: the runtime reads it on every load.
 """
 
@@ -28,7 +31,10 @@ FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 REQUIRED_KEYS = ("format_version", "backend", "tool", "source", "quantization", "files", "image",
                  "chat_template", "special_tokens", "context_length", "vocab", "quality")
-ROLES = ("text", "vision")
+# The file roles each backend's bundle may list (text: the decoder itself, once; the rest: any number).
+ROLES = {"gguf": ("text", "vision"),
+         "onnx": ("text", "text_data", "embeddings", "tokenizer", "vision")}
+ONE_OF = {"gguf": ("text",), "onnx": ("text", "tokenizer")}
 HASH_BLOCK = 8 << 20
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest with its chat template and quality report is a few KB
 
@@ -107,6 +113,13 @@ def _file_ok(f) -> bool:
             and (f.get("fidelity") is None or _is_number(f["fidelity"])))
 
 
+def _decoder_ok(v) -> bool:
+    """The ONNX decoder description the runtime's engine reads (export/onnx_decoder.describe_decoder)."""
+    return (isinstance(v, dict) and isinstance(v.get("file"), str)
+            and all(_is_int(v.get(k)) and v[k] > 0 for k in ("layers", "kv_heads", "head_dim", "hidden", "vocab"))
+            and isinstance(v.get("attention_bias", {}), dict))
+
+
 # The fields the runtime reads, and what each must be (everything else is kept, not read).
 SCHEMA = {
     "backend": lambda v: isinstance(v, str),
@@ -117,6 +130,9 @@ SCHEMA = {
     "chat_template": _optional(lambda v: isinstance(v, str)),
     "context_length": _optional(_is_int),
     "demo_notice": _optional(lambda v: isinstance(v, str)),
+    "decoder": _optional(lambda v: _decoder_ok(v)),
+    "embeddings": _optional(lambda v: isinstance(v, dict) and isinstance(v.get("files"), list)
+                            and all(isinstance(f, str) for f in v["files"]) and isinstance(v.get("dtype"), str)),
 }
 
 
@@ -137,15 +153,21 @@ def _check_shape(manifest, name: str) -> None:
     if wrong:
         raise BundleError(f"{MANIFEST_NAME} in {name} has a malformed {', '.join(wrong)} field — export the "
                           "bundle again")
+    backend = manifest["backend"]
+    allowed = ROLES.get(backend) or tuple(dict.fromkeys(r for rs in ROLES.values() for r in rs))
     roles = []
     for f in manifest["files"]:
         p = PurePosixPath(f["path"])
-        if p.is_absolute() or ".." in p.parts or not f["path"] or f["role"] not in ROLES or "\x00" in f["path"]:
+        if p.is_absolute() or ".." in p.parts or not f["path"] or f["role"] not in allowed or "\x00" in f["path"]:
             raise BundleError(f"{MANIFEST_NAME} in {name} names {f['path']!r} as {f['role']!r}; only "
-                              "text/vision files inside the bundle are allowed — export the bundle again")
+                              f"{'/'.join(allowed)} files inside the bundle are allowed — export the bundle again")
         roles.append(f["role"])
-    if roles.count("text") != 1:
-        raise BundleError(f"{MANIFEST_NAME} in {name} must list one text file — export the bundle again")
+    for role in ONE_OF.get(backend, ("text",)):
+        if roles.count(role) != 1:
+            raise BundleError(f"{MANIFEST_NAME} in {name} must list one {role} file — export the bundle again")
+    if backend == "onnx" and not (manifest.get("decoder") and manifest.get("embeddings")):
+        raise BundleError(f"{MANIFEST_NAME} in {name} is an ONNX bundle without its decoder description "
+                          "— export the bundle again")
     paths = [f["path"] for f in manifest["files"]]
     if len(set(paths)) != len(paths):
         raise BundleError(f"{MANIFEST_NAME} in {name} lists a file twice — export the bundle again")

@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from medgemma_edge.runtime import chat as chatfmt
+from medgemma_edge.runtime import constrain
 from medgemma_edge.runtime import generate as gen
 from medgemma_edge.runtime import prefill
 from medgemma_edge.runtime.budget import EncodeSpeed
 from medgemma_edge.runtime.cache import cache_root
+from medgemma_edge.runtime.engines import check_backend, open_engine
 from medgemma_edge.runtime.embed_cache import DEFAULT_DISK_MB, DEFAULT_MEMORY_ITEMS, EmbeddingCache, pixel_digest
 from medgemma_edge.runtime.errors import BundleError, BusyError, InputError
 from medgemma_edge.runtime.machine import OthersLoad, resolve_threads, threads_beside
@@ -31,21 +33,9 @@ BUSY_WAIT_S = 600.0
 REFIT_TOKENS = 16  # decode steps between looks at the other programs' CPU use  # how long a caller waits for another caller's answer before a BusyError
 
 
-def _gpu_layers(device: str) -> int:
-    import llama_cpp
-
-    if device == "cpu":
-        return 0
-    has_gpu = bool(llama_cpp.llama_supports_gpu_offload())
-    if device == "cuda" and not has_gpu:
-        raise InputError("device 'cuda' asked for, but this llama-cpp-python was built without GPU "
-                         "support — rebuild it with CMAKE_ARGS=-DGGML_CUDA=on, or use --device cpu")
-    return -1 if has_gpu else 0
-
-
 def load(bundle_dir, device: str = "auto", threads: int | None = None, context: int | None = None,
          fit: str = DEFAULT_FIT, image_cache_dir=None, image_cache_mb: float = DEFAULT_DISK_MB,
-         vision: str = "auto", repack: bool = False) -> "Model":
+         vision: str = "auto", repack: bool = False, lora=()) -> "Model":
     """Read and check the bundle's manifest, then build the backend it names.
 
     threads: one value for every pool (llama.cpp, the vision encoder, preprocessing, DICOM);
@@ -58,6 +48,8 @@ def load(bundle_dir, device: str = "auto", threads: int | None = None, context: 
     machine, runtime/vision_choice.py) or an encoding the bundle holds ("f16", "onnx-int8", …).
     repack: let llama.cpp keep a repacked copy of the text weights for this CPU's kernels: faster
     decode on AVX-512 (+17 % at 4B q4_k_m), +1.5 GB of memory and ~1.5 s of load (llama_engine.py).
+    lora: llama.cpp LoRA files (`export SRC --adapter DIR --lora-out FILE`) applied to the text model
+    at load; each must be made from this bundle's base checkpoint (GGUF bundles only).
     """
     from medgemma_edge.runtime.manifest import verify_bundle
 
@@ -69,6 +61,9 @@ def load(bundle_dir, device: str = "auto", threads: int | None = None, context: 
     _check_image_options(False, 1, fit)
     if not isinstance(vision, str):
         raise InputError(f"vision must be 'auto' or an encoding name, got {type(vision).__name__}")
+    lora = [lora] if isinstance(lora, (str, os.PathLike)) else list(lora or ())
+    if not all(isinstance(p, (str, os.PathLike)) for p in lora):
+        raise InputError("lora must be a LoRA file path or a list of them")
     if not isinstance(bundle_dir, (str, os.PathLike)):
         raise InputError(f"bundle_dir must be a folder path, got {type(bundle_dir).__name__}")
     bundle = Path(bundle_dir)
@@ -78,37 +73,40 @@ def load(bundle_dir, device: str = "auto", threads: int | None = None, context: 
     except OSError:  # no writable cache folder: every load hashes
         remember = None
     manifest = verify_bundle(bundle, remember=remember)
-    backend = manifest.get("backend")
-    if backend != "gguf":
-        raise BundleError(f"this runtime reads GGUF bundles; {bundle.name} is '{backend}' — "
-                          "export it with --format gguf")
+    check_backend(bundle, manifest)
     return Model(bundle, manifest, device=device, threads=threads, context=context, fit=fit,
-                 image_cache_dir=image_cache_dir, image_cache_mb=image_cache_mb, vision=vision, repack=repack)
+                 image_cache_dir=image_cache_dir, image_cache_mb=image_cache_mb, vision=vision, repack=repack,
+                 lora=lora)
 
 
 class Model:
     def __init__(self, bundle: Path, manifest: dict, *, device: str, threads, context: int | None, fit: str,
                  image_cache_dir=None, image_cache_mb: float = DEFAULT_DISK_MB, vision: str = "auto",
-                 repack: bool = False):
-        from medgemma_edge.runtime.backends.llama_engine import LlamaEngine
-
+                 repack: bool = False, lora=()):
         t0 = time.perf_counter()
         self.bundle, self.manifest, self.fit, self.device = bundle, manifest, fit, device
         self.threads = resolve_threads(threads)
         text = next(f for f in manifest["files"] if f["role"] == "text")
         self.auto_context = context is None
-        gpu_layers = _gpu_layers(device)
-        self.engine = LlamaEngine(str(bundle / text["path"]), n_ctx=context or AUTO_CONTEXT_START,
-                                  threads=self.threads, n_gpu_layers=gpu_layers, repack=repack)
+        opened = open_engine(bundle, manifest, device=device, threads=self.threads,
+                             n_ctx=context or AUTO_CONTEXT_START, repack=repack)
+        self.engine = opened.engine
         self.vocab = _vocabulary(self.engine, manifest)
         self.text_id = text.get("sha256") or _file_id(bundle / text["path"])
+        if manifest["backend"] == "onnx":  # the graph file is small; its weights live beside it
+            self.text_id = hashlib.sha256(" ".join(f["sha256"] for f in manifest["files"] if f["role"] in
+                                                   ("text", "text_data", "embeddings")).encode()).hexdigest()
+        self.loras = self._load_loras(lora)
+        if self.loras:  # saved prefixes (KV states) of the plain model must not serve the adapted one
+            ids = [self.text_id] + [_file_id(Path(p)) for p in lora]
+            self.text_id = hashlib.sha256(" ".join(ids).encode()).hexdigest()
         try:
             speeds = cache_root()
         except OSError:  # no cache folder: speeds are not remembered
             speeds = None
         speed_of = lambda e: EncodeSpeed(speeds, e.get("sha256") or e["path"], self.threads)
         self.vision_file = choose_vision([f for f in manifest["files"] if f["role"] == "vision"], vision,
-                                         gpu=gpu_layers != 0, measured=lambda e: speed_of(e).seconds())
+                                         gpu=opened.gpu, measured=lambda e: speed_of(e).seconds())
         self.vision_path = bundle / self.vision_file["path"] if self.vision_file else None
         self._vision = None
         image = manifest.get("image") or {}
@@ -132,6 +130,14 @@ class Model:
         self.on_image_encoded = None  # callable(done, total, seconds): progress through a series
         self.others_load = OthersLoad()  # other programs' CPU use, measured between our steps
         self.load_s = round(time.perf_counter() - t0, 3)
+
+    def _load_loras(self, paths) -> list[dict]:
+        if not paths:
+            return []
+        if not hasattr(self.engine, "load_loras"):
+            raise InputError(f"LoRA files apply to GGUF bundles only; {self.bundle.name} is "
+                             f"'{self.manifest['backend']}' — export the adapter merged (export --adapter)")
+        return self.engine.load_loras(paths, (self.manifest.get("source") or {}).get("config_sha256"))
 
     @contextmanager
     def _serialized(self):
@@ -160,7 +166,8 @@ class Model:
             self.require_vision()
             from medgemma_edge.runtime.backends import open_vision
 
-            self._vision = open_vision(self.vision_path, self.engine.model, self.engine.n_embd,
+            # llama.cpp's mtmd needs the text model; an ONNX bundle's engine has none (and ONNX vision)
+            self._vision = open_vision(self.vision_path, getattr(self.engine, "model", None), self.engine.n_embd,
                                        self.threads, self.device, self.manifest.get("image"))
         return self._vision
 
@@ -211,9 +218,13 @@ class Model:
 
     def stream(self, messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, stop=(), think: bool = False, *, window=None,
-               max_slices: int = DEFAULT_MAX_SLICES, fit: str | None = None):
+               max_slices: int = DEFAULT_MAX_SLICES, fit: str | None = None, json_schema=None,
+               grammar: str | None = None):
         """Answer a chat as it is generated: yields `Response`s (text piece, token id); the last one
-        carries finish_reason, the thought (if the model thought) and the stats."""
+        carries finish_reason, the thought (if the model thought) and the stats.
+
+        json_schema (a dict or its JSON text): the answer is JSON valid for it, unless cut by
+        max_new_tokens; grammar: llama.cpp GBNF text instead (runtime/constrain.py)."""
         if stop is None or isinstance(stop, str):
             stop = () if not stop else (stop,)
         elif not isinstance(stop, (list, tuple)):
@@ -221,19 +232,29 @@ class Model:
         sampling = gen.Sampling(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop))
         sampling.check()
         _check_image_options(think, max_slices, fit, window)
-        return self._stream(messages, sampling, think, dict(window=window, max_slices=max_slices, fit=fit))
+        gbnf = constrain.grammar_for(json_schema, grammar, think)
+        return self._stream(messages, sampling, think, dict(window=window, max_slices=max_slices, fit=fit), gbnf)
 
-    def _stream(self, messages, sampling: gen.Sampling, think: bool, image_opts: dict):
+    def _stream(self, messages, sampling: gen.Sampling, think: bool, image_opts: dict, gbnf: str | None = None):
         t0 = time.perf_counter()
         with self._serialized():
-            yield from self._answer(messages, sampling, think, image_opts, t0)
+            yield from self._answer(messages, sampling, think, image_opts, t0, gbnf)
 
     def _fit_threads(self) -> None:
         """Run beside what other programs keep busy (runtime/machine.OthersLoad): on a kiosk whose
         other programs hold a core, one llama.cpp thread fewer decodes faster than all of them."""
         self.engine.set_threads(threads_beside(self.others_load.cores(), self.threads))
 
-    def _answer(self, messages, sampling: gen.Sampling, think: bool, image_opts: dict, t0: float):
+    def _answer(self, messages, sampling: gen.Sampling, think: bool, image_opts: dict, t0: float,
+                gbnf: str | None = None):
+        grammar = constrain.Constraint(constrain.vocab_pointer(self.engine), gbnf) if gbnf else None
+        try:
+            yield from self._decode(messages, sampling, think, image_opts, t0, grammar)
+        finally:
+            if grammar is not None:
+                grammar.close()
+
+    def _decode(self, messages, sampling: gen.Sampling, think: bool, image_opts: dict, t0: float, grammar=None):
         stats = Stats(load_s=self.load_s)
         self._fit_threads()
         prompt = prefill.prefill(self, messages, think=think, stats=stats,
@@ -241,7 +262,7 @@ class Model:
         n_prompt = len(prompt.ids)
         thoughts, n_new, t_first = chatfmt.ThoughtFilter(), 0, None
         self._fit_threads()
-        for step in gen.decode(self.engine, sampling, self.vocab):
+        for step in gen.decode(self.engine, sampling, self.vocab, grammar):
             if step.token is not None:
                 n_new += 1
                 if n_new % REFIT_TOKENS == 0:
@@ -261,11 +282,13 @@ class Model:
 
     def chat(self, messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
              top_k: int = 0, seed: int | None = None, stop=(), think: bool = False, *, window=None,
-             max_slices: int = DEFAULT_MAX_SLICES, fit: str | None = None) -> Reply:
+             max_slices: int = DEFAULT_MAX_SLICES, fit: str | None = None, json_schema=None,
+             grammar: str | None = None) -> Reply:
         """Answer a chat: `stream`, joined."""
         pieces = []
         for r in self.stream(messages, max_new_tokens, temperature, top_p, top_k, seed, stop, think,
-                             window=window, max_slices=max_slices, fit=fit):
+                             window=window, max_slices=max_slices, fit=fit, json_schema=json_schema,
+                             grammar=grammar):
             pieces.append(r.text)
         return Reply("".join(pieces), r.thought, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.stats)
 

@@ -23,12 +23,17 @@ EXACT = ("f32", "onnx-f32")  # the reference arithmetic: no fidelity to measure
 # own path 85.6); AVX2 EPYC: onnx-int8 38-40, f16 52.8-55, onnx-f32 54, q8_0 72, f32 127.
 # int8 ONNX leads on both (VNNI's int8 dot products widen the gap); a GPU runs llama.cpp's f16
 # (or onnxruntime's CUDA provider on the float graph), never the CPU's int8 kernels.
+# bf16 (an mmproj with BF16 matrices): ahead of f16 where the CPU has avx512_bf16 (ggml's
+# vdpbf16ps dot products; bench_vision on the VNNI EPYC, flash attention on, a busy machine:
+# bf16 94 s vs f16 149 s, cosine 0.999999 vs f32), last where it has not (every weight widened
+# in software). Still behind every int8 ONNX file (22 s in the same run).
 SPEED_RANK = {
-    "vnni": ("onnx-int8-vnni", "onnx-int8", "onnx-f32", "f16", "q8_0", "f32"),
-    "avx2": ("onnx-int8", "f16", "onnx-f32", "q8_0", "f32"),
-    "other": ("f16", "onnx-f32", "onnx-int8", "q8_0", "f32"),  # no measurement: float kernels first
-    "gpu": ("f16", "f32", "onnx-f32", "q8_0", "onnx-int8"),
+    "vnni": ("onnx-int8-vnni", "onnx-int8", "onnx-f32", "bf16", "f16", "q8_0", "f32"),
+    "avx2": ("onnx-int8", "f16", "onnx-f32", "bf16", "q8_0", "f32"),
+    "other": ("f16", "bf16", "onnx-f32", "onnx-int8", "q8_0", "f32"),  # no measurement: float kernels first
+    "gpu": ("f16", "bf16", "f32", "onnx-f32", "q8_0", "onnx-int8"),
 }
+BF16_FLAGS = {"avx512_bf16", "amx_bf16"}  # CPUs whose matmuls take bf16 natively
 
 
 # Encodings a kind of CPU cannot run faithfully, whatever the export measured on its own machine:
@@ -62,7 +67,7 @@ def quant_of(entry: dict) -> str:
     name = entry["path"]
     if name.endswith(".onnx"):
         return "onnx-int8-vnni" if "int8-vnni" in name else "onnx-int8" if "int8" in name else "onnx-f32"
-    return next((q for q in ("f32", "f16", "q8_0") if name.endswith(f"-{q}.gguf")), "f16")
+    return next((q for q in ("f32", "f16", "bf16", "q8_0") if name.endswith(f"-{q}.gguf")), "f16")
 
 
 def faithful(entry: dict) -> bool:
@@ -82,7 +87,8 @@ def choose_vision(entries: list[dict], want: str = "auto", *, flags: set[str] | 
                 return e
         have = ", ".join(quant_of(e) for e in entries)
         raise InputError(f"this bundle has no {want!r} vision file (it has {have}) — pick one of those, or auto")
-    kind = cpu_kind(cpu_flags() if flags is None else flags, gpu)
+    flags = cpu_flags() if flags is None else flags
+    kind = cpu_kind(flags, gpu)
     runnable = [e for e in entries if kind in NEEDS.get(quant_of(e), (kind,))]
     pool = [e for e in runnable if faithful(e)] or runnable[:1] or entries[:1]  # else the primary (first)
     if measured is not None:
@@ -90,4 +96,6 @@ def choose_vision(entries: list[dict], want: str = "auto", *, flags: set[str] | 
         if all(t is not None for t in times.values()):
             return min(pool, key=lambda e: times[id(e)])
     rank = SPEED_RANK[kind]
+    if kind != "gpu" and not flags & BF16_FLAGS:
+        rank = tuple(q for q in rank if q != "bf16") + ("bf16",)
     return min(pool, key=lambda e: rank.index(quant_of(e)) if quant_of(e) in rank else len(rank))

@@ -22,7 +22,15 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path):
         assert res["peak_rss_mb"] > 0 and res["load_s"] > 0, name
     ours = data["results"]["ours q4_k_m"]
     assert ours["follow_up"]["images_from_cache"] == 1, "the follow-up encoded the image again"
+    assert ours["vision"], "the default bundle's auto vision choice was not recorded"
+    prepared = data["results"]["ours q4_k_m, pre-encoded study"]["first"]
+    assert prepared["reused_tokens"] > 0 and not prepared["image_encode_s"], \
+        f"the pre-encoded study was encoded again in the new process: {prepared}"
+    assert set(data["busy"]["rates"]) >= {"quiet, runtime's choice", "busy, runtime's choice"}
+    assert set(data["alternating"]["q4_k_m"]) == {"ours q4_k_m", "ours q4_k_m, repacked weights", "llama.cpp q4_k_m"}
     assert data["preprocess"]["ours q4_k_m"]["ct_series"]["best_ms"] > 0
     report = (tmp_path / "REPORT.md").read_text()
-    assert "| goal |" in report and "decode vs llama.cpp direct" in report
+    for goal in ("pre-encoded study", "decode vs llama.cpp direct", "busy process", "every default path",
+                 "file-decode floor"):
+        assert goal in report, goal
     assert (tmp_path / "chart.png").stat().st_size > 1000

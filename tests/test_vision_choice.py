@@ -94,3 +94,21 @@ def test_full_8bit_int8_runs_only_where_vnni_is():
     assert choose_vision([F16, INT8, VNNI8], flags=AVX2) is INT8  # it would overflow there
     assert choose_vision([VNNI8, F16], flags=AVX2) is F16  # even when it is the primary
     assert choose_vision([F16, VNNI8], flags=VNNI, gpu=True) is F16
+
+
+BF16 = {"role": "vision", "path": "m-mmproj-bf16.gguf", "quant": "bf16", "fidelity": 0.9999}
+
+
+def test_bf16_mmproj_ranks_by_the_cpus_bf16_support():
+    assert choose_vision([BF16, Q8], flags=VNNI | {"avx512_bf16"}) is BF16
+    assert choose_vision([BF16, {**Q8, "fidelity": 0.9995}], flags=VNNI) is not BF16  # widened in software
+    assert choose_vision([F16, BF16], flags=VNNI | {"avx512_bf16"}) is BF16  # measured faster there
+    assert choose_vision([BF16, F16], flags=VNNI) is F16
+    assert choose_vision([BF16, INT8, VNNI8], flags=VNNI | {"avx512_bf16"}) is VNNI8
+    assert choose_vision([{"role": "vision", "path": "m-mmproj-bf16.gguf"}], flags=AVX2)["path"].endswith("bf16.gguf")
+
+
+def test_quant_of_old_manifests_reads_bf16_from_the_name():
+    from medgemma_edge.runtime.vision_choice import quant_of
+
+    assert quant_of({"path": "m-mmproj-bf16.gguf"}) == "bf16"

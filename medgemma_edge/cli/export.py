@@ -1,4 +1,5 @@
-"""`medgemma-edge export` and `medgemma-edge verify`: thin wrappers over export.bundle and runtime.manifest.
+"""`medgemma-edge export` and `medgemma-edge verify`: thin wrappers over export.bundle (GGUF),
+export.bundle_onnx (ONNX) and runtime.manifest.
 
 `export` needs the export extras (torch, safetensors, sentencepiece); they are imported only when
 the command runs, so the runtime CLI starts without them.
@@ -8,8 +9,12 @@ from __future__ import annotations
 
 import click
 
-from medgemma_edge.export.quants import DEFAULT_VISION_QUANTS, TEXT_QUANTS, VISION_QUANTS
-from medgemma_edge.runtime.errors import ExportError
+from medgemma_edge.export.quants import (DEFAULT_VISION_QUANTS, FORMATS, ONNX_TEXT_QUANTS, ONNX_VISION_QUANTS,
+                                         TEXT_QUANTS, VISION_QUANTS)
+from medgemma_edge.runtime.errors import ExportError, InputError
+
+QUANTS = {"gguf": TEXT_QUANTS, "onnx": ONNX_TEXT_QUANTS}
+DEFAULT_QUANT = {"gguf": "q4_k_m", "onnx": "int8"}
 
 
 def _mb(n: float) -> str:
@@ -18,33 +23,78 @@ def _mb(n: float) -> str:
 
 @click.command("export")
 @click.argument("src", type=click.Path(file_okay=False, path_type=str))
-@click.option("-o", "--out", required=True, type=click.Path(path_type=str), help="Bundle folder to write.")
-@click.option("--format", "fmt", type=click.Choice(["gguf"]), default="gguf", show_default=True)
-@click.option("--quant", type=click.Choice(TEXT_QUANTS), default="q4_k_m", show_default=True,
-              help="Text model weights.")
-@click.option("--vision-quant", type=click.Choice(VISION_QUANTS), multiple=True, default=DEFAULT_VISION_QUANTS,
-              show_default=True,
-              help="Vision tower file(s); repeat for several: GGUF mmproj (f32/f16/q8_0, run by llama.cpp) or "
-                   "ONNX (onnx-f32, onnx-int8: run by onnxruntime). The runtime picks the fastest faithful "
-                   "one on its machine (load(vision='auto')).")
-@click.option("--keep-intermediate", is_flag=True, help="Keep the unquantized GGUFs in <out>/intermediate.")
+@click.option("-o", "--out", default=None, type=click.Path(path_type=str),
+              help="Bundle folder to write (required unless only --lora-out is wanted).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="gguf", show_default=True,
+              help="gguf: llama.cpp runs the text model; onnx: onnxruntime runs everything (CPU or CUDA).")
+@click.option("--quant", type=click.Choice(tuple(dict.fromkeys(TEXT_QUANTS + ONNX_TEXT_QUANTS))), default=None,
+              help=f"Text model weights. gguf: {', '.join(TEXT_QUANTS)} (default q4_k_m); "
+                   f"onnx: {', '.join(ONNX_TEXT_QUANTS)} (default int8).")
+@click.option("--vision-quant", type=click.Choice(VISION_QUANTS), multiple=True, default=(),
+              help="Vision tower file(s); repeat for several: GGUF mmproj (f32/f16/q8_0, run by llama.cpp; gguf "
+                   "bundles only) or ONNX (onnx-f32, onnx-int8, onnx-int8-vnni: run by onnxruntime). The runtime "
+                   f"picks the fastest faithful one on its machine. Default: {' '.join(DEFAULT_VISION_QUANTS)} "
+                   "(onnx bundles: the ONNX ones of that list).")
+@click.option("--keep-intermediate", is_flag=True, help="Keep the unquantized references in <out>/intermediate.")
 @click.option("--no-quality", is_flag=True, help="Skip the quantization report (faster).")
 @click.option("--threads", type=int, default=0, help="Threads for quantization and the report (0: all).")
 @click.option("--force", is_flag=True, help="Replace a bundle already in the output folder.")
-def export_cmd(src, out, fmt, quant, vision_quant, keep_intermediate, no_quality, threads, force):
+@click.option("--adapter", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) merged into the weights.")
+@click.option("--lora-out", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="Instead of merging --adapter, write it as a llama.cpp LoRA GGUF to this file, for "
+                   "`ask --lora` / load(lora=) on the base bundle (with -o: the base bundle is exported too).")
+def export_cmd(src, out, fmt, quant, vision_quant, keep_intermediate, no_quality, threads, force, adapter, lora_out):
     """Export the local Hugging Face checkpoint SRC (MedGemma / Gemma 3) to a bundle."""
+    if lora_out is not None:
+        if adapter is None:
+            raise InputError("--lora-out needs --adapter DIR, the PEFT LoRA folder to convert")
+        if fmt != "gguf":
+            raise InputError("--lora-out writes a llama.cpp LoRA, for gguf bundles only; with --format onnx "
+                             "merge the adapter (--adapter without --lora-out)")
+        try:
+            from medgemma_edge.export.gguf_lora import export_lora
+        except ImportError as err:
+            raise ExportError(f"--lora-out needs the export extras ({err.name} is missing): "
+                              "pip install 'medgemma-edge[export]'") from None
+        click.echo(f"lora: {export_lora(src, adapter, lora_out)}")
+        adapter = None  # the bundle, if any, is the base the LoRA applies to
+        if out is None:
+            return
+    if out is None:
+        raise InputError("missing -o/--out: the bundle folder to write")
+    quant = quant or DEFAULT_QUANT[fmt]
+    if quant not in QUANTS[fmt]:
+        raise InputError(f"--quant {quant} does not apply to --format {fmt}, which takes {', '.join(QUANTS[fmt])}")
+    if fmt == "onnx" and any(v not in ONNX_VISION_QUANTS for v in vision_quant):
+        bad = next(v for v in vision_quant if v not in ONNX_VISION_QUANTS)
+        raise InputError(f"--vision-quant {bad} is a GGUF mmproj, which an onnx bundle cannot run; "
+                         f"--format onnx takes {', '.join(ONNX_VISION_QUANTS)}")
     try:
-        from medgemma_edge.export.bundle import export_gguf
+        if fmt == "onnx":
+            from medgemma_edge.export.bundle_onnx import export_onnx
+        else:
+            from medgemma_edge.export.bundle import export_gguf
     except ImportError as err:
         raise ExportError(f"export needs the export extras ({err.name} is missing): "
                           "pip install 'medgemma-edge[export]'") from None
-    res = export_gguf(src, out, quant, vision_quant, keep_intermediate=keep_intermediate,
-                      quality=not no_quality, threads=threads, overwrite=force)
+    if fmt == "onnx":
+        if adapter is not None:  # the decoder builder reads a folder: a merged copy of SRC is exported
+            from functools import partial
+
+            from medgemma_edge.export.lora_hf import export_onnx_merged
+
+            export_onnx = partial(export_onnx_merged, adapter=adapter)
+        res = export_onnx(src, out, quant, vision_quant or None, quality=not no_quality, threads=threads,
+                          overwrite=force, keep_intermediate=keep_intermediate)
+    else:
+        res = export_gguf(src, out, quant, vision_quant or None, keep_intermediate=keep_intermediate,
+                          quality=not no_quality, threads=threads, overwrite=force, adapter=adapter)
     from medgemma_edge.export.quality import summary_lines
 
     click.echo(f"bundle: {res.bundle}")
     for f in res.manifest["files"]:
-        click.echo(f"  {f['role']:6s} {f['path']}  {_mb(f['size'])}")
+        click.echo(f"  {f['role']:10s} {f['path']}  {_mb(f['size'])}")
     v = res.manifest["vocab"]
     if v["padded"]:
         click.echo(f"  vocab: {v['tokenizer_entries']} tokenizer entries padded to {v['embedding_rows']} "

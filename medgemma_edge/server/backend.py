@@ -21,7 +21,8 @@ class Backend(Protocol):
     notice: str | None  # shown by the kiosk page (e.g. the demo model's warning)
 
     def chat(self, messages: list[dict], options: dict, cancelled: Callable[[], bool]) -> Iterator[Response]:
-        """options: max_tokens, temperature, top_p, top_k, seed, stop, think, window, max_slices, fit."""
+        """options: max_tokens, temperature, top_p, top_k, seed, stop, think, window, max_slices, fit,
+        json_schema (the answer is JSON valid for it) or grammar (GBNF; server/tools.py)."""
 
     def prepare(self, messages: list[dict], options: dict) -> None:
         """Do the image work of `messages` now (decode, window, resize, encode into the image
@@ -43,7 +44,8 @@ class LocalBackend:
                                    top_k=options.get("top_k", 0), seed=options.get("seed"),
                                    stop=options.get("stop") or (), think=options.get("think", False),
                                    window=options.get("window"), max_slices=options.get("max_slices", 85),
-                                   fit=options.get("fit"))
+                                   fit=options.get("fit"), json_schema=options.get("json_schema"),
+                                   grammar=options.get("grammar"))
         try:
             for response in stream:
                 yield response

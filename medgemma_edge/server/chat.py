@@ -4,6 +4,10 @@ Both forms read the same stream of `Response`s from the worker; the plain answer
 one joined (STYLE: no side channels). A streamed answer starts once the first piece exists, so an
 input error (a corrupt image, a prompt longer than the context) still gets its 400, not a 200
 carrying an error event.
+
+With `tools` (server/tools.py) an answer that is a call comes back as `tool_calls`, finish_reason
+"tool_calls"; streamed, a call is held back and sent as one chunk once complete, while a plain
+answer (under tool_choice "auto", one not starting with `{`) streams as usual.
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ async def chat_completions(request):
             raise ApiError(503, "the request was cancelled before it was answered")
         if chat.stream:
             streaming = True
-            return EventStream(_events(job, first, meta, chat.include_usage), lambda: _close(server, job, watcher))
-        return JSONResponse(await _joined(job, first, meta))
+            return EventStream(_events(job, first, meta, chat.include_usage, chat.tools),
+                               lambda: _close(server, job, watcher))
+        return JSONResponse(await _joined(job, first, meta, chat.tools))
     except Exception as err:
         return response_for(err, server.worker.retry_after())
     finally:
@@ -75,7 +80,13 @@ def sse(body) -> bytes:
     return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
 
-async def _joined(job, item, meta: _Meta) -> dict:
+def _as_call(tools, text: str, finish_reason: str):
+    """(tool_calls entry or None, finish_reason) for a finished answer."""
+    call = tools.read_call(text) if tools is not None and finish_reason == "stop" else None
+    return call, ("tool_calls" if call is not None else finish_reason)
+
+
+async def _joined(job, item, meta: _Meta, tools=None) -> dict:
     pieces, last = [], None
     while item is not DONE:
         pieces.append(item.text)
@@ -84,19 +95,27 @@ async def _joined(job, item, meta: _Meta) -> dict:
         item = await job.next()
     if last is None:
         raise ApiError(503, "the answer was cancelled before it finished")
+    content = "".join(pieces)
+    call, finish_reason = _as_call(tools, content, last.finish_reason)
+    message = {"role": "assistant", "content": content} if call is None else {
+        "role": "assistant", "content": None, "tool_calls": [call]}
     return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
-                         "logprobs": None, "finish_reason": last.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
             "usage": usage(last), "medgemma_edge": meta.extras(last)}
 
 
-async def _events(job, item, meta: _Meta, include_usage: bool):
+async def _events(job, item, meta: _Meta, include_usage: bool, tools=None):
     extra = {"usage": None} if include_usage else {}
     yield meta.chunk({"role": "assistant", "content": ""}, **extra)
-    last = None
+    last, held = None, None if tools is None else ""  # held: text kept back while it may be a call
     try:
         while item is not DONE:
-            if item.text:
+            if held is not None and item.text:
+                held += item.text
+                if held.lstrip() and not held.lstrip().startswith("{"):  # a plain answer: stream it
+                    yield meta.chunk({"content": held}, **extra)
+                    held = None
+            elif item.text:
                 yield meta.chunk({"content": item.text}, **extra)
             if item.finish_reason is not None:
                 last = item
@@ -107,7 +126,12 @@ async def _events(job, item, meta: _Meta, include_usage: bool):
         return
     if last is None:  # cancelled: nobody is reading
         return
-    yield meta.chunk({}, last.finish_reason, medgemma_edge=meta.extras(last), **extra)
+    finish_reason = last.finish_reason
+    if held:
+        call, finish_reason = _as_call(tools, held, finish_reason)
+        delta = {"content": held} if call is None else {"tool_calls": [{"index": 0, **call}]}
+        yield meta.chunk(delta, **extra)
+    yield meta.chunk({}, finish_reason, medgemma_edge=meta.extras(last), **extra)
     if include_usage:
         yield sse({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
                    "choices": [], "usage": usage(last)})

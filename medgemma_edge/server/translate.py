@@ -15,14 +15,17 @@ from dataclasses import dataclass, field
 from medgemma_edge.runtime.dicom.windows import parse_window
 from medgemma_edge.runtime.errors import InputError
 from medgemma_edge.runtime.preprocess import FITS
+from medgemma_edge.runtime.presets import apply as apply_preset
+from medgemma_edge.runtime.presets import get_preset
 from medgemma_edge.runtime.sources import is_dicom_path
 from medgemma_edge.server.errors import ApiError
+from medgemma_edge.server.tools import Tools, call_text, parse_tools, response_schema, result_text
 
 UPLOAD_SCHEME = "medgemma-edge:image/"
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,",
                        re.IGNORECASE)
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-_UNSUPPORTED = ("tools", "functions", "tool_choice", "logprobs", "response_format")
+_UNSUPPORTED = ("functions", "function_call", "logprobs")  # tools and response_format: server/tools.py
 _WHY_DATA = ("send the image itself as a data: URL (data:image/png;base64,…, data:image/jpeg;base64,… or "
              "data:application/dicom;base64,…) or upload it to POST /v1/images")
 
@@ -35,6 +38,7 @@ class ChatRequest:
     include_usage: bool = False
     images: int = 0
     uploads: list[str] = field(default_factory=list)
+    tools: Tools | None = None  # the answer may be a tool call (server/tools.py)
 
 
 def decode_data_url(url, param: str) -> tuple[str, bytes]:
@@ -104,15 +108,73 @@ def chat_request(body, uploads, *, max_images: int, max_tokens: int) -> ChatRequ
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages must be a non-empty list of {role, content}", "messages")
-    fits = set()
+    fits, call_names, after_tool = set(), {}, False
     for i, message in enumerate(messages):
+        if isinstance(message, dict) and message.get("role") == "tool":
+            text = result_text(message, call_names, f"messages[{i}]")
+            if after_tool:  # consecutive results: one user turn
+                request.messages[-1]["content"] += "\n\n" + text
+            else:
+                request.messages.append({"role": "user", "content": text})
+            after_tool = True
+            continue
+        after_tool = False
+        if isinstance(message, dict) and message.get("role") == "assistant" and message.get("tool_calls"):
+            for call in message["tool_calls"] if isinstance(message["tool_calls"], list) else ():
+                if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                    call_names[call.get("id")] = call["function"].get("name")
+            message = {**message, "content": call_text(message["tool_calls"], f"messages[{i}]")}
         request.messages.append(_message(message, i, uploads, request, fits))
+    _structure(body, request)
     if request.images > max_images:
         raise ApiError(400, f"too many images: {request.images} (this server takes at most {max_images} per "
                             "request) — send fewer, or fewer slices of the series", "messages")
     if "fit" not in request.options and len(fits) == 1:  # encode as the upload was, so its embeddings are reused
         request.options["fit"] = fits.pop()
     return request
+
+
+def _structure(body: dict, request: ChatRequest) -> None:
+    """Preset, tools and response_format: the system turn, length, thinking and constraint they add."""
+    preset = body.get("preset")
+    if preset is not None:
+        try:
+            preset = get_preset(preset)
+        except InputError as err:
+            raise ApiError(400, str(err), "preset") from None
+    opts = request.options
+    chosen = apply_preset(preset, {"max_new_tokens": opts["max_tokens"] if _names_limit(body) else None,
+                                   "think": opts.get("think"), "system": None, "json_schema": None})
+    opts["max_tokens"] = chosen["max_new_tokens"] or opts["max_tokens"]
+    if chosen["think"] is not None:
+        opts["think"] = chosen["think"]
+    schema = response_schema(body)
+    request.tools = parse_tools(body)
+    if schema is not None and request.tools is not None:
+        raise ApiError(400, "response_format and tools cannot both hold the answer — send one of them",
+                       "response_format")
+    if body.get("response_format") is None and request.tools is None and preset is not None and preset.json_schema:
+        from medgemma_edge.structured import load_schema
+
+        schema = load_schema(preset.json_schema)
+    if schema is not None:
+        opts["json_schema"] = schema
+    if request.tools is not None:
+        opts.update(request.tools.constraint())
+    messages = request.messages
+    has_system = bool(messages) and messages[0]["role"] == "system"
+    extra = request.tools.prompt() if request.tools is not None else None
+    if not has_system and (chosen["system"] or extra):
+        messages.insert(0, {"role": "system", "content": chosen["system"] or ""})
+        has_system = True
+    if extra:
+        content = messages[0]["content"]
+        messages[0] = {"role": "system", "content": (content + "\n\n" + extra).strip() if isinstance(content, str)
+                       else [*content, {"type": "text", "text": extra}]}
+
+
+def _names_limit(body: dict) -> bool:
+    return body.get("max_completion_tokens", body.get("max_tokens")) is not None
 
 
 def _options(body: dict, max_tokens: int) -> dict:

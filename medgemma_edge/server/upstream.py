@@ -268,6 +268,11 @@ def _sampling(options: dict) -> dict:
     for name in ("seed", "stop", "top_k"):
         if options.get(name):
             body[name] = options[name]
+    if options.get("json_schema") is not None:  # vLLM, llama.cpp and Ollama take OpenAI's form
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "answer",
+                                                                          "schema": options["json_schema"]}}
+    if options.get("grammar") is not None:  # llama.cpp's server field (tool_choice "auto", server/tools.py)
+        body["grammar"] = options["grammar"]
     return body
 
 

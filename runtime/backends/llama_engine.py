@@ -13,11 +13,9 @@ import os
 
 import numpy as np
 
-from medgemma_edge.runtime.backends import llama_logs
+from medgemma_edge.runtime.backends.llama_vocab import LlamaTokenizing, init_backend
 from medgemma_edge.runtime.errors import BundleError, InputError, MedGemmaEdgeError
 from medgemma_edge.runtime.machine import resolve_threads
-
-_BACKEND_READY = False
 
 
 def default_batch(gpu: bool) -> int:
@@ -40,19 +38,14 @@ def decode_error(rc: int, n_ctx: int) -> Exception:
                              "memory — close other programs, use a smaller --context, or a smaller quant")
 
 
-class LlamaEngine:
-    """One model, one context, one sequence. Positions are counted from 0 for the whole cache."""
+class LlamaEngine(LlamaTokenizing):
+    """One model, one context, one sequence. Positions are counted from 0 for the whole cache.
+    tokenize / piece / end_ids / is_end: runtime/backends/llama_vocab.LlamaTokenizing."""
 
     def __init__(self, gguf_path: str, *, n_ctx: int = 4096, threads: int | None = None,
                  n_gpu_layers: int = 0, n_batch: int | None = None, repack: bool = False):
-        global _BACKEND_READY
-        import llama_cpp
-
+        llama_cpp = init_backend()
         self._c = llama_cpp
-        if not _BACKEND_READY:
-            llama_logs.install()  # error lines (why a load failed) stay visible; the tensor chatter goes
-            llama_cpp.llama_backend_init()
-            _BACKEND_READY = True
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         # llama.cpp can keep a second, repacked copy of the weights for its CPU kernels. Measured at
@@ -72,6 +65,7 @@ class LlamaEngine:
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
         self.n_batch = max(n_batch or default_batch(n_gpu_layers != 0), 256)  # an image fits one micro-batch
         self.ctx = None
+        self.loras: list = []  # llama_adapter_lora pointers, set on every context (load_loras)
         self._make_context(n_ctx)
 
     def _make_context(self, n_ctx: int) -> None:
@@ -92,6 +86,7 @@ class LlamaEngine:
             raise BundleError(f"llama.cpp could not create a context of {n_ctx} tokens — "
                               "lower --context or free memory")
         self.n_ctx = c.llama_n_ctx(self.ctx)
+        self._set_loras()
         self.active_threads = self.threads
         self.cached: list = []  # one key per evaluated position: a token id or ("img", digest, i)
         self._last_logits: np.ndarray | None = None
@@ -112,33 +107,57 @@ class LlamaEngine:
         self._make_context(min(-(-needed // step) * step, self.n_ctx_train or needed))
         return True
 
-    # -- text ----------------------------------------------------------------------------------
-    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
-        raw = text.encode("utf-8")
-        cap = len(raw) + 16
-        buf = (self._c.llama_token * cap)()
-        n = self._c.llama_tokenize(self.vocab, raw, len(raw), buf, cap, False, special)
-        if n < 0:
-            buf = (self._c.llama_token * -n)()
-            n = self._c.llama_tokenize(self.vocab, raw, len(raw), buf, -n, False, special)
-        return list(buf[:n])
+    # -- LoRA adapters -------------------------------------------------------------------------
+    def load_loras(self, paths, base_config_sha256: str | None = None) -> list[dict]:
+        """Apply llama.cpp LoRA GGUFs (`export SRC --adapter DIR --lora-out FILE`) at scale 1 to every
+        evaluation; [{name, sha256 of the PEFT weights}] for each. A LoRA written by medgemma-edge
+        names its base's config digest, refused unless it is `base_config_sha256`; for any other,
+        llama.cpp's own test (architecture, tensor names and shapes) decides."""
+        from medgemma_edge.runtime.backends import llama_logs
 
-    def end_ids(self) -> set[int]:
-        """The vocabulary's end-of-sequence and end-of-turn ids (as recorded in the GGUF)."""
-        c = self._c
-        return {t for t in (c.llama_vocab_eos(self.vocab), c.llama_vocab_eot(self.vocab)) if t >= 0}
+        c, loaded = self._c, []
+        for path in paths:
+            path = os.fspath(path)
+            name = os.path.basename(path)
+            if not os.path.isfile(path):
+                raise InputError(f"LoRA file {name} not found — pass a .gguf written by "
+                                 "`medgemma-edge export SRC --adapter DIR --lora-out FILE`")
+            said: list[str] = []  # llama.cpp's error lines: why it refused the file
 
-    def is_end(self, token: int) -> bool:
-        """llama.cpp's end-of-generation test (eos, eot and tokens it knows end a turn by their text)."""
-        return bool(self._c.llama_vocab_is_eog(self.vocab, token))
+            def keep(level, text, said=said):
+                if level == llama_logs.GGML_LOG_LEVEL_ERROR:
+                    said.append(text.strip())
 
-    def piece(self, token: int, *, special: bool = False) -> bytes:
-        buf = ctypes.create_string_buffer(64)
-        n = self._c.llama_token_to_piece(self.vocab, token, buf, 64, 0, special)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = self._c.llama_token_to_piece(self.vocab, token, buf, -n, 0, special)
-        return buf.raw[:n]
+            with llama_logs.routed(keep):
+                adapter = c.llama_adapter_lora_init(self.model, path.encode())
+            if not adapter:
+                why = next((t.split(": ", 1)[-1] for t in said if "lora" in t.lower() or "shape" in t), "")
+                raise InputError(f"LoRA {name} does not fit this bundle's model ({why or 'llama.cpp refused it'}) "
+                                 "— export the LoRA from the checkpoint this bundle was made from")
+            base = self._lora_meta(adapter, "medgemma_edge.base.config_sha256")
+            if base and base_config_sha256 and base != base_config_sha256:
+                raise InputError(f"LoRA {name} was made for another base model than this bundle's "
+                                 "(config digests differ) — export it from the bundle's own checkpoint")
+            self.loras.append(adapter)
+            loaded.append({"name": name, "sha256": self._lora_meta(adapter, "medgemma_edge.adapter.sha256")})
+        self._set_loras()
+        self.reset()  # cached positions were computed without these adapters
+        return loaded
+
+    def _lora_meta(self, adapter, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(256)
+        n = self._c.llama_adapter_meta_val_str(adapter, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+    def _set_loras(self) -> None:
+        if not self.loras or not self.ctx:
+            return
+        c, n = self._c, len(self.loras)
+        adapters = (c.llama_adapter_lora_p_ctypes * n)(*self.loras)
+        scales = (ctypes.c_float * n)(*([1.0] * n))
+        if c.llama_set_adapters_lora(self.ctx, adapters, n, scales) != 0:
+            raise BundleError("llama.cpp could not apply the LoRA adapters to its context — free memory, "
+                              "or load fewer adapters")
 
     # -- cache ---------------------------------------------------------------------------------
     @property

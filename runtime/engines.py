@@ -1,0 +1,77 @@
+"""The text engine a bundle's manifest names: llama.cpp for "gguf", onnxruntime for "onnx".
+
+Both engines offer one interface (runtime/backends/llama_engine.LlamaEngine: eval_tokens,
+eval_embeddings, logits, n_past, n_ctx, sync_prefix, truncate, save_state / load_state, reserve,
+set_threads, n_embd, tokenize / piece / end_ids / is_end), so `Model`, prefill, generation, the
+image cache and the prefix cache run unchanged on either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from medgemma_edge.runtime.errors import BundleError, InputError
+
+BACKENDS = ("gguf", "onnx")
+
+
+@dataclass
+class Opened:
+    engine: object
+    gpu: bool  # the decoder runs on a GPU (vision_choice ranks the vision files for it)
+
+
+def gpu_layers(device: str) -> int:
+    """llama.cpp layers to offload for --device: none, or all of them (-1)."""
+    import llama_cpp
+
+    if device == "cpu":
+        return 0
+    has_gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    if device == "cuda" and not has_gpu:
+        raise InputError("device 'cuda' asked for, but this llama-cpp-python was built without GPU "
+                         "support — rebuild it with CMAKE_ARGS=-DGGML_CUDA=on, or use --device cpu")
+    return -1 if has_gpu else 0
+
+
+def check_backend(bundle: Path, manifest: dict) -> str:
+    backend = manifest.get("backend")
+    if backend not in BACKENDS:
+        raise BundleError(f"this runtime reads {' and '.join(BACKENDS)} bundles; {bundle.name} is "
+                          f"'{str(backend):.20}' — upgrade medgemma-edge, or export the bundle again")
+    return backend
+
+
+def open_engine(bundle: Path, manifest: dict, *, device: str, threads: int, n_ctx: int,
+                repack: bool = False) -> Opened:
+    """The text engine for the bundle in `bundle`, as its manifest describes it."""
+    backend = check_backend(bundle, manifest)
+    files = {}
+    for f in manifest["files"]:
+        files.setdefault(f["role"], []).append(bundle / f["path"])
+    if backend == "gguf":
+        from medgemma_edge.runtime.backends.llama_engine import LlamaEngine
+
+        layers = gpu_layers(device)
+        engine = LlamaEngine(str(files["text"][0]), n_ctx=n_ctx, threads=threads, n_gpu_layers=layers,
+                             repack=repack)
+        return Opened(engine, layers != 0)
+    return _open_onnx(bundle, manifest, files, device=device, threads=threads, n_ctx=n_ctx)
+
+
+def _open_onnx(bundle: Path, manifest: dict, files: dict, *, device: str, threads: int, n_ctx: int) -> Opened:
+    from medgemma_edge.runtime.backends.llama_vocab import LlamaVocab
+    from medgemma_edge.runtime.backends.onnx_embeddings import EmbeddingTable
+    from medgemma_edge.runtime.backends.onnx_text import OnnxTextEngine
+    from medgemma_edge.runtime.backends.providers import CUDA, choose_providers
+
+    listed = {p.name for p in files.get("embeddings", [])}
+    if not manifest["embeddings"]["files"] or not set(manifest["embeddings"]["files"]) <= listed:
+        raise BundleError(f"the ONNX bundle {bundle.name} lists no checked embedding table — export it again")
+    providers = choose_providers(device)
+    vocab = LlamaVocab(files["tokenizer"][0])
+    table = EmbeddingTable(bundle, manifest["embeddings"])
+    engine = OnnxTextEngine(files["text"][0], manifest["decoder"], table, vocab, n_ctx=n_ctx, threads=threads,
+                            providers=tuple(providers))
+    return Opened(engine, providers[0] == CUDA)
