@@ -41,8 +41,9 @@ def missed(goals: list[Goal], data: dict) -> list[str]:
             base = ((prep.get(names.get("floor", "")) or {}).get(kind) or {}).get("best_ms")
             if mine and base:
                 why = (f"the file decode alone takes {base:.1f} ms; ours adds {mine - base:.1f} ms to window, "
-                       "resize to 896² with a pad and convert (the resize of a 2500×2048 picture alone costs "
-                       "~12 ms on 2 threads, more than 0.5× a fast decode)")
+                       "resize to 896² with a pad and convert (the resize of a 2500×2048 picture alone measured "
+                       "~12 ms on 2 threads with `python -m benchmarks.bench_preprocess`, more than half a fast "
+                       "decode; a CT series windows and resizes every slice)")
         elif g.name.startswith(("TTFT, cold", "image encode")):
             enc, ttft = first(ours, "image_encode_s"), first(ours, "ttft_s")
             why = (f"image encode {_s(enc)} of the {_s(ttft)} cold TTFT (prefill {_s(first(ours, 'prefill_tok_s'), 'tok/s', 1)}); "
@@ -58,8 +59,13 @@ def missed(goals: list[Goal], data: dict) -> list[str]:
             rates = (data.get("busy") or {}).get("rates") or {}
             why = ", ".join(f"{k} {v:.2f} tok/s" for k, v in rates.items())
         elif "pre-encoded" in g.name:
-            p = first(names.get("prepared"), "reused_tokens")
-            why = (f"restored {p} prompt positions; image encode {_s(first(names.get('prepared'), 'image_encode_s'))}, "
-                   f"prefill {_s(first(names.get('prepared'), 'prefill_tok_s'), 'tok/s', 1)}")
+            name = names.get("prepared")
+            reused, total, rate = (first(name, k) for k in ("reused_tokens", "prompt_tokens", "prefill_tok_s"))
+            why = f"restored {reused} of {total} prompt positions, image encode {_s(first(name, 'image_encode_s'))}"
+            if reused is not None and total and rate:
+                left = total - reused
+                why += (f"; what is left is the question itself: {left} tokens of prefill at {rate:.1f} tok/s = "
+                        f"{left / rate:.2f} s of the {_s(first(name, 'ttft_s'))}, while the cold first question "
+                        f"got faster ({_s(first(ours, 'ttft_s'))}, its encode on the fastest faithful path)")
         lines.append(f"- **{g.name}** ({g.verdict()}): {why or 'measured: ' + g.ours + ' vs ' + (g.anchor or '—')}.")
     return lines

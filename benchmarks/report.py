@@ -31,7 +31,8 @@ NOTES = [
     "decode tokens; the follow-up is a second user turn in the same conversation.",
     "decode vs llama.cpp goals: both engines in one process on the same GGUF, text prompt, alternating "
     "rounds, best round each (the machine's load drifts between the per-backend processes).",
-    "ours: numbers are the runtime's own Reply.stats; 'load' includes opening the vision file. `ours q4_k_m` "
+    "ours: numbers are the runtime's own Reply.stats; 'load' includes opening the vision file and is the "
+    "usual load, not the first after an export (which hashes every file once and remembers it). `ours q4_k_m` "
     "is the default export (q4_k_m text + every default vision file with its measured fidelity) loaded "
     "with vision='auto', as a user gets it; each other vision file of it runs once more on its own "
     "(`ours q4_k_m, vision X`) for its encode time and memory.",

@@ -195,6 +195,8 @@ def run_backends(todo: list[Spec], case: Case, inputs, args, ckpt: Path, names: 
         if args.wait_idle:
             wait_for_quiet(args.wait_idle)
         bundles.warm(_files_of(spec))
+        if "bundle" in spec.options:  # the runtime hashes a bundle's files on its first load only
+            bundles.verified(Path(spec.options["bundle"]))
         if spec.options.get("prepare"):
             res = run_worker(backend_job(spec, case, "prepare"), spec.name, tmp)
             if "error" in res:

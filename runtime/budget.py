@@ -32,10 +32,20 @@ class EncodeSpeed:
     def _all(self) -> dict:
         return read_record(self.path) if self.path is not None else {}
 
-    def seconds(self) -> float | None:
+    def _times(self) -> list[float]:
         times = self._all().get(self.key)
         ok = isinstance(times, list) and times and all(isinstance(t, (int, float)) and t > 0 for t in times)
-        return sum(times) / len(times) if ok else None
+        return times if ok else []
+
+    def seconds(self) -> float | None:
+        """The mean of the last encodes: what a budget should expect."""
+        times = self._times()
+        return sum(times) / len(times) if times else None
+
+    def best(self) -> float | None:
+        """The fastest remembered encode: what this machine can do, little moved by an encode that
+        ran beside other work (runtime/vision_choice compares paths with it)."""
+        return min(self._times(), default=None)
 
     def record(self, seconds: float) -> None:
         if self.path is None:

@@ -106,7 +106,7 @@ class Model:
             speeds = None
         speed_of = lambda e: EncodeSpeed(speeds, e.get("sha256") or e["path"], self.threads)
         self.vision_file = choose_vision([f for f in manifest["files"] if f["role"] == "vision"], vision,
-                                         gpu=opened.gpu, measured=lambda e: speed_of(e).seconds())
+                                         gpu=opened.gpu, measured=lambda e: speed_of(e).best())
         self.vision_path = bundle / self.vision_file["path"] if self.vision_file else None
         self._vision = None
         image = manifest.get("image") or {}

@@ -5,7 +5,8 @@ an f16 mmproj for llama.cpp, an int8 ONNX graph for onnxruntime, … Faithful me
 quality report measured it within FIDELITY_MIN cosine of the f32 tower on its image embeddings
 (the f32 and onnx-f32 files are the reference arithmetic itself). Among the faithful ones:
 - where this machine has timed every candidate (runtime/budget.EncodeSpeed, per file and thread
-  count), the fastest measured;
+  count), the fastest measured (each path's best encode: one that ran beside other work, slow,
+  must not hide the path for good);
 - else the ranking measured at MedGemma 4B shape on 2 threads for this CPU's kind (SPEED_RANK).
 """
 

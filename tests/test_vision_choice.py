@@ -112,3 +112,18 @@ def test_quant_of_old_manifests_reads_bf16_from_the_name():
     from medgemma_edge.runtime.vision_choice import quant_of
 
     assert quant_of({"path": "m-mmproj-bf16.gguf"}) == "bf16"
+
+
+def test_one_encode_beside_other_work_does_not_hide_the_fastest_path(tmp_path):
+    """Paths are compared by their best remembered encode (runtime/budget.EncodeSpeed.best): the 4B
+    int8 file once timed 117 s and 129 s beside other jobs and 20 s quiet; f16 took ~50 s each time.
+    The mean (55 s) would have picked f16 for good; the best picks int8."""
+    from medgemma_edge.runtime.budget import EncodeSpeed
+
+    speeds = {q: EncodeSpeed(tmp_path, q, 2) for q in ("f16", "onnx-int8")}
+    for q, times in (("f16", (51.9, 49.7, 50.4)), ("onnx-int8", (117.2, 128.8, 20.0))):
+        for t in times:
+            speeds[q].record(t)
+    assert speeds["onnx-int8"].seconds() > speeds["f16"].seconds()  # the mean still serves --budget
+    chosen = choose_vision([F16, INT8], flags=VNNI, measured=lambda e: speeds[e["quant"]].best())
+    assert chosen is INT8, f"picked {chosen['quant']}: best f16 {speeds['f16'].best()}, int8 {speeds['onnx-int8'].best()}"
