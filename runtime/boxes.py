@@ -17,10 +17,13 @@ the padding ends at the picture's border.
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from medgemma_edge.runtime.errors import InputError
+from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES, Picture
 
 SCALE = 1000  # box_2d values are thousandths of the model's square view
 BOX_FITS = ("pad", "stretch", "crop")
@@ -38,6 +41,18 @@ class Box:
 
     def as_dict(self) -> dict:
         return {"label": self.label, "box_2d": list(self.box_2d), "xyxy": list(self.xyxy)}
+
+    def describe(self, width: int, height: int) -> str:
+        """One line for a person: the box as answered and on the W×H original."""
+        view = ", ".join(_short(v) for v in self.box_2d)
+        pixels = ",".join(_short(v) for v in self.xyxy)
+        return (f"box {json.dumps(self.label, ensure_ascii=False) if self.label is not None else '(no label)'}: "
+                f"box_2d [{view}] (y0, x0, y1, x1 of {SCALE}) = x0,y0,x1,y1 {pixels} px "
+                f"of the {width}×{height} original")
+
+
+def _short(v: float) -> str:
+    return f"{v:.1f}".removesuffix(".0")
 
 
 def parse_boxes(answer: str) -> list[tuple[str | None, tuple[float, float, float, float]]]:
@@ -110,3 +125,35 @@ def to_original(box_2d, height: int, width: int, fit: str = "pad") -> tuple[floa
 def boxes_on_original(answer: str, height: int, width: int, fit: str = "pad") -> list[Box]:
     """Every box_2d of `answer`, on both scales, for a picture of H×W fitted with `fit`."""
     return [Box(label, box, to_original(box, height, width, fit)) for label, box in parse_boxes(answer)]
+
+
+def only_picture(messages, *, window: str | None = None, max_slices: int = DEFAULT_MAX_SLICES) -> Picture | None:
+    """The one picture of a chat holding exactly one image that is a single picture, decoded by the
+    runtime's own loader (sources.load_pictures, as the prompt was); None for no image, several
+    images, or a series (a folder or list of slices is not decoded at all)."""
+    from medgemma_edge.runtime.chat import image_sources
+    from medgemma_edge.runtime.sources import load_pictures
+
+    sources = image_sources(messages)
+    if len(sources) != 1:
+        return None
+    src = sources[0]
+    if isinstance(src, (list, tuple)) and len(src) != 1:
+        return None
+    if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
+        return None
+    pictures = load_pictures(src, window=window, max_slices=max_slices)
+    return pictures[0] if len(pictures) == 1 else None
+
+
+def answer_boxes(messages, answer: str, fit: str = "pad", *, window: str | None = None,
+                 max_slices: int = DEFAULT_MAX_SLICES) -> tuple[list[Box], tuple[int, int] | None]:
+    """(boxes of `answer` on the original picture, its (W, H)) when the chat's one image is one
+    picture; ([], None) otherwise. `fit` is the one the model's view was made with. The picture is
+    decoded again only when the answer holds a box (an answer without one costs a regex)."""
+    found = parse_boxes(answer)
+    picture = only_picture(messages, window=window, max_slices=max_slices) if found else None
+    if picture is None:
+        return [], None
+    height, width = picture.pixels.shape[:2]
+    return [Box(label, box, to_original(box, height, width, fit)) for label, box in found], (width, height)

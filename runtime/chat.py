@@ -73,6 +73,13 @@ def _text_of(content) -> str:
     return " ".join(texts)
 
 
+def image_sources(messages) -> list:
+    """The source of every image item of `messages`, in order, undecoded (a series is one source)."""
+    return [item.get("image", item.get("path", item.get("url")))
+            for msg in check_messages(messages) if msg.get("role") != "system"
+            for item in _items(msg.get("content")) if item.get("type") == "image"]
+
+
 def expand_images(messages, load_pictures) -> tuple[list[dict], list[ImageSlot]]:
     """Decode every image item; a DICOM series becomes its slices, each followed by its label."""
     out, slots = [], []

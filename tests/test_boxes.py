@@ -76,3 +76,33 @@ def test_boxes_on_original_returns_both_scales():
 def test_bad_arguments_are_input_errors(args, says):
     with pytest.raises(InputError, match=says):
         to_original(*args)
+
+
+def test_describe_is_one_line_with_both_scales():
+    box = boxes_on_original('{"box_2d": [500, 250, 750, 750], "label": "nodule"}', 201, 300, "pad")[0]
+    line = box.describe(300, 201)
+    print(line)
+    assert line == ('box "nodule": box_2d [500, 250, 750, 750] (y0, x0, y1, x1 of 1000) = '
+                    "x0,y0,x1,y1 75,101,225,176 px of the 300×201 original")
+    assert boxes_on_original("box_2d: [0, 0, 333, 1000]", 201, 300, "stretch")[0].describe(300, 201).startswith(
+        "box (no label): box_2d [0, 0, 333, 1000] (y0, x0, y1, x1 of 1000) = x0,y0,x1,y1 0,0,300,66.9 px")
+
+
+def test_answer_boxes_only_for_one_single_picture(tmp_path):
+    """The original's size comes from the runtime's loader; several images, or a series folder, give none."""
+    from PIL import Image
+
+    from medgemma_edge.runtime.boxes import answer_boxes
+
+    path = tmp_path / "wide.png"
+    Image.fromarray(np.zeros((201, 300), np.uint8)).save(path)
+    answer = '[{"box_2d": [500, 250, 750, 750], "label": "nodule"}]'
+    one = [{"role": "user", "content": [{"type": "image", "image": str(path)}, {"type": "text", "text": "Where?"}]}]
+    boxes, size = answer_boxes(one, answer, "pad")
+    print(size, [b.as_dict() for b in boxes])
+    assert size == (300, 201) and [b.xyxy for b in boxes] == [(75.0, 101.0, 225.0, 176.0)]
+    assert answer_boxes(one, "no box", "pad") == ([], None)
+    two = [{"role": "user", "content": [{"type": "image", "image": str(path)}] * 2}]
+    assert answer_boxes(two, answer, "pad") == ([], None)
+    folder = [{"role": "user", "content": [{"type": "image", "image": str(tmp_path)}]}]
+    assert answer_boxes(folder, answer, "pad") == ([], None)  # a series folder: not even decoded

@@ -48,6 +48,8 @@ def test_the_answer_does_not_depend_on_the_thread_count(tiny_bundle_f32, monkeyp
 
     model = medgemma_edge.load(tiny_bundle_f32, threads=2, context=1024)
     msgs = [{"role": "user", "content": "Name a cause of chest pain."}]
+    # a quiet machine, whatever else runs beside the tests (else the runtime rightly takes 1 thread)
+    monkeypatch.setattr(model_mod, "threads_beside", lambda others, wanted: wanted)
     quiet = model.chat(msgs, max_new_tokens=12)
     quiet_logits = model.next_token_logits(msgs)
     assert model.engine.active_threads == 2

@@ -91,3 +91,40 @@ def test_not_an_image_is_one_line(tiny_bundle_f32, tmp_path):
 @pytest.mark.parametrize("flag", [["--temperature", "-1"], ["--max-tokens", "0"]])
 def test_bad_options_exit_2(tiny_bundle_f32, flag):
     assert _ask("-m", tiny_bundle_f32, *flag, "Hi").exit_code == 2
+
+
+BOX_ANSWER = '```json\n[{"box_2d": [500, 250, 750, 750], "label": "nodule"}]\n```'
+
+
+@pytest.fixture
+def box_answer(monkeypatch):
+    """Model.stream answers BOX_ANSWER in pieces (the tiny random model never writes a box)."""
+    from medgemma_edge.runtime.model import Model
+    from medgemma_edge.runtime.reply import Response, Stats
+
+    def answer_a_box(self, messages, **options):
+        for i in range(0, len(BOX_ANSWER), 9):
+            yield Response(BOX_ANSWER[i:i + 9], i, 10, i + 1)
+        yield Response("", None, 10, len(BOX_ANSWER), "stop", None, Stats())
+
+    monkeypatch.setattr(Model, "stream", answer_a_box)
+
+
+@pytest.mark.parametrize("fit,pixels", [(None, "75,101,225,176"), ("stretch", "75,100.5,225,150.8")])
+def test_ask_prints_boxes_on_the_original_picture(tiny_bundle_f32, tmp_path, box_answer, fit, pixels):
+    """300×201 padded: (300 − 201) // 2 = 49 black rows on top, so y = b/1000·300 − 49; stretched, y = b/1000·201."""
+    flags = ["--fit", fit] if fit else []
+    result = _ask("-m", tiny_bundle_f32, "--image", _png(tmp_path, size=(300, 201)), *flags, "Where is the nodule?")
+    assert result.exit_code == 0, result.output
+    print(result.stderr)
+    assert result.stdout.strip() == BOX_ANSWER
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("box ")]
+    assert lines == [f'box "nodule": box_2d [500, 250, 750, 750] (y0, x0, y1, x1 of 1000) = x0,y0,x1,y1 {pixels} px '
+                     "of the 300×201 original"], result.stderr
+
+
+def test_ask_prints_no_boxes_for_two_pictures(tiny_bundle_f32, tmp_path, box_answer):
+    result = _ask("-m", tiny_bundle_f32, "--image", _png(tmp_path, "a.png"), "--image", _png(tmp_path, "b.png"),
+                  "Where?")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == BOX_ANSWER and "box " not in result.stderr

@@ -33,26 +33,6 @@ VISION_INT8_COS_MIN = 0.999  # tests/test_export_onnx_vision.py
 
 
 @pytest.fixture(scope="module")
-def onnx_bundles(tmp_path_factory, tiny_dir):
-    """tiny exported to ONNX bundles on first use: fp32 (onnx-f32 vision), int8 with the quality
-    report (onnx-int8 vision), int4 (onnx-int8 vision)."""
-    from medgemma_edge.export.bundle_onnx import export_onnx
-
-    root = tmp_path_factory.mktemp("onnx-bundles")
-    recipe = {"fp32": ("onnx-f32", False), "int8": (("onnx-int8",), True), "int4": ("onnx-int8", False)}
-    built = {}
-
-    def get(quant):
-        if quant not in built:
-            vq, quality = recipe[quant]
-            built[quant] = export_onnx(tiny_dir, root / quant, quant, vq, quality=quality, threads=2)
-            print(f"{quant} bundle: {built[quant].seconds:.1f} s, peak {built[quant].peak_mb}")
-        return built[quant]
-
-    return get
-
-
-@pytest.fixture(scope="module")
 def fp32_model(onnx_bundles):
     import medgemma_edge
 

@@ -81,7 +81,7 @@ def test_wheel_holds_only_medgemma_edge(wheel):
     assert tops == {"medgemma_edge"}
     for module in ("medgemma_edge/runtime/model.py", "medgemma_edge/export/bundle.py",
                    "medgemma_edge/kernels/resize.py", "medgemma_edge/cli/__init__.py",
-                   "medgemma_edge/export/data/quality_prompts.json"):
+                   "medgemma_edge/export/data/quality_prompts.json", "medgemma_edge/schemas/box_2d.json"):
         assert module in names, module
     entry = next(n for n in names if n.endswith("entry_points.txt"))
     assert "medgemma-edge = medgemma_edge.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()

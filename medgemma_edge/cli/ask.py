@@ -117,11 +117,15 @@ def answer(bundle, prompt, images=(), *, system=None, think=False, max_tokens=25
     if budget is not None and images:
         max_slices = _slices_for_budget(model, images, budget, window, fit, max_slices)
     model.on_image_encoded = lambda done, total, s: click.echo(f"encoded {done}/{total} images ({s:.0f} s)", err=True)
+    pieces = []
     for r in model.stream(messages, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                           seed=seed, think=think, window=window, max_slices=max_slices, json_schema=json_schema):
         click.echo(r.text, nl=False)
         sys.stdout.flush()
+        pieces.append(r.text)
     click.echo()
+    for line in box_lines(messages, "".join(pieces), fit or model.fit, window=window, max_slices=max_slices):
+        click.echo(line, err=True)
     if think and r.thought:
         click.echo(f"[thought] {r.thought}", err=True)
     if model.demo_notice:
@@ -130,3 +134,11 @@ def answer(bundle, prompt, images=(), *, system=None, think=False, max_tokens=25
         shown = {"finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
                  "completion_tokens": r.completion_tokens, **r.stats.as_dict()}
         click.echo("stats " + json.dumps(shown), err=True)
+
+
+def box_lines(messages, text: str, fit: str, *, window=None, max_slices=DEFAULT_MAX_SLICES) -> list[str]:
+    """One line per box_2d of the answer, on the original picture, when the question had one picture."""
+    from medgemma_edge.runtime.boxes import answer_boxes
+
+    boxes, size = answer_boxes(messages, text, fit, window=window, max_slices=max_slices)
+    return [box.describe(*size) for box in boxes]

@@ -19,6 +19,8 @@ from medgemma_edge.runtime.reply import Response
 class Backend(Protocol):
     model_id: str  # what /v1/models lists and responses name
     notice: str | None  # shown by the kiosk page (e.g. the demo model's warning)
+    # Optional: `fit` (pad or stretch), the one used when a request names none, so box_2d answers
+    # map back to the picture (server/chat.py); without it, preprocess.DEFAULT_FIT.
 
     def chat(self, messages: list[dict], options: dict, cancelled: Callable[[], bool]) -> Iterator[Response]:
         """options: max_tokens, temperature, top_p, top_k, seed, stop, think, window, max_slices, fit,
@@ -37,6 +39,7 @@ class LocalBackend:
         self.model_id = model.manifest.get("source", {}).get("path_name") or model.bundle.name
         self.notice = model.demo_notice
         self.image_size = model.image_size  # optional for a Backend: the size of upload previews
+        self.fit = model.fit
 
     def chat(self, messages, options, cancelled) -> Iterator[Response]:
         stream = self.model.stream(messages, max_new_tokens=options.get("max_tokens", 256),

@@ -8,21 +8,31 @@ carrying an error event.
 With `tools` (server/tools.py) an answer that is a call comes back as `tool_calls`, finish_reason
 "tool_calls"; streamed, a call is held back and sent as one chunk once complete, while a plain
 answer (under tool_choice "auto", one not starting with `{`) streams as usual.
+
+An answer holding `box_2d` about the request's one picture (not a series) also gets `boxes` on the
+message (streamed: on the final chunk's delta), each box also in pixels of the picture as sent
+(runtime/boxes.py). OpenAI's clients keep such unknown fields (`model_extra`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import time
 
+import anyio.to_thread
 from starlette.responses import JSONResponse
 
+from medgemma_edge.runtime.boxes import answer_boxes
+from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
+from medgemma_edge.runtime.preprocess import DEFAULT_FIT
 from medgemma_edge.server.errors import ApiError, as_api_error, error_body, response_for
 from medgemma_edge.server.state import read_json, watch_disconnect
 from medgemma_edge.server.translate import chat_request
 from medgemma_edge.server.worker import DONE
 
+log = logging.getLogger("medgemma_edge.server")
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]  # a proxy in front must not hold tokens back
 
@@ -39,6 +49,7 @@ async def chat_completions(request):
         return response_for(err)
     watcher = watch_disconnect(request, server.worker, job)
     meta = _Meta(backend.model_id, getattr(backend, "notice", None))
+    locate = lambda content: _boxes(chat, backend, content)
     streaming = False  # once the EventStream owns the job, it closes it
     try:
         first = await job.next()
@@ -46,9 +57,9 @@ async def chat_completions(request):
             raise ApiError(503, "the request was cancelled before it was answered")
         if chat.stream:
             streaming = True
-            return EventStream(_events(job, first, meta, chat.include_usage, chat.tools),
+            return EventStream(_events(job, first, meta, chat.include_usage, chat.tools, locate),
                                lambda: _close(server, job, watcher))
-        return JSONResponse(await _joined(job, first, meta, chat.tools))
+        return JSONResponse(await _joined(job, first, meta, chat.tools, locate))
     except Exception as err:
         return response_for(err, server.worker.retry_after())
     finally:
@@ -80,13 +91,27 @@ def sse(body) -> bytes:
     return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
 
+async def _boxes(chat, backend, content: str) -> list[dict] | None:
+    """The answer's box_2d entries on the request's one picture, with its [W, H]; None without."""
+    options = chat.options
+    fit = options.get("fit") or getattr(backend, "fit", None) or DEFAULT_FIT  # the fit the view was made with
+    find = lambda: answer_boxes(chat.messages, content, fit, window=options.get("window"),
+                                max_slices=options.get("max_slices", DEFAULT_MAX_SLICES))
+    try:
+        boxes, size = await anyio.to_thread.run_sync(find)
+    except Exception as err:  # the picture decoded once already for the answer; an extra field is not worth a 500
+        log.warning("box_2d answer not mapped to the picture: %s", type(err).__name__)
+        return None
+    return [{**box.as_dict(), "image_size": list(size)} for box in boxes] or None
+
+
 def _as_call(tools, text: str, finish_reason: str):
     """(tool_calls entry or None, finish_reason) for a finished answer."""
     call = tools.read_call(text) if tools is not None and finish_reason == "stop" else None
     return call, ("tool_calls" if call is not None else finish_reason)
 
 
-async def _joined(job, item, meta: _Meta, tools=None) -> dict:
+async def _joined(job, item, meta: _Meta, tools=None, locate=None) -> dict:
     pieces, last = [], None
     while item is not DONE:
         pieces.append(item.text)
@@ -99,17 +124,22 @@ async def _joined(job, item, meta: _Meta, tools=None) -> dict:
     call, finish_reason = _as_call(tools, content, last.finish_reason)
     message = {"role": "assistant", "content": content} if call is None else {
         "role": "assistant", "content": None, "tool_calls": [call]}
+    boxes = await locate(content) if call is None and locate is not None else None
+    if boxes:
+        message["boxes"] = boxes
     return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
             "usage": usage(last), "medgemma_edge": meta.extras(last)}
 
 
-async def _events(job, item, meta: _Meta, include_usage: bool, tools=None):
+async def _events(job, item, meta: _Meta, include_usage: bool, tools=None, locate=None):
     extra = {"usage": None} if include_usage else {}
     yield meta.chunk({"role": "assistant", "content": ""}, **extra)
     last, held = None, None if tools is None else ""  # held: text kept back while it may be a call
+    pieces = []
     try:
         while item is not DONE:
+            pieces.append(item.text)
             if held is not None and item.text:
                 held += item.text
                 if held.lstrip() and not held.lstrip().startswith("{"):  # a plain answer: stream it
@@ -126,12 +156,13 @@ async def _events(job, item, meta: _Meta, include_usage: bool, tools=None):
         return
     if last is None:  # cancelled: nobody is reading
         return
-    finish_reason = last.finish_reason
+    finish_reason, call = last.finish_reason, None
     if held:
         call, finish_reason = _as_call(tools, held, finish_reason)
         delta = {"content": held} if call is None else {"tool_calls": [{"index": 0, **call}]}
         yield meta.chunk(delta, **extra)
-    yield meta.chunk({}, finish_reason, medgemma_edge=meta.extras(last), **extra)
+    boxes = await locate("".join(pieces)) if call is None and locate is not None else None
+    yield meta.chunk({"boxes": boxes} if boxes else {}, finish_reason, medgemma_edge=meta.extras(last), **extra)
     if include_usage:
         yield sse({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
                    "choices": [], "usage": usage(last)})
