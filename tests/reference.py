@@ -14,6 +14,17 @@ from pathlib import Path
 import numpy as np
 
 
+# Prompts the greedy-equality tests of every export format run on the real 270M weights.
+GREEDY_PROMPTS = [
+    "What is the normal range of adult resting heart rate?",
+    "Name three common causes of chest pain.",
+    "Explain what an X-ray is in one sentence.",
+    "What does the liver do?",
+    "Write a short note reminding a patient to take their medicine.",
+]
+GREEDY_TOKENS = 32
+
+
 @functools.lru_cache(maxsize=4)
 def load(checkpoint: str):
     """(model, processor_or_tokenizer, is_multimodal) for a checkpoint directory, cached per run."""
@@ -103,3 +114,13 @@ def near_tie(logits_row: np.ndarray, rel: float = 1e-4) -> tuple[bool, float]:
     top2 = np.sort(logits_row)[-2:]
     gap = float(top2[1] - top2[0])
     return gap < rel * max(abs(float(top2[1])), 1.0), gap
+
+
+def flip_byte(path) -> None:
+    """Damage a file in place: one bit of its middle byte flipped (a bad copy, a failing disk)."""
+    size = Path(path).stat().st_size
+    with open(path, "r+b") as f:
+        f.seek(size // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0x01]))

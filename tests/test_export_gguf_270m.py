@@ -24,14 +24,7 @@ import pytest
 from medgemma_edge.export.quants import K_QUANTS
 from tests import reference as ref
 
-PROMPTS = [
-    "What is the normal range of adult resting heart rate?",
-    "Name three common causes of chest pain.",
-    "Explain what an X-ray is in one sentence.",
-    "What does the liver do?",
-    "Write a short note reminding a patient to take their medicine.",
-]
-N_TOKENS = 32
+PROMPTS, N_TOKENS = ref.GREEDY_PROMPTS, ref.GREEDY_TOKENS  # the same checks for every format
 # See the module docstring for why these bounds hold on any CPU.
 MEAN_KL_MAX = {"q8_0": 0.01, "q4_k_m": 0.02}
 DECISIVE_TOP1_MIN = {"q8_0": 1.0, "q4_k_m": 0.99}  # q4_k_m: its 4-bit weights may cost a rare decisive flip
