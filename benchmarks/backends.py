@@ -92,6 +92,7 @@ KINDS = {
     "llama.cpp": "benchmarks.backend_llamacpp:LlamaCppBackend",
     "transformers": "benchmarks.backend_transformers:TransformersBackend",
     "floor": "benchmarks.backend_floor:FloorBackend",
+    "genai": "benchmarks.backend_genai:GenaiBackend",
 }
 
 

@@ -1,4 +1,4 @@
-"""Bundles exported with our own tool (export.bundle.export_gguf, as `medgemma-edge export`), cached
+"""Bundles exported with our own tool (export.bundle.export_gguf / export_onnx, as `medgemma-edge export`), cached
 next to the checkpoint they come from and rebuilt when the checkpoint's config or the tool changes.
 """
 
@@ -36,11 +36,29 @@ def bundle(src: Path, quant: str, vision_quant: str = "f16", threads: int = 0, q
     quants = DEFAULT_VISION_QUANTS if vision_quant == DEFAULT else (vision_quant,)
     out = cache_root() / "bench" / "bundles" / f"{src.name}-{quant}-{vision_quant}"
     stamp = _stamp(src, quant, "+".join(quants) + (f" quality={quality}" if quality else ""))
+    return _cached(out, stamp, f"{src.name} -> {quant} + vision {vision_quant}",
+                   lambda: export_gguf(src, out, quant, quants, quality=quality, threads=threads, overwrite=True))
+
+
+def onnx_bundle(src: Path, quant: str, vision_quant: str = "onnx-int8", threads: int = 0) -> Path:
+    """The ONNX bundle of `src` (decoder `quant`: int8 / int4 / fp32, one vision file), exported on
+    first use with export.bundle_onnx.export_onnx (as `medgemma-edge export --format onnx`), no
+    quality report (the report's fp32 reference of a 4B decoder is 15.5 GB)."""
+    from medgemma_edge.export.bundle_onnx import export_onnx
+
+    out = cache_root() / "bench" / "bundles" / f"{src.name}-onnx-{quant}-{vision_quant}"
+    stamp = _stamp(src, f"onnx-{quant}", vision_quant)
+    return _cached(out, stamp, f"{src.name} -> ONNX {quant} + vision {vision_quant}",
+                   lambda: export_onnx(src, out, quant, vision_quant, quality=False, threads=threads, overwrite=True))
+
+
+def _cached(out: Path, stamp: str, what: str, export) -> Path:
+    """`out`, exported by `export()` unless its stamp says it is already this bundle."""
     if (out / STAMP).is_file() and (out / STAMP).read_text() == stamp:
         return out
-    say(f"[export] {src.name} -> {quant} + vision {vision_quant} (cached in {out}) ...")
+    say(f"[export] {what} (cached in {out}) ...")
     t0 = time.perf_counter()
-    res = export_gguf(src, out, quant, quants, quality=quality, threads=threads, overwrite=True)
+    res = export()
     (out / STAMP).write_text(stamp)
     say(f"[export] done in {time.perf_counter() - t0:.0f} s, peak {max(res.peak_mb.values(), default=0):,.0f} MB")
     return out

@@ -54,7 +54,7 @@ def _read_preprocessor(src: Path) -> dict | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _prepare_out(out: Path, overwrite: bool) -> Path:
+def prepare_out(out: Path, overwrite: bool) -> Path:
     """An empty bundle folder; with `overwrite`, the files of a bundle already there are removed
     (only those its manifest lists, and its intermediate folder: nothing else of the user's)."""
     from medgemma_edge.runtime.manifest import MANIFEST_NAME, read_manifest
@@ -160,14 +160,14 @@ def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant=DEFAULT_VISIO
     from medgemma_edge.export import quality as q
     from medgemma_edge.export.quantize import quantize_gguf
 
-    vision_quants = _vision_quants(vision_quant)
+    vision_quants = requested_vision_quants(vision_quant)
     if quant not in TEXT_QUANTS:
         raise ExportError(f"unknown --quant {quant!r}; choose one of {', '.join(TEXT_QUANTS)}")
     t0 = time.perf_counter()
     plan = ExportPlan.read(src, adapter)
     if not plan.vision:
         vision_quants = ()
-    out = _prepare_out(out, overwrite)
+    out = prepare_out(out, overwrite)
     inter = out / INTERMEDIATE_DIR
     inter.mkdir(exist_ok=True)
 
@@ -206,25 +206,27 @@ def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant=DEFAULT_VISIO
     if not (keep_intermediate and any(inter.iterdir())):
         shutil.rmtree(inter)
 
-    manifest = _manifest(plan, out, quant, vision_quants, text_path, vision_paths, vision_reports, report or None)
+    manifest = bundle_manifest(plan, out, quant, vision_quants, text_path, vision_paths, vision_reports, report or None)
     from medgemma_edge.runtime.manifest import write_manifest
 
     write_manifest(out, manifest)
     return ExportResult(out, manifest, time.perf_counter() - t0, peak)
 
 
-def _vision_quants(vision_quant) -> tuple[str, ...]:
-    """The requested vision files, in order, once each; the default when none."""
+def requested_vision_quants(vision_quant, default=DEFAULT_VISION_QUANTS, allowed=VISION_QUANTS,
+                            refusal="unknown --vision-quant {bad!r}; choose from {allowed}") -> tuple[str, ...]:
+    """The requested vision files, in order, once each; `default` when none; ExportError with
+    `refusal` (formatted with the first refused name and the allowed ones) for any not in `allowed`."""
     if vision_quant is None:
-        return DEFAULT_VISION_QUANTS
+        return default
     wanted = (vision_quant,) if isinstance(vision_quant, str) else tuple(vision_quant)
-    bad = [v for v in wanted if v not in VISION_QUANTS]
+    bad = [v for v in wanted if v not in allowed]
     if bad or not wanted:
-        raise ExportError(f"unknown --vision-quant {bad[0] if bad else '(none)'!r}; choose from {', '.join(VISION_QUANTS)}")
+        raise ExportError(refusal.format(bad=bad[0] if bad else "(none)", allowed=", ".join(allowed)))
     return tuple(dict.fromkeys(wanted))
 
 
-def _manifest(plan: ExportPlan, out: Path, quant, vision_quants, text_path, vision_paths, vision_reports,
+def bundle_manifest(plan: ExportPlan, out: Path, quant, vision_quants, text_path, vision_paths, vision_reports,
               quality) -> dict:
     from medgemma_edge.runtime import __version__
     from medgemma_edge.runtime.manifest import FORMAT_VERSION, file_entry

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from medgemma_edge.export.bundle import INTERMEDIATE_DIR, ExportPlan, ExportResult, _manifest, _prepare_out
+from medgemma_edge.export.bundle import (INTERMEDIATE_DIR, ExportPlan, ExportResult, bundle_manifest,
+                                          prepare_out, requested_vision_quants)
 from medgemma_edge.export.quants import DEFAULT_VISION_QUANTS, ONNX_TEXT_QUANTS, ONNX_VISION_QUANTS
 from medgemma_edge.runtime.errors import ExportError
 from medgemma_edge.runtime.memory import peak_rss_mb
@@ -32,6 +33,8 @@ DEFAULT_QUANT = "int8"
 # The ONNX members of the GGUF default: int8 towers for any x86 CPU and for CPUs with VNNI.
 DEFAULT_VISION = tuple(v for v in DEFAULT_VISION_QUANTS if v in ONNX_VISION_QUANTS)
 TEXT_REFERENCE, VISION_REFERENCE = "fp32", "onnx-f32"  # the float graphs the report compares with
+ALL_POSITIONS = {"prune_lm_head": "false"}  # builder option: logits for every position
+TEACHER_CHUNK = 128  # positions per evaluation of an unpruned graph: 128 x 262k logits = 134 MB
 
 
 def say(msg: str) -> None:
@@ -55,12 +58,14 @@ def export_onnx(src, out, quant: str = DEFAULT_QUANT, vision_quant=None, *, qual
     if quant not in ONNX_TEXT_QUANTS:
         raise ExportError(f"--quant {quant} is not an ONNX decoder type; --format onnx takes "
                           f"{', '.join(ONNX_TEXT_QUANTS)}")
-    vision_quants = _vision_quants(vision_quant)
+    vision_quants = requested_vision_quants(vision_quant, DEFAULT_VISION, ONNX_VISION_QUANTS,
+                                            "--vision-quant {bad} cannot go in an ONNX bundle; --format onnx "
+                                            "takes {allowed}")
     t0 = time.perf_counter()
     plan = ExportPlan.read(src)
     if not plan.vision:
         vision_quants = ()
-    out = _prepare_out(out, overwrite)
+    out = prepare_out(out, overwrite)
     inter = out / INTERMEDIATE_DIR
     inter.mkdir(exist_ok=True)
     lossy = quant != TEXT_REFERENCE
@@ -78,8 +83,10 @@ def export_onnx(src, out, quant: str = DEFAULT_QUANT, vision_quant=None, *, qual
     if quality and lossy:
         say(f"[{next(step)}/{n_steps}] {TEXT_REFERENCE} reference decoder for the quality report (intermediate)")
         ref_dir = inter / TEXT_REFERENCE
+        # its LM head on every position: one pass per prompt instead of one per token (4B fp32:
+        # ~1 s a token on 2 cores)
         text_ref = {"dir": ref_dir, "decoder": export_decoder(plan.ckpt.path, ref_dir, TEXT_REFERENCE,
-                                                              threads=threads, say=say),
+                                                              threads=threads, say=say, options=ALL_POSITIONS),
                     "embeddings": write_embeddings(plan.ckpt.path, ref_dir, TEXT_REFERENCE, say=say)}
     vision_paths = {}
     if vision_quants:
@@ -124,24 +131,13 @@ def export_onnx(src, out, quant: str = DEFAULT_QUANT, vision_quant=None, *, qual
     return ExportResult(out, manifest, time.perf_counter() - t0, peak)
 
 
-def _vision_quants(vision_quant) -> tuple[str, ...]:
-    if vision_quant is None:
-        return DEFAULT_VISION
-    wanted = (vision_quant,) if isinstance(vision_quant, str) else tuple(vision_quant)
-    bad = [v for v in wanted if v not in ONNX_VISION_QUANTS]
-    if bad or not wanted:
-        raise ExportError(f"--vision-quant {bad[0] if bad else '(none)'} cannot go in an ONNX bundle; "
-                          f"--format onnx takes {', '.join(ONNX_VISION_QUANTS)}")
-    return tuple(dict.fromkeys(wanted))
-
-
 def onnx_manifest(plan: ExportPlan, out: Path, quant, vision_quants, decoder: dict, embeddings: dict,
                   tokenizer: Path, vision_paths: dict, vision_reports: dict, quality) -> dict:
     """export/bundle.py's manifest, for the ONNX files: backend "onnx", the decoder's graph file
     first ("text"), then its external weights, the embedding table and the tokenizer."""
     from medgemma_edge.runtime.manifest import file_entry
 
-    manifest = _manifest(plan, out, quant, vision_quants, out / decoder["file"], vision_paths, vision_reports,
+    manifest = bundle_manifest(plan, out, quant, vision_quants, out / decoder["file"], vision_paths, vision_reports,
                          quality)
     text, vision = manifest["files"][0], manifest["files"][1:]
     for entry in vision:  # the float graph is the reference arithmetic itself
@@ -197,13 +193,20 @@ def open_onnx_engine(folder: Path, decoder: dict, embeddings: dict, vocab, *, n_
 
 
 def teacher_forced(engine, ids: list[int]) -> np.ndarray:
-    """Logits (len(ids), vocab) at every position of one token sequence, from an empty cache. One
-    position per step: the decoder graph computes the LM head for the last position only
-    (export/onnx_decoder.py, prune_lm_head), which keeps a 512-token prefill from making
-    512 × 262k logits."""
+    """Logits (len(ids), vocab) at every position of one token sequence, from an empty cache. A
+    bundle's graph computes the LM head for the last position only (export/onnx_decoder.py,
+    prune_lm_head: a 512-token prefill would make 512 × 262k logits), so it goes one position per
+    step; the reference graph is built with every position's logits (ALL_POSITIONS) and goes
+    TEACHER_CHUNK positions per step."""
     engine.truncate(0)
     rows = np.empty((len(ids), engine.n_vocab), np.float32)
-    for i, tok in enumerate(ids):
-        engine.eval_tokens([tok])
-        rows[i] = engine.logits()
+    every = str(engine.info.get("options", {}).get("prune_lm_head", "true")).lower() == "false"
+    step = TEACHER_CHUNK if every else 1
+    for i in range(0, len(ids), step):
+        chunk = ids[i:i + step]
+        engine.eval_tokens(chunk)
+        got = engine.logits_rows()
+        if len(got) != len(chunk):
+            raise ExportError(f"the decoder gave {len(got)} logit rows for {len(chunk)} positions")
+        rows[i:i + len(chunk)] = got
     return rows

@@ -51,7 +51,9 @@ import numpy as np
 
 from medgemma_edge.export.checkpoint import open_checkpoint, read_rows
 from medgemma_edge.export.onnx_builder_fixes import BIAS_INPUTS, import_builder, load_config, patched
+from medgemma_edge.export.onnx_lean import release_memory
 from medgemma_edge.runtime.errors import ExportError
+from medgemma_edge.runtime.memory import peak_rss_mb
 
 QUANTS = ("fp32", "int8", "int4")
 BUILDER = "onnxruntime-genai 0.18.0"
@@ -86,11 +88,12 @@ class _Lines(io.TextIOBase):
 
 
 def export_decoder(src: Path, out_dir: Path, quant: str, *, threads: int = 0, say=print,
-                   options: dict | None = None, fix_local_rope: bool = True) -> dict:
+                   options: dict | None = None, fix_local_rope: bool = True, lean: bool = True) -> dict:
     """Build `out_dir/decoder.onnx` (+ `decoder.onnx.data`) from a Gemma 3 checkpoint.
 
     options: builder extra options that replace QUANT_OPTIONS[quant] entries (measurements only).
     fix_local_rope=False keeps the builder's scaled rope on the sliding layers (tests only).
+    lean=False: the builder's own float32 load and whole-graph quantization (tests compare).
     """
     if quant not in QUANTS:
         raise ExportError(f"unknown ONNX decoder quant {quant!r} — use one of {', '.join(QUANTS)}")
@@ -100,9 +103,26 @@ def export_decoder(src: Path, out_dir: Path, quant: str, *, threads: int = 0, sa
     opts = {**BASE_OPTIONS, **QUANT_OPTIONS[quant], **(options or {})}
     t0 = time.perf_counter()
     say(f"ONNX decoder {quant}: building with {BUILDER} (the 4B model takes several minutes)")
-    builder = import_builder()
     config = load_config(src, ckpt.architecture)
-    cache = out_dir / ".builder-cache"
+    run_builder(src, out_dir, quant, opts, config,
+                lambda builder: patched(builder, src, config, fix_local_rope=fix_local_rope, lean=lean,
+                                        progress=_quant_progress(say, quant)),
+                threads=threads, stdout=_Lines(say))
+    info = describe_decoder(out_dir / DECODER_FILE, config)
+    info.update(quant=quant, options={k: v for k, v in opts.items() if k != "filename"},
+                local_rope_fixed=fix_local_rope, seconds=round(time.perf_counter() - t0, 1))
+    size = sum((out_dir / f).stat().st_size for f in [info["file"], *info["data_files"]])
+    say(f"ONNX decoder {quant}: {size / 2**20:.0f} MiB in {info['seconds']} s")
+    return info
+
+
+def run_builder(src: Path, out_dir: Path, precision: str, opts: dict, config, patch, *, threads: int = 0,
+                stdout=None) -> None:
+    """onnxruntime-genai's builder on `src` with extra options `opts`, inside `patch(builder)` (a
+    context manager that fixes it up: export/onnx_builder_fixes.patched), its prints to `stdout`;
+    torch threads and the quantizer's log level restored and memory given back afterwards."""
+    builder = import_builder()
+    cache = Path(out_dir) / ".builder-cache"
     prev_threads = _set_torch_threads(threads)
     # The quantizer logs every node at INFO, and an ERROR for the LM head's row-selecting Gather
     # it rightly leaves alone; real failures raise.
@@ -110,21 +130,31 @@ def export_decoder(src: Path, out_dir: Path, quant: str, *, threads: int = 0, sa
     prev_level = qlog.level
     qlog.setLevel(logging.CRITICAL)
     try:
-        with patched(builder, src, config, fix_local_rope=fix_local_rope), \
-                contextlib.redirect_stdout(_Lines(say)):
+        with patch(builder), contextlib.redirect_stdout(stdout or sys.stderr):
             kv = [f"{k}={v}" for k, v in opts.items()]
-            extra = builder.parse_extra_options(None, str(src), str(out_dir), quant, "cpu", str(cache), kv)
-            builder.create_model(None, str(src), str(out_dir), quant, "cpu", str(cache), **extra)
+            extra = builder.parse_extra_options(None, str(src), str(out_dir), precision, "cpu", str(cache), kv)
+            builder.create_model(None, str(src), str(out_dir), precision, "cpu", str(cache), **extra)
     finally:
         qlog.setLevel(prev_level)
         _set_torch_threads(prev_threads)
         shutil.rmtree(cache, ignore_errors=True)
-    info = describe_decoder(out_dir / DECODER_FILE, config)
-    info.update(quant=quant, options={k: v for k, v in opts.items() if k != "filename"},
-                local_rope_fixed=fix_local_rope, seconds=round(time.perf_counter() - t0, 1))
-    size = sum((out_dir / f).stat().st_size for f in [info["file"], *info["data_files"]])
-    say(f"ONNX decoder {quant}: {size / 2**20:.0f} MiB in {info['seconds']} s")
-    return info
+        release_memory()
+
+
+def _quant_progress(say, quant: str):
+    """A progress callback for the weight-by-weight quantization: a line every ~10 s and at the end."""
+    state = {"t0": None, "last": 0.0}
+
+    def progress(done: int, total: int, name: str) -> None:
+        if state["t0"] is None:  # the clock starts with the first weight (loading came before)
+            state["t0"] = time.perf_counter()
+        now = time.perf_counter() - state["t0"]
+        if done == total or now - state["last"] >= 10:
+            state["last"] = now
+            left = f", ~{now / (done - 1) * (total - done):.0f} s left" if done > 1 else ""
+            say(f"  {quant} weights: {done}/{total} quantized ({name}), {now:.0f} s{left}, "
+                f"peak memory {peak_rss_mb() / 1024:.1f} GB")
+    return progress
 
 
 def _set_torch_threads(n: int) -> int:

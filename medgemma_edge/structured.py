@@ -8,10 +8,10 @@ to a list of results), `cxr_findings` (chest X-ray findings over the CheXpert la
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 
+from medgemma_edge.runtime.constrain import parse_schema
 from medgemma_edge.runtime.errors import InputError
 
 
@@ -35,10 +35,4 @@ def load_schema(name_or_path) -> dict:
         except (OSError, UnicodeDecodeError) as err:
             raise InputError(f"cannot read the JSON schema {path.name} ({type(err).__name__}) — give a file or "
                              f"one of the shipped schemas: {', '.join(schema_names())}") from None
-    try:
-        schema = json.loads(text)
-    except ValueError as err:
-        raise InputError(f"the JSON schema {Path(str(name_or_path)).name} is not valid JSON ({err})") from None
-    if not isinstance(schema, dict):
-        raise InputError(f"a JSON schema must be a JSON object, got {type(schema).__name__}")
-    return schema
+    return parse_schema(text, f"the JSON schema {Path(str(name_or_path)).name}")

@@ -40,17 +40,24 @@ _LOOSE_CHAR = re.compile(r'^char ::= \[\^"\\\\\] ', re.MULTILINE)
 _STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] '  # GBNF text: [^"\\\x7F\x00-\x1F]
 
 
+def parse_schema(text, name: str = "the JSON schema") -> dict:
+    """A JSON schema object from its JSON text (a dict passes through); InputError in one line."""
+    if isinstance(text, (str, bytes)):
+        try:
+            text = json.loads(text)
+        except ValueError as err:
+            raise InputError(f"{name} is not valid JSON ({err}) — check the file") from None
+    if not isinstance(text, dict):
+        raise InputError(f"a JSON schema must be a JSON object, got {type(text).__name__}")
+    return text
+
+
 def schema_to_gbnf(schema) -> str:
     """GBNF for a JSON schema (a dict, or its JSON text); InputError if it cannot be used."""
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-    if isinstance(schema, (str, bytes)):
-        try:
-            schema = json.loads(schema)
-        except ValueError as err:
-            raise InputError(f"the JSON schema is not valid JSON ({err}) — check the file") from None
-    if not isinstance(schema, dict):
-        raise InputError(f"a JSON schema must be a JSON object, got {type(schema).__name__}")
+    if isinstance(schema, (str, bytes)) or not isinstance(schema, dict):
+        schema = parse_schema(schema)
     try:
         gbnf = json_schema_to_gbnf(json.dumps(schema))
     except (AssertionError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:

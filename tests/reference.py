@@ -94,6 +94,23 @@ def greedy_generate(checkpoint, messages, max_new_tokens: int) -> tuple[list[int
     return new, torch.stack(out.logits, 1)[0].float().numpy()
 
 
+def drive_greedy(engine, ids, theirs, their_logits) -> tuple[list[int], float]:
+    """Greedy decoding on one of our engines (reset / eval_tokens / logits) from the prompt `ids`,
+    step by step beside transformers' greedy tokens `theirs` and their logits: (our tokens, worst
+    |d| of the logits). Stops after the first token that differs (it is the last one returned)."""
+    engine.reset()
+    engine.eval_tokens(ids)
+    ours, worst = [], 0.0
+    for step, want in enumerate(theirs):
+        logits = engine.logits()
+        worst = max(worst, float(np.abs(logits - their_logits[step]).max()))
+        ours.append(int(logits.argmax()))
+        if ours[-1] != want:
+            break
+        engine.eval_tokens([ours[-1]])
+    return ours, worst
+
+
 def image_features(checkpoint, pixel_values: np.ndarray) -> np.ndarray:
     """Projected image embeddings (N, 256, text_hidden) for float32 pixels (N, 3, S, S)."""
     import torch
@@ -107,6 +124,45 @@ def image_features(checkpoint, pixel_values: np.ndarray) -> np.ndarray:
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def assert_same_logits(ours: np.ndarray, theirs: np.ndarray, what: str, cos_min: float, digits: int = 6) -> None:
+    """Next-token logits of ours vs the reference: same top-1, cosine ≥ cos_min (printed with the
+    worst |d| either way)."""
+    cos = cosine(ours, theirs)
+    print(f"{what}: cosine {cos:.{digits}f}, worst |d| {np.abs(ours - theirs).max():.2e}, "
+          f"top-1 {int(ours.argmax())} vs {int(theirs.argmax())}")
+    assert int(ours.argmax()) == int(theirs.argmax()), f"{what}: top-1 differs"
+    assert cos >= cos_min, f"{what}: cosine {cos:.{digits}f} < {cos_min}"
+
+
+def manifest_files(bundle: Path) -> tuple[dict, dict]:
+    """(manifest, {role: path}) of a bundle folder (a role with several files: the last one)."""
+    m = json.loads((Path(bundle) / "manifest.json").read_text())
+    return m, {f["role"]: Path(bundle) / f["path"] for f in m["files"]}
+
+
+def assert_verify_names_the_damage(bundle: Path, role: str, tmp_path: Path) -> str:
+    """`medgemma-edge verify` passes a copy of `bundle`; with one byte of its `role` file flipped it
+    exits 2 with one line naming that file and its sha256 mismatch."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from medgemma_edge.cli import main
+
+    copy = shutil.copytree(bundle, tmp_path / "copy")
+    runner = CliRunner()
+    ok = runner.invoke(main, ["verify", str(copy)])
+    assert ok.exit_code == 0 and ok.output.startswith("ok:"), ok.output
+    damaged = manifest_files(copy)[1][role]
+    flip_byte(damaged)
+    bad = runner.invoke(main, ["verify", str(copy)])
+    print(bad.output)
+    lines = [ln for ln in bad.output.splitlines() if ln.strip()]
+    assert bad.exit_code == 2 and len(lines) == 1, bad.output
+    assert damaged.name in lines[0] and "sha256" in lines[0], lines[0]
+    return lines[0]
 
 
 def near_tie(logits_row: np.ndarray, rel: float = 1e-4) -> tuple[bool, float]:

@@ -34,3 +34,19 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path):
                  "file-decode floor"):
         assert goal in report, goal
     assert (tmp_path / "chart.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_quick_onnx_text_benchmark(tmp_path):
+    """benchmarks.bench_onnx_text on tiny: ONNX int4/int8 bundles, GGUF q4_k_m/q8_0 and
+    onnxruntime-genai's Generator each measured, the three decode pairs alternated, the report written."""
+    from benchmarks.bench_onnx_text import PAIRS, main
+
+    data = main(["--quick", "--out", str(tmp_path), "--tokens", "4", "--rounds", "1"])
+    assert set(data["results"]) == {"ours onnx-int4", "ours onnx-int8", "ours gguf q4_k_m", "ours gguf q8_0",
+                                    "genai Generator int8"}
+    for name, res in data["results"].items():
+        assert "error" not in res, f"{name}: {res['error']}"
+        assert res["text"]["decode_tok_s"] and res["text"]["prefill_tok_s"] and res["peak_rss_mb"] > 0, name
+    assert [g["ratio"] is not None for g in data["goals"]] == [True] * len(PAIRS), data["goals"]
+    assert "genai Generator int8" in (tmp_path / "ONNX_TEXT.md").read_text()

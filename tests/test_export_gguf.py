@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from tests import reference as ref
 from tests.gguf_read import read_gguf
@@ -29,11 +28,6 @@ CHATS = {
               "for four days. Which investigations come first, and why?"}]}],
 }
 N_CTX = 1024
-
-
-def _files(bundle):
-    m = json.loads((bundle / "manifest.json").read_text())
-    return m, {f["role"]: bundle / f["path"] for f in m["files"]}
 
 
 def _llama(path):
@@ -62,7 +56,7 @@ def _pixels(seed=7, size=896):
 
 @pytest.fixture(scope="module")
 def tiny_f32_llm(tiny_bundle_f32):
-    _, files = _files(tiny_bundle_f32)
+    _, files = ref.manifest_files(tiny_bundle_f32)
     return _llama(files["text"])
 
 
@@ -87,7 +81,7 @@ def test_f32_text_logits_match_transformers(tiny_f32_llm, tiny_dir, name):
 def test_f32_image_embeddings_match_transformers(tiny_f32_llm, tiny_bundle_f32, tiny_dir):
     from medgemma_edge.runtime.backends.mtmd import VisionEncoder
 
-    _, files = _files(tiny_bundle_f32)
+    _, files = ref.manifest_files(tiny_bundle_f32)
     pixels = _pixels()
     enc = VisionEncoder(str(files["vision"]), tiny_f32_llm.model, 2)
     try:
@@ -155,7 +149,7 @@ def test_each_quant_loads_and_answers(quant_bundles, tiny_f32_llm, tiny_bundle_f
     from medgemma_edge.runtime.manifest import verify_bundle
 
     res = quant_bundles(quant)
-    m, files = _files(res.bundle)
+    m, files = ref.manifest_files(res.bundle)
     verify_bundle(res.bundle)
     assert m["quantization"] == {"text": quant, "vision": MATRIX[quant]}
     kept = sorted(p.name for p in (res.bundle / "intermediate").glob("*")) if quant == KEEP_FOR else []
@@ -177,7 +171,7 @@ def test_each_quant_loads_and_answers(quant_bundles, tiny_f32_llm, tiny_bundle_f
     assert vtypes["v.patch_embd.weight"] == "F32" and vtypes["v.position_embd.weight"] == "F32"
     assert vtypes["mm.input_projection.weight"] in ("F32", "F16")
     emb = _encode(files["vision"], llm, _pixels(3))
-    emb32 = _encode(_files(tiny_bundle_f32)[1]["vision"], tiny_f32_llm, _pixels(3))
+    emb32 = _encode(ref.manifest_files(tiny_bundle_f32)[1]["vision"], tiny_f32_llm, _pixels(3))
     vcos = ref.cosine(emb, emb32)
     print(f"{quant}: vision {MATRIX[quant]} embeddings vs f32 mmproj: cosine {vcos:.6f}, "
           f"worst |d| {np.abs(emb - emb32).max():.2e}")
@@ -266,7 +260,7 @@ def test_respelled_sharded_bf16_checkpoint_exports_exactly(tmp_path, respelled_b
     res = export_gguf(src, tmp_path / "b", "f32", "f32", quality=False)
     assert res.manifest["quantization"] == {"text": "f32", "vision": "f32"}
     written = {}
-    for path in _files(res.bundle)[1].values():
+    for path in ref.manifest_files(res.bundle)[1].values():
         written |= {name: t[2] for name, t in read_gguf(path)[1].items()}
     worst, plus_one = 0.0, 0
     for stored, tensor in tensors.items():
@@ -291,16 +285,4 @@ def test_bf16_source_is_the_quality_reference(respelled_bf16):
 # -- verify ---------------------------------------------------------------------------------------
 
 def test_verify_catches_a_flipped_byte(quant_bundles, tmp_path):
-    from medgemma_edge.cli import main
-
-    bundle = shutil.copytree(quant_bundles("q4_k_m").bundle, tmp_path / "copy")
-    runner = CliRunner()
-    ok = runner.invoke(main, ["verify", str(bundle)])
-    assert ok.exit_code == 0 and ok.output.startswith("ok:"), ok.output
-    m, files = _files(bundle)
-    ref.flip_byte(files["text"])
-    bad = runner.invoke(main, ["verify", str(bundle)])
-    print(bad.output)
-    assert bad.exit_code == 2
-    lines = [ln for ln in bad.output.splitlines() if ln.strip()]
-    assert len(lines) == 1 and files["text"].name in lines[0] and "sha256" in lines[0]
+    ref.assert_verify_names_the_damage(quant_bundles("q4_k_m").bundle, "text", tmp_path)

@@ -292,11 +292,11 @@ def _edit(bundle, **changes):
 
 
 def test_output_folder_is_never_silently_reused(tmp_path):
-    from medgemma_edge.export.bundle import _prepare_out
+    from medgemma_edge.export.bundle import prepare_out
 
     b = _bundle(tmp_path / "b")
     (b / "notes.txt").write_text("mine")
     with pytest.raises(ExportError, match="not empty.*--force"):
-        _prepare_out(b, overwrite=False)
-    _prepare_out(b, overwrite=True)
+        prepare_out(b, overwrite=False)
+    prepare_out(b, overwrite=True)
     assert sorted(p.name for p in b.iterdir()) == ["notes.txt"], "only the old bundle's own files go"

@@ -12,7 +12,7 @@ import pytest
 
 from tests import reference as ref
 from tests.gguf_read import read_gguf
-from tests.test_export_gguf import _encode, _files, _pixels
+from tests.test_export_gguf import _encode, _pixels
 
 BF16_COS_MIN = 0.9999
 
@@ -35,7 +35,7 @@ def test_bf16_mmproj_types(bf16_mmproj):
 def test_bf16_mmproj_embeddings_match_f32(bf16_mmproj, tiny_bundle_f32):
     from llama_cpp import Llama
 
-    _, files = _files(tiny_bundle_f32)
+    _, files = ref.manifest_files(tiny_bundle_f32)
     llm = Llama(str(files["text"]), n_ctx=512, n_threads=2, verbose=False)
     pixels = _pixels(3)
     ours, f32 = _encode(bf16_mmproj, llm, pixels), _encode(files["vision"], llm, pixels)

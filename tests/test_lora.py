@@ -90,11 +90,7 @@ def peft_logits(tiny_dir, adapters):
 
 
 def _compare(ours, theirs, what):
-    cos = ref.cosine(ours, theirs)
-    print(f"{what}: cosine {cos:.7f}, worst |d| {np.abs(ours - theirs).max():.2e}, "
-          f"top-1 {int(ours.argmax())} vs {int(theirs.argmax())}")
-    assert int(ours.argmax()) == int(theirs.argmax()), f"{what}: top-1 differs"
-    assert cos >= COS_MIN, f"{what}: cosine {cos:.7f} < {COS_MIN}"
+    ref.assert_same_logits(ours, theirs, what, COS_MIN, digits=7)
 
 
 def _changed(adapted, base, what):

@@ -144,14 +144,7 @@ def test_greedy_16_tokens_past_the_window(fixed, tiny_dir):
     msgs = CHATS["long"]
     ids = ref.encode_chat(tiny_dir, msgs)["input_ids"][0].tolist()
     theirs, their_logits = ref.greedy_generate(tiny_dir, msgs, 16)
-    fixed.reset()
-    fixed.eval_tokens(ids)
-    ours, worst = [], 0.0
-    for step, want in enumerate(theirs):
-        logits = fixed.logits()
-        worst = max(worst, float(np.abs(logits - their_logits[step]).max()))
-        ours.append(int(logits.argmax()))
-        fixed.eval_tokens([ours[-1]])
+    ours, worst = ref.drive_greedy(fixed, ids, theirs, their_logits)
     print(f"greedy from {len(ids)} tokens (window 320): ours {ours}\n  transformers {theirs}; worst |d| {worst:.2e}")
     assert ours == theirs and worst < MAX_ABS
 
@@ -231,3 +224,24 @@ def test_int8_embedding_rows(tmp_path, tiny_dir):
     # ~4.3σ/127, /√12); a scale off by 2× or a wrong row gives tens of %.
     assert emb["rel_rms_error"] < 0.015 and rel < 0.015
     assert emb["bytes"] < 0.3 * 262208 * 256 * 4
+
+
+def test_quality_reference_gives_every_position(tmp_path, tiny_dir, fixed):
+    """The quality report's fp32 reference is built with its LM head on every position and read
+    128 positions a step (export/bundle_onnx.teacher_forced); each row must be transformers' for
+    that position, and the bundle's graph read one position a step must give the same rows."""
+    from medgemma_edge.export.bundle_onnx import ALL_POSITIONS, TEACHER_CHUNK, teacher_forced
+    from medgemma_edge.export.onnx_decoder import export_decoder, write_embeddings
+
+    quiet = lambda s: None
+    every = _engine((tmp_path, export_decoder(tiny_dir, tmp_path, "fp32", say=quiet, options=ALL_POSITIONS),
+                     write_embeddings(tiny_dir, tmp_path, "fp32", say=quiet)))
+    ids = ref.encode_chat(tiny_dir, CHATS["long"])["input_ids"][0].tolist()
+    assert len(ids) > 2 * TEACHER_CHUNK, "the sequence must take several chunks"
+    theirs = ref.logits_for_ids(tiny_dir, ids)
+    chunked, stepped = teacher_forced(every, ids), teacher_forced(fixed, ids)
+    for name, ours in (("every position, chunked", chunked), ("last position, one step each", stepped)):
+        worst = float(np.abs(ours - theirs).max())
+        agree = float((ours.argmax(1) == theirs.argmax(1)).mean())
+        print(f"{name}: {len(ids)} rows, worst |d| {worst:.2e}, top-1 agreement {agree:.4f}")
+        assert worst < MAX_ABS and agree == 1.0

@@ -144,6 +144,7 @@ class OnnxTextEngine:
         self.cached: list = []
         self._blocks = np.zeros(0, np.int64)
         self._last_logits: np.ndarray | None = None
+        self._rows: np.ndarray | None = None
 
     # -- text: the vocabulary's ------------------------------------------------------------------
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
@@ -183,7 +184,7 @@ class OnnxTextEngine:
         if keep < len(self.cached):
             del self.cached[keep:]
             self._blocks = self._blocks[:keep]
-            self._last_logits = None
+            self._last_logits = self._rows = None
         return len(self.cached)
 
     def reset(self) -> None:
@@ -281,9 +282,18 @@ class OnnxTextEngine:
             raise MedGemmaEdgeError(f"onnxruntime failed to evaluate {n} positions after {start} "
                                     f"({type(err).__name__}: {str(err)[:200]}) — often for lack of memory: "
                                     "close other programs or use a smaller --context") from None
-        self._last_logits = binding.get_outputs()[0].numpy()[0, -1]
+        rows = binding.get_outputs()[0].numpy()[0]
+        self._last_logits = rows[-1]
+        self._rows = rows  # every position's, where the graph keeps them (an unpruned LM head)
         self.cached.extend(keys)
         self._blocks = all_blocks
+
+    def logits_rows(self) -> np.ndarray:
+        """Logits of the positions of the last evaluation (n, n_vocab): one row from a graph whose LM
+        head sees the last position only (the bundle's), all rows from one built without pruning."""
+        if self._rows is None:
+            raise MedGemmaEdgeError("no logits: nothing was evaluated since the cache last changed")
+        return self._rows
 
     def logits(self) -> np.ndarray:
         """Logits (n_vocab,) after the last evaluated position, as float32."""
