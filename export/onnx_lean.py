@@ -175,8 +175,6 @@ def _quantizer(builder, model, node, bits: int):
 
 def quantize_streamed(builder, progress=None):
     """The builder's `to_nbits`, one weight at a time (module docstring). Returns builder.model."""
-    import onnx_ir as ir
-
     graph = builder.model.graph
     custom = getattr(builder, "int4_customized_weight_config", {}) or {}
     todo = [(node, i) for node in list(graph) if (i := _eligible(builder, node)) is not None]

@@ -19,13 +19,6 @@ from tests import reference as ref
 from tests.test_export_gguf import CHATS, _pixels
 from tests.test_runtime import _assert_same_greedy, _compare, _image_chat
 
-pytest.importorskip("onnxruntime")
-try:  # the decoder engine and table land with the ONNX decoder work (export/onnx_decoder.py)
-    import medgemma_edge.runtime.backends.onnx_embeddings  # noqa: F401
-    import medgemma_edge.runtime.backends.onnx_text  # noqa: F401
-except ImportError as err:  # pragma: no cover - only while that part is missing
-    pytest.skip(f"the ONNX text engine is not there yet ({err.name})", allow_module_level=True)
-
 # tiny's random weights: next-token logits of the quantized decoders against the fp32 bundle
 COS_VS_FP32 = {"int8": 0.999, "int4": 0.95}  # measured: int4 0.9637 (the GGUF q4_k_m bound)
 VISION_INT8_COS_MIN = 0.999  # tests/test_export_onnx_vision.py
@@ -83,7 +76,6 @@ def test_fp32_greedy_chat_reuses_the_image_and_matches_transformers(fp32_model, 
 
 
 def test_int8_quality_report_and_answer(onnx_bundles):
-    import medgemma_edge
     from medgemma_edge.export.quality import load_prompts
 
     res = onnx_bundles("int8")

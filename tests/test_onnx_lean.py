@@ -11,9 +11,6 @@ import shutil
 import numpy as np
 import pytest
 
-QUIET = staticmethod(lambda s: None)
-
-
 @pytest.fixture(scope="module")
 def tiny_bf16(tmp_path_factory, tiny_dir):
     """tiny with its weights stored as bf16, as MedGemma ships."""

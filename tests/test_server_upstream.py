@@ -284,10 +284,7 @@ def test_cancel_stops_while_the_engine_is_still_silent(upstream):
 def test_our_server_in_front_of_the_engine(upstream, local):
     """The whole route: the openai client → our server (UpstreamBackend) → the engine, with a
     DICOM data URL; the answer is the one the backend gives when called directly."""
-    try:
-        from medgemma_edge.server import ServerConfig, ServerThread, build_app
-    except ImportError as err:
-        pytest.skip(f"the server core is not importable: {err}")
+    from medgemma_edge.server import ServerConfig, ServerThread, build_app
     openai = pytest.importorskip("openai")
     backend = UpstreamBackend(upstream, threads=THREADS, extra_body=NO_PENALTY)
     deadline = time.monotonic() + 10

@@ -12,12 +12,6 @@ import json
 import jsonschema
 import pytest
 
-pytest.importorskip("onnxruntime")
-try:
-    import medgemma_edge.runtime.backends.onnx_text  # noqa: F401
-except ImportError as err:  # pragma: no cover - only while the ONNX decoder is missing
-    pytest.skip(f"the ONNX text engine is not there yet ({err.name})", allow_module_level=True)
-
 SEEDS = range(5)
 SCHEMA = {"type": "object", "properties": {"ok": {"type": "boolean"}, "grade": {"enum": ["a", "b", "c"]}},
           "required": ["ok", "grade"], "additionalProperties": False}

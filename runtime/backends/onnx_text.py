@@ -143,8 +143,7 @@ class OnnxTextEngine:
         self._kv = _KVCache(self.layers, int(info["kv_heads"]), int(info["head_dim"]), self.device)
         self.cached: list = []
         self._blocks = np.zeros(0, np.int64)
-        self._last_logits: np.ndarray | None = None
-        self._rows: np.ndarray | None = None
+        self._rows: np.ndarray | None = None  # the last evaluation's logits, one row a position
 
     # -- text: the vocabulary's ------------------------------------------------------------------
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:
@@ -184,7 +183,7 @@ class OnnxTextEngine:
         if keep < len(self.cached):
             del self.cached[keep:]
             self._blocks = self._blocks[:keep]
-            self._last_logits = self._rows = None
+            self._rows = None
         return len(self.cached)
 
     def reset(self) -> None:
@@ -282,9 +281,7 @@ class OnnxTextEngine:
             raise MedGemmaEdgeError(f"onnxruntime failed to evaluate {n} positions after {start} "
                                     f"({type(err).__name__}: {str(err)[:200]}) — often for lack of memory: "
                                     "close other programs or use a smaller --context") from None
-        rows = binding.get_outputs()[0].numpy()[0]
-        self._last_logits = rows[-1]
-        self._rows = rows  # every position's, where the graph keeps them (an unpruned LM head)
+        self._rows = binding.get_outputs()[0].numpy()[0]  # every position's where the graph keeps them
         self.cached.extend(keys)
         self._blocks = all_blocks
 
@@ -297,9 +294,7 @@ class OnnxTextEngine:
 
     def logits(self) -> np.ndarray:
         """Logits (n_vocab,) after the last evaluated position, as float32."""
-        if self._last_logits is None:
-            raise MedGemmaEdgeError("no logits: nothing was evaluated since the cache last changed")
-        return self._last_logits
+        return self.logits_rows()[-1]
 
     def close(self) -> None:
         self._session = None
