@@ -30,12 +30,13 @@ import argparse
 import contextlib
 import hashlib
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.alternate import MIN_ROUNDS, MIN_TOKENS, alternate, paired_rates
 from benchmarks.backends import Backend, Case, say
+from benchmarks.tables import paired_ratio
 
 STAMP = ".genai-stamp"
 SYSTEM_TEXT = "You are a helpful medical assistant."  # what RuntimeBackend.text_only asks with
@@ -192,9 +193,10 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, help="build folder (default: the cache's bench/genai/...)")
     p.add_argument("--full-kv", action="store_true", help="windowed_kv_cache=false, as our graph")
-    p.add_argument("--decode-tokens", type=int, default=64)
+    p.add_argument("--decode-tokens", type=int, default=MIN_TOKENS)
     p.add_argument("--prompt-words", type=int, default=60)
-    p.add_argument("--rounds", type=int, default=3, help="measured rounds (alternating with ours under --compare)")
+    p.add_argument("--rounds", type=int, default=MIN_ROUNDS,
+                   help="measured rounds (alternating with ours under --compare)")
     p.add_argument("--compare", action="store_true", help="also our runtime on the bundle")
     a = p.parse_args(argv)
     out = a.out or cache_root() / "bench" / "genai" / f"{a.src.name}-{a.quant}{'-fullkv' if a.full_kv else ''}"
@@ -203,19 +205,20 @@ def main(argv=None) -> int:
     runs = {"genai": GenaiBackend(str(decoder), str(Path(a.bundle) / "tokenizer.gguf"), a.threads, case.context)}
     if a.compare:
         runs["ours"] = RuntimeBackend(a.bundle, a.threads, case.context, open_vision=False)
-    result = {"decoder": str(decoder), "options": genai_options(a.quant, not a.full_kv)}
+    result = {"decoder": decoder.name, "options": genai_options(a.quant, not a.full_kv)}
     for name, b in runs.items():
         b.imports()
         result[f"load_{name}"] = b.load()
-        b.text_only(case)  # warm-up: first-call allocations, page faults on the weights
-    rates = {name: [] for name in runs}
-    for _ in range(a.rounds):  # alternating, so that other work on the machine hits both alike
-        for name, b in runs.items():
-            if name == "ours":
-                b.model.engine.reset()  # a fresh prefill, as the Generator's
-            result[name] = b.text_only(case)
-            rates[name].append(result[name]["decode_tok_s"])
-    result["decode_tok_s"] = {k: {"best": max(v), "median": statistics.median(v), "rounds": v} for k, v in rates.items()}
+
+    def run(name, b):
+        if name == "ours":
+            b.model.engine.reset()  # a fresh prefill, as the Generator's
+        result[name] = b.text_only(case)
+        return result[name]["decode_tok_s"]
+
+    # alternating, so that other work on the machine hits both alike
+    result["decode_tok_s"] = alternate({name: (lambda name=name, b=b: run(name, b)) for name, b in runs.items()},
+                                       a.rounds, "genai")
     if a.compare:
         model, messages = runs["ours"].model, [{"role": "system", "content": SYSTEM_TEXT},
                                                {"role": "user", "content": case.text_prompt()}]
@@ -224,9 +227,9 @@ def main(argv=None) -> int:
         n = min(len(ids), len(theirs))  # how many leading ids the two greedy runs share:
         result["ids_agree"] = {"first": next((i for i in range(n) if ids[i] != theirs[i]), n), "of": n,
                                "genai": theirs[:16], "ours": ids[:16]}
-        # per round (the two ran back to back there), then the median: steadier on a busy machine
-        paired = [o / g for g, o in zip(rates["genai"], rates["ours"]) if g and o]
-        result["ours_over_genai_decode"] = round(statistics.median(paired), 3) if paired else None
+        p = paired_rates(result["decode_tok_s"], "ours", "genai")
+        result["ours_over_genai_decode"] = p
+        say(f"[genai] decode ours / Generator: {paired_ratio(p)}")
     print(json.dumps(result))
     return 0
 

@@ -32,12 +32,12 @@ class RuntimeBackend(Backend):
     def preprocess(self, kind: str, path: str):
         """File -> uint8 (N, 896, 896, 3) views, the default fit (pad): what Model runs before the
         encoder (its preprocess_ms). Normalizing to float32 is a step of the ONNX vision backend
-        (~3 ms a view, part of its encode); mtmd takes the uint8 view as is."""
+        (timed as part of its encode); mtmd takes the uint8 view as is."""
         from medgemma_edge.runtime.preprocess import DEFAULT_FIT, model_view
         from medgemma_edge.runtime.sources import load_pictures
 
         fit = self.fit or DEFAULT_FIT
-        return lambda: model_view(load_pictures(path, threads=self.threads), fit=fit, threads=self.threads)
+        return lambda: model_view(load_pictures(path), fit=fit, threads=self.threads)
 
     def imports(self) -> None:
         import llama_cpp  # noqa: F401

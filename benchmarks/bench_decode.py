@@ -1,11 +1,12 @@
 """Decode overhead: our runtime vs llama-cpp-python's own `Llama`, same GGUF, same prompt, one run.
 
-    python -m benchmarks.bench_decode [--bundle DIR] [--tokens 64] [--rounds 3]
+    python -m benchmarks.bench_decode [--bundle DIR] [--tokens 64] [--rounds 7]
 
 Default bundle: the built-in demo (Gemma 3 270M q8_0). Both engines are loaded in one process and
 decode greedily from the same text prompt in alternating rounds, so machine noise hits both
-alike; the best round of each counts. It is the report's alternating job
-(benchmarks.worker.run_alternating) on one bundle. Goal (runtime issue): ours ≥ 0.97 × `Llama`.
+alike; the goal is called on the median of the per-round ratios and their spread
+(benchmarks.alternate). It is the report's alternating job (benchmarks.worker.run_alternating) on
+one bundle. Goal: ours ≥ 0.97 × `Llama` (benchmarks.goals.DECODE_VS_LLAMA).
 """
 
 from __future__ import annotations
@@ -17,14 +18,17 @@ from pathlib import Path
 
 def main(argv=None) -> dict:
     from benchmarks import bundles
+    from benchmarks.alternate import MIN_ROUNDS, MIN_TOKENS, paired_rates
     from benchmarks.backends import Case, Spec
+    from benchmarks.goals import DECODE_VS_LLAMA, paired_goal
+    from benchmarks.tables import paired_ratio
     from benchmarks.worker import run_alternating
     from medgemma_edge.runtime.machine import physical_cores
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, default=None)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=MIN_TOKENS)
+    ap.add_argument("--rounds", type=int, default=MIN_ROUNDS)
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.bundle is None:
@@ -37,11 +41,12 @@ def main(argv=None) -> dict:
              Spec("ours", "ours", {"bundle": str(args.bundle), "threads": threads}, image=False)]
     case = Case(image="", decode_tokens=args.tokens, text_prompt_words=40, threads=threads)
     rates = run_alternating(specs, case, args.rounds)
-    ours, theirs = rates["ours"]["best"], rates["llama.cpp Llama"]["best"]
-    result = {"bundle": str(args.bundle), "gguf": gguf.name, "threads": threads, "tokens": args.tokens,
-              "llama_tok_s": theirs, "ours_tok_s": ours, "ratio": ours / theirs, "rounds": rates}
+    p = paired_rates(rates, "ours", "llama.cpp Llama")
+    goal = paired_goal("decode ours / Llama", DECODE_VS_LLAMA, p)
+    result = {"bundle": args.bundle.name, "gguf": gguf.name, "threads": threads, "tokens": args.tokens,
+              "rounds": rates, "paired": p, "verdict": goal.verdict()}
     print(json.dumps(result, indent=2))
-    print(f"decode ratio ours / Llama = {result['ratio']:.3f} (goal ≥ 0.97)")
+    print(f"decode ratio ours / Llama = {paired_ratio(p)} (goal {goal.target_text()}: {goal.verdict()})")
     return result
 
 

@@ -1,12 +1,15 @@
 """Whole-model ONNX bundles against GGUF and against onnxruntime-genai's own Generator (issue 15).
 
-    python -m benchmarks.bench_onnx_text [--quick] [--threads 2] [--tokens 32] [--rounds 5] [--wait-idle 60]
+    python -m benchmarks.bench_onnx_text [--quick] [--threads 2] [--tokens 64] [--rounds 7] [--wait-idle 60]
+    python -m benchmarks.bench_onnx_text --from benchmarks/results/onnx_text.json   # re-render, no rerun
 
 Same checkpoint (the MedGemma-4B-shaped one; --quick: tiny), same run, same text prompt (~160
 tokens with the chat template), text only. Each entry runs in a fresh process (its peak RSS is its
 own): load, one question, prefill tok/s, decode tok/s, TTFT, as the runtime reports them
 (`Reply.stats`; the Generator's are timed the same way around its calls). Decode ratios come from
-alternating rounds in one process (benchmarks.worker.run_alternating): best of `--rounds`.
+alternating rounds in one process (benchmarks.worker.run_alternating, at least MIN_TOKENS a round):
+the median of the per-round ratios with their spread, on which the goals are called
+(benchmarks.goals).
 
     ours onnx-int4 / onnx-int8   medgemma_edge.load(ONNX bundle): our numpy KV loop on onnxruntime
     ours gguf q4_k_m / q8_0      medgemma_edge.load(GGUF bundle): llama.cpp
@@ -17,13 +20,14 @@ alternating rounds in one process (benchmarks.worker.run_alternating): best of `
 
 Goals: ONNX int4 decode ≥ 0.8 × GGUF q4_k_m; our loop ≥ 1.0 × the Generator (int8).
 Writes benchmarks/results/onnx_text.json and ONNX_TEXT.md (quick runs: the cache folder).
-Bundles are exported on first use (4B: int8 ~10 min, int4 k_quant ~40 min on 2 cores).
+Bundles are exported on first use (at 4B the int4 k_quant export is the slow one).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -31,7 +35,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks import bundles
+from benchmarks.alternate import MIN_ROUNDS, MIN_TOKENS, paired_rates
 from benchmarks.backends import Case, Spec, say
+from benchmarks.goals import Goal, median_rate, paired_goal
+from benchmarks.portable import portable
+from benchmarks.tables import num, spread, table, times
 from medgemma_edge.runtime.cache import cache_root
 
 RESULTS = Path(__file__).parent / "results"
@@ -43,11 +51,14 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny test model (checks the harness)")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--tokens", type=int, default=32, help="tokens decoded per question")
-    p.add_argument("--rounds", type=int, default=5, help="alternating decode rounds per pair")
+    p.add_argument("--tokens", type=int, default=MIN_TOKENS,
+                   help="tokens decoded per question (decode rounds: at least MIN_TOKENS)")
+    p.add_argument("--rounds", type=int, default=MIN_ROUNDS, help="alternating decode rounds per pair")
     p.add_argument("--wait-idle", type=float, default=0, metavar="S",
                    help="before each measurement, wait up to S seconds for other processes to go quiet")
     p.add_argument("--out", type=Path)
+    p.add_argument("--from", dest="source", type=Path, metavar="ONNX_TEXT_JSON",
+                   help="re-render ONNX_TEXT.md beside this onnx_text.json instead of measuring")
     return p.parse_args(argv)
 
 
@@ -66,10 +77,15 @@ def entries(ckpt: Path, threads: int, genai_dir: Path) -> list[Spec]:
 
 
 def main(argv=None) -> dict:
-    from benchmarks.run import machine, run_worker, wait_for_quiet
+    from benchmarks.run import decode_case, machine, run_worker, wait_for_quiet
     from medgemma_edge.runtime.machine import physical_cores
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.source:
+        data = json.loads(args.source.read_text())
+        print(write(args.source.parent, data))
+        return data
     threads = args.threads or physical_cores()
     t0 = time.perf_counter()
     info = machine()
@@ -97,20 +113,25 @@ def main(argv=None) -> dict:
             if args.wait_idle:
                 wait_for_quiet(args.wait_idle)
             bundles.warm(text_files(by_name[a]) + text_files(by_name[b]))
-            job = {"specs": [by_name[a].to_dict(), by_name[b].to_dict()], "case": asdict(case),
+            job = {"specs": [by_name[a].to_dict(), by_name[b].to_dict()], "case": asdict(decode_case(case)),
                    "phase": "alternating", "repeat": args.rounds}
             decode[f"{a} | {b}"] = run_worker(job, f"{a} vs {b}", Path(tmp)).get("decode")
-    data = {"command": " ".join(["python -m benchmarks.bench_onnx_text", *(argv or sys.argv[1:])]),
+    data = {"command": shlex.join(["python", "-m", "benchmarks.bench_onnx_text", *argv]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": ckpt.name, "machine": info,
             "threads": threads, "case": asdict(case), "results": results, "alternating": decode,
-            "seconds": round(time.perf_counter() - t0, 1)}
-    data["goals"] = goals(decode)
+            "alternating_tokens": decode_case(case).decode_tokens, "seconds": round(time.perf_counter() - t0, 1)}
+    print(write(out_dir, data))
+    return data
+
+
+def write(out_dir: Path, data: dict) -> str:
+    """onnx_text.json (goals evaluated, paths portable) and ONNX_TEXT.md into out_dir; the markdown."""
+    data.update(portable({**data, "goals": [g.record() for g in goals(data["alternating"])]}))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "onnx_text.json").write_text(json.dumps(data, indent=2))
+    (out_dir / "onnx_text.json").write_text(json.dumps(data, indent=2) + "\n")
     md = report(data)
     (out_dir / "ONNX_TEXT.md").write_text(md)
-    print(md)
-    return data
+    return md
 
 
 def text_files(spec: Spec) -> list[Path]:
@@ -121,42 +142,56 @@ def text_files(spec: Spec) -> list[Path]:
     return [Path(spec.options["bundle"]) / f["path"] for f in manifest["files"] if f["role"] != "vision"]
 
 
-def goals(decode: dict) -> list[dict]:
+def pairs(decode: dict) -> list[dict]:
+    """Per pair: the median rates, the paired per-round ratios (benchmarks.alternate.paired) and
+    its goal, called on them (None for a pair without a target)."""
     out = []
-    for a, b, goal in PAIRS:
+    for a, b, target in PAIRS:
         rates = decode.get(f"{a} | {b}") or {}
-        ra, rb = (rates.get(a) or {}).get("best"), (rates.get(b) or {}).get("best")
-        ratio = ra / rb if ra and rb else None
-        out.append({"pair": f"{a} / {b}", "ours": ra, "theirs": rb, "ratio": ratio, "goal": goal,
-                    "met": None if goal is None or ratio is None else ratio >= goal})
+        p = paired_rates(rates, a, b)
+        text = {"ours": num(median_rate(rates, a)), "anchor": num(median_rate(rates, b))}
+        out.append({"pair": f"{a} / {b}", "paired": p, **text,
+                    "goal": paired_goal(f"decode {a} / {b}", target, p, **text) if target else None})
     return out
 
 
-def goal_text(goal) -> str:
-    return "—" if goal is None else f"≥ {goal}"
+def goals(decode: dict) -> list[Goal]:
+    return [r["goal"] for r in pairs(decode) if r["goal"]]
+
+
+def entries_table(data: dict) -> list[str]:
+    rows = []
+    for name, r in data["results"].items():
+        if "error" in r:
+            rows.append((name, f"error: {r['error']}", "", "", "", "", ""))
+            continue
+        t = r.get("text") or {}
+        rows.append((name, num(r.get("load_s")), t.get("prompt_tokens", "—"), num(t.get("prefill_tok_s")),
+                     num(t.get("ttft_s")), num(t.get("decode_tok_s")),
+                     num(None if r.get("peak_rss_mb") is None else r["peak_rss_mb"] / 1024)))
+    return table(("entry", "load s", "prompt tokens", "prefill tok/s", "TTFT s", "decode tok/s", "peak RSS GB"), rows)
+
+
+def decode_table(data: dict) -> list[str]:
+    rows = [(r["pair"], r["ours"], r["anchor"], times(r["paired"] and r["paired"]["median"]),
+             spread(r["paired"]), r["goal"].target_text() if r["goal"] else "—",
+             r["goal"].verdict() if r["goal"] else "—") for r in pairs(data["alternating"])]
+    return table(("pair", "ours tok/s", "theirs tok/s", "ratio", "spread", "goal", "result"), rows)
 
 
 def report(data: dict) -> str:
+    from benchmarks.report import alternating_rounds, too_few_rounds
+
     m = data["machine"]
+    rounds, tokens = alternating_rounds(data)
     lines = [f"# ONNX bundles vs GGUF vs onnxruntime-genai ({data['model']})", "",
              f"`{data['command']}` — {data['date']}, {m['cpu']}, SIMD {' '.join(m.get('simd', []))}, "
              f"{data['threads']} threads, {data['case']['decode_tokens']} tokens decoded, {data['seconds']:.0f} s.", "",
-             "| entry | load s | prompt tokens | prefill tok/s | TTFT s | decode tok/s | peak RSS GB |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in data["results"].items():
-        t = r.get("text") or {}
-        if "error" in r:
-            lines.append(f"| {name} | error: {r['error']} | | | | | |")
-            continue
-        lines.append(f"| {name} | {r.get('load_s', 0):.2f} | {t.get('prompt_tokens')} | {t.get('prefill_tok_s')} | "
-                     f"{t.get('ttft_s')} | {t.get('decode_tok_s')} | {r.get('peak_rss_mb', 0) / 1024:.2f} |")
-    lines += ["", "Decode, alternating rounds in one process (best of each):", "",
-              "| pair | ours tok/s | theirs tok/s | ratio | goal | met |", "|---|---|---|---|---|---|"]
-    for g in data["goals"]:
-        fmt = lambda x: "—" if x is None else f"{x:.2f}"  # noqa: E731
-        met = "—" if g["met"] is None else ("yes" if g["met"] else "**no**")
-        lines.append(f"| {g['pair']} | {fmt(g['ours'])} | {fmt(g['theirs'])} | {fmt(g['ratio'])} | "
-                     f"{goal_text(g['goal'])} | {met} |")
+             *entries_table(data), "",
+             f"Decode, alternating rounds in one process ({rounds} rounds of {tokens} tokens; tok/s are medians, "
+             f"the ratio is the median of the per-round ratios, the spread their interquartile range).{too_few_rounds(data)}",
+             "",
+             *decode_table(data)]
     return "\n".join(lines) + "\n"
 
 

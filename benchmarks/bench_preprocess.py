@@ -70,14 +70,14 @@ def bench_input(kind: str, path: Path, repeat: int, threads: int) -> None:
 
     floor, floor_med, _ = best_and_median(decoder(kind, path), repeat)
     row("decode only", floor, floor_med, "  <- the floor")
-    pics, pics_med, _ = best_and_median(lambda: load_pictures(str(path), threads=threads), repeat)
+    pics, pics_med, _ = best_and_median(lambda: load_pictures(str(path)), repeat)
     row("pictures (load_pictures)", pics, pics_med)
     views, views_med, out = best_and_median(
-        lambda: model_view(load_pictures(str(path), threads=threads), threads=threads), repeat)
+        lambda: model_view(load_pictures(str(path)), threads=threads), repeat)
     row("views (what Model runs)", views, views_med,
         f"  {len(out)} view(s); model_view {views - pics:.1f} ms")
     floats, floats_med, ours = best_and_median(
-        lambda: normalize_views(model_view(load_pictures(str(path), threads=threads), fit="stretch",
+        lambda: normalize_views(model_view(load_pictures(str(path)), fit="stretch",
                                            threads=threads)), repeat)
     row("+ floats, fit=stretch", floats, floats_med, "  (HF's output, for the ratios below)")
     hf = hf_preprocessor(kind, path)

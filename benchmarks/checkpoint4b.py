@@ -8,7 +8,7 @@ MedGemma 4B files; tokenizer, chat template and processor settings come from the
 Written streaming: the tensor list comes from a model built on the `meta` device (no memory),
 and each tensor is generated in chunks straight into its shard, so peak memory is one chunk
 (~100 MB), never the 8.6 GB model. Values are drawn by seeded RNG through a 65536-entry table of
-normal quantiles already rounded to bf16: a uniform 16-bit draw picks one, which is 40x faster
+normal quantiles already rounded to bf16: a uniform 16-bit draw picks one, much faster
 than numpy's normal generator plus a bf16 conversion and gives the same distribution to bf16
 precision.
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -26,12 +27,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks import bundles, goals, report, roofline
+from benchmarks.alternate import MIN_ROUNDS, MIN_TOKENS
 from benchmarks.backends import Case, Spec, say
 from benchmarks.inputs import write_inputs
 from medgemma_edge.runtime.cache import cache_root
 
 RESULTS = Path(__file__).parent / "results"
-ROUNDS = 5  # alternating decode rounds (issue 14: best of >= 5)
 FP32_WORKING_BYTES = 1.5e9  # transformers fp32: 4 bytes per parameter plus activations (4096-patch attention)
 
 
@@ -144,10 +145,15 @@ def backend_job(spec: Spec, case: Case, phase: str, inputs=(), repeat: int = 0) 
             "inputs": [[k, str(p)] for k, p in inputs], "repeat": repeat}
 
 
+def decode_case(case: Case, **changes) -> Case:
+    """`case` for a decode comparison: at least MIN_TOKENS tokens a round (benchmarks.alternate)."""
+    return Case(**{**asdict(case), "decode_tokens": max(case.decode_tokens, MIN_TOKENS), **changes})
+
+
 def alternating_job(pair: list[Spec], case: Case, rounds: int) -> dict:
     """Decode of `pair` in one process, alternating rounds: the fair way to compare engines on a
     machine whose load changes (the per-backend runs give each a different moment)."""
-    text_case = Case(**{**asdict(case), "text_prompt_words": 40})
+    text_case = decode_case(case, text_prompt_words=40)
     drop = ("mmproj", "image_cache_dir", "prepare", "vision")
     specs = [Spec(s.name, s.kind, {**{k: v for k, v in s.options.items() if k not in drop},
                                    **({"open_vision": False} if s.kind == "ours" else {})}, image=False)
@@ -207,6 +213,9 @@ def run_backends(todo: list[Spec], case: Case, inputs, args, ckpt: Path, names: 
             job = backend_job(spec, case, "preprocess", inputs.items(), 2 if args.quick else 5)
             res = run_worker(job, spec.name, tmp)
             out["preprocess"][spec.name] = res.get("preprocess")
+            for kind, timing in (res.get("preprocess") or {}).items():  # one input kind that failed
+                if timing and "error" in timing:
+                    out["errors"][f"{spec.name} (preprocess {kind})"] = timing["error"]
             if "error" in res:
                 out["errors"][f"{spec.name} (preprocess)"] = res["error"]
         if spec.model:
@@ -229,7 +238,7 @@ def run_alternating(todo: list[Spec], case: Case, args, errors: dict, tmp: Path)
         if args.wait_idle:
             wait_for_quiet(args.wait_idle)
         say(f"[bench] decode, ours vs llama.cpp on the {quant} file, alternating rounds ...")
-        res = run_worker(alternating_job(pair, case, ROUNDS), f"alternating {quant}", tmp)
+        res = run_worker(alternating_job(pair, case, MIN_ROUNDS), f"alternating {quant}", tmp)
         out[quant] = res.get("decode")
         if "error" in res:
             errors[f"alternating {quant}"] = res["error"]
@@ -244,10 +253,10 @@ def run_busy(todo: list[Spec], case: Case, args, errors: dict, tmp: Path) -> dic
     if args.wait_idle:
         wait_for_quiet(args.wait_idle)
     say("[bench] decode beside one busy process (quiet vs busy; all threads vs the runtime's choice) ...")
-    res = run_worker(backend_job(spec, case, "busy", repeat=3), "busy machine", tmp)
+    res = run_worker(backend_job(spec, decode_case(case), "busy", repeat=MIN_ROUNDS), "busy machine", tmp)
     if "error" in res:
         errors["busy machine"] = res["error"]
-    return res.get("busy") and {"rates": res["busy"]}
+    return res.get("busy")
 
 
 def parse_args(argv):
@@ -255,7 +264,8 @@ def parse_args(argv):
     p.add_argument("--quick", action="store_true", help="tiny test model instead of the 4B shape")
     p.add_argument("--out", type=Path, help="report folder (default: benchmarks/results, or the cache for --quick)")
     p.add_argument("--threads", type=int, default=0, help="threads per backend (0: physical cores)")
-    p.add_argument("--decode-tokens", type=int, default=16)
+    p.add_argument("--decode-tokens", type=int, default=16,
+                   help="tokens per question (decode comparisons decode at least MIN_TOKENS a round)")
     p.add_argument("--only", nargs="*", help="run only the backends whose names contain these words")
     p.add_argument("--note", action="append", default=[], help="a line about this run for the report (repeatable)")
     p.add_argument("--wait-idle", type=float, default=0, metavar="S",
@@ -305,13 +315,13 @@ def main(argv=None) -> int:
         alternating = run_alternating(todo, case, args, measured["errors"], Path(tmp))
         busy = run_busy(todo, case, args, measured["errors"], Path(tmp))
     info["load_end"] = os.getloadavg()[0]
-    data = {"title": title, "command": " ".join(["python -m benchmarks.run", *argv]),
+    data = {"title": title, "command": shlex.join(["python", "-m", "benchmarks.run", *argv]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": ckpt.name,
             "model_note": "tiny random test model" if args.quick else "MedGemma 4B config, random bf16 weights",
             "machine": info, "threads": threads, "case": asdict(case), "roofline": roof, **measured,
-            "alternating": alternating, "busy": busy, "notes": report.NOTES + args.note, "run_notes": args.note, "names": names,
-            "seconds": round(time.perf_counter() - t_start, 1)}
-    evaluated = goals.evaluate(data["results"], data["preprocess"], roof, names, alternating, busy, info["simd"])
+            "alternating": alternating, "alternating_tokens": decode_case(case).decode_tokens, "busy": busy,
+            "run_notes": args.note, "names": names, "seconds": round(time.perf_counter() - t_start, 1)}
+    evaluated = goals.evaluate(data)
     paths = report.write(out_dir, data, evaluated)
     say(f"[bench] done in {data['seconds']:.0f} s; wrote {', '.join(str(p) for p in paths)}")
     print("\n".join(report.goals_table(evaluated)))

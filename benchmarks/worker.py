@@ -6,7 +6,8 @@ JOB holds {"spec": Spec, "case": Case, "phase": "preprocess" | "model" | "prepar
 "inputs": [[kind, path]], "repeat": n}, or {"specs": [Spec, ...], "phase": "alternating", "case",
 "repeat"} for the decode comparison in alternating rounds. "prepare" pre-encodes the study into the
 spec's image cache (the model phase that follows, in a new process, asks about it); "busy" is
-benchmarks.bench_busy on the spec's bundle (decode quiet vs beside one busy process). Progress goes to stderr; the result (or the error) to RESULT.json.
+benchmarks.bench_busy on the spec's bundle (decode quiet vs beside one busy process). Progress goes
+to stderr; the result (or the error) to RESULT.json.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 import traceback
 
+from benchmarks.alternate import alternate
 from benchmarks.backends import Case, Spec, build, say
 from medgemma_edge.runtime.memory import peak_rss_mb
 
@@ -80,21 +82,18 @@ def run_model(spec: Spec, backend, case: Case) -> dict:
 
 
 def run_alternating(specs: list[Spec], case: Case, rounds: int) -> dict:
-    """Text-only decode of several backends in one process, in alternating rounds, so that other
-    work on the machine hits all of them alike; the best round of each is the one compared."""
+    """Text-only decode of several backends in one process, in alternating rounds
+    (benchmarks.alternate), so that other work on the machine hits all of them alike."""
     backends = [build(s) for s in specs]
-    for spec, b in zip(specs, backends):
+    for b in backends:
         b.imports()
         b.load()
-        b.text_only(case)  # warm-up: first-call allocations, page faults on the weights
-    rates = {s.name: [] for s in specs}
-    for r in range(rounds):
-        for spec, b in zip(specs, backends):
-            rates[spec.name].append(b.text_only(case)["decode_tok_s"])
-        say(f"  [alternating] round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]}" for k, v in rates.items()))
-    for b in backends:
-        b.close()
-    return {name: {"best": max(v), "median": statistics.median(v), "rounds": v} for name, v in rates.items()}
+    runs = {spec.name: (lambda b=b: b.text_only(case)["decode_tok_s"]) for spec, b in zip(specs, backends)}
+    try:
+        return alternate(runs, rounds)
+    finally:
+        for b in backends:
+            b.close()
 
 
 def _brief(stats: dict) -> str:

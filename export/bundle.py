@@ -22,11 +22,11 @@ from pathlib import Path
 
 from medgemma_edge.export.checkpoint import Checkpoint, open_checkpoint
 from medgemma_edge.export.config import TextConfig, VisionConfig, check_text, check_vision
-from medgemma_edge.export.quants import DEFAULT_VISION_QUANTS, K_QUANTS, TEXT_QUANTS, VISION_QUANTS
+from medgemma_edge.export.quants import DEFAULT_TEXT_QUANT, DEFAULT_VISION_QUANTS, K_QUANTS, TEXT_QUANTS, VISION_QUANTS
 from medgemma_edge.runtime.errors import ExportError
 from medgemma_edge.runtime.memory import peak_rss_mb
 
-DEFAULT_QUANT = "q4_k_m"
+DEFAULT_QUANT = DEFAULT_TEXT_QUANT["gguf"]
 INTERMEDIATE_DIR = "intermediate"
 
 
@@ -230,6 +230,7 @@ def bundle_manifest(plan: ExportPlan, out: Path, quant, vision_quants, text_path
               quality) -> dict:
     from medgemma_edge.runtime import __version__
     from medgemma_edge.runtime.manifest import FORMAT_VERSION, file_entry
+    from medgemma_edge.runtime.vision_choice import export_machine
 
     files = [file_entry(out, "text", text_path.name)]
     for vq in vision_quants:
@@ -247,6 +248,9 @@ def bundle_manifest(plan: ExportPlan, out: Path, quant, vision_quants, text_path
                    "config_sha256": plan.ckpt.config_sha256()},
         "quantization": {"text": quant, "vision": vision_quants[0] if vision_quants else None},
         "files": files,
+        # the quality report and the fidelity above were measured here; load(vision="auto") on another
+        # machine relies on them
+        "export_machine": export_machine(),
         "image": None if v is None else {"size": v.image_size, "patch_size": v.patch_size,
                                          "tokens_per_image": v.mm_tokens_per_image,
                                          "mean": v.image_mean, "std": v.image_std},

@@ -25,11 +25,11 @@ import numpy as np
 
 from medgemma_edge.export.bundle import (INTERMEDIATE_DIR, ExportPlan, ExportResult, bundle_manifest,
                                           prepare_out, requested_vision_quants)
-from medgemma_edge.export.quants import DEFAULT_VISION_QUANTS, ONNX_TEXT_QUANTS, ONNX_VISION_QUANTS
+from medgemma_edge.export.quants import DEFAULT_TEXT_QUANT, DEFAULT_VISION_QUANTS, ONNX_TEXT_QUANTS, ONNX_VISION_QUANTS
 from medgemma_edge.runtime.errors import ExportError
 from medgemma_edge.runtime.memory import peak_rss_mb
 
-DEFAULT_QUANT = "int8"
+DEFAULT_QUANT = DEFAULT_TEXT_QUANT["onnx"]
 # The ONNX members of the GGUF default: int8 towers for any x86 CPU and for CPUs with VNNI.
 DEFAULT_VISION = tuple(v for v in DEFAULT_VISION_QUANTS if v in ONNX_VISION_QUANTS)
 TEXT_REFERENCE, VISION_REFERENCE = "fp32", "onnx-f32"  # the float graphs the report compares with
@@ -83,8 +83,8 @@ def export_onnx(src, out, quant: str = DEFAULT_QUANT, vision_quant=None, *, qual
     if quality and lossy:
         say(f"[{next(step)}/{n_steps}] {TEXT_REFERENCE} reference decoder for the quality report (intermediate)")
         ref_dir = inter / TEXT_REFERENCE
-        # its LM head on every position: one pass per prompt instead of one per token (4B fp32:
-        # ~1 s a token on 2 cores)
+        # its LM head on every position: one pass per prompt instead of one per token (a 4B fp32
+        # decoder is slow per token on a CPU)
         text_ref = {"dir": ref_dir, "decoder": export_decoder(plan.ckpt.path, ref_dir, TEXT_REFERENCE,
                                                               threads=threads, say=say, options=ALL_POSITIONS),
                     "embeddings": write_embeddings(plan.ckpt.path, ref_dir, TEXT_REFERENCE, say=say)}

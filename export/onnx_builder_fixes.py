@@ -18,7 +18,7 @@ Each fix answers one defect of the builder as published (checked with transforme
   `local_window_size=-1` and an `attention_bias` input (one graph input per layer type, named in
   `BIAS_INPUTS`), which the runtime fills with the causal, window and same-image rules.
 - **Memory.** It loads the checkpoint in float32 and quantizes a whole-graph copy: ~33 GB for
-  MedGemma 4B. `lean` builds the same graph in 16.5 GB (int8) / 19.2 GB (int4) (export/onnx_lean.py).
+  MedGemma 4B by arithmetic. `lean` builds the same graph on a 24 GB machine (export/onnx_lean.py).
 """
 
 from __future__ import annotations

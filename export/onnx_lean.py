@@ -22,12 +22,11 @@ does not fit. Here:
   weight is ever materialized; each float weight is dropped when its node is replaced. Large
   weights (the LM head) go through in column slices (CHUNK_BYTES), byte for byte the same.
 
-Measured on the MedGemma-4B-shaped checkpoint (bf16, 2 cores, `benchmarks.bundles.onnx_bundle`):
-int8 decoder 6-8 min, the whole bundle at 16.5 GB peak; int4 (k_quant, LM head int8) 29 min, 19.2 GB
-peak (the LM head's k_quant scratch, column slices of 256 MB, is the top). The builder's own path
-was not run at 4B (the ~33 GB above is its arithmetic); a first version of this module, whose
-quantized tensors still referenced each one-node ModelProto (float weight included), was killed by
-the kernel at 23.5 GB resident: hence `_detached`.
+On the MedGemma-4B-shaped checkpoint (`benchmarks.bundles.onnx_bundle`, which builds it) the int8
+and the int4 (k_quant, LM head int8) bundles both build within 24 GB; the top is the LM head's
+k_quant scratch. The builder's own path was not run at 4B (the ~33 GB above is its arithmetic); a
+first version of this module, whose quantized tensors still referenced each one-node ModelProto
+(float weight included), was killed by the kernel for its memory: hence `_detached`.
 """
 
 from __future__ import annotations
@@ -38,8 +37,8 @@ from medgemma_edge.export.checkpoint import open_checkpoint
 
 # Torch dtypes the stored weights may keep; anything else loads as float32.
 NARROW = {"bf16": "bfloat16", "f16": "float16"}
-# A float weight above this is quantized in column slices: the quantizers' scratch is ~10× the
-# slice (k_quant, measured), and MedGemma's LM head alone is 2.7 GB in float32. Each output column
+# A float weight above this is quantized in column slices: the quantizers' scratch is a multiple of
+# the slice (k_quant most), and MedGemma's LM head alone is 2.7 GB in float32. Each output column
 # is quantized on its own (blocks run along the input axis), so slicing changes no byte.
 CHUNK_BYTES = 256 * 2**20
 CHUNK_ALIGN = 64
@@ -194,7 +193,7 @@ def quantize_streamed(builder, progress=None):
 
 def release_memory() -> None:
     """Give freed memory back to the system after a build (glibc keeps freed heap otherwise: a 4B
-    build left 5.6 GB resident, 0.4 GB after this), so the vision export that follows has it."""
+    build left gigabytes resident), so the vision export that follows has it."""
     import ctypes
     import gc
 

@@ -1,21 +1,21 @@
 """The vision tower + projector as one ONNX graph, for onnxruntime: the faster CPU image path.
 
-4B shape, 2 threads: int8 weights encode one 896² image in 23-25 s on an AVX-512 VNNI EPYC
-(llama.cpp's f16 mmproj 51 s) and 40 s on AVX2 (f16 55 s); export/quants.py has the table.
+On x86 CPUs its int8 files encode an image faster than llama.cpp's f16 mmproj, within the
+fidelity `auto` asks for; `python -m benchmarks.bench_vision` times every file, and
+benchmarks/results/REPORT.md holds the default export's numbers.
 
 One trace per export: `trace_vision_onnx` writes the float graph once (into the export's
 intermediate folder), and `derive_vision_onnx` makes onnx-f32 (the same file) and the int8 files
-(dynamic quantization of its weight matmuls) from it. Tracing the 4B tower takes about 3 min, so
-three traced files cost 9 min where one costs 3.
+(dynamic quantization of its weight matmuls) from it. Tracing the 4B tower takes minutes, and
+three traced files would cost three times that.
 
 Attention is one com.microsoft MultiHeadAttention node per layer, not transformers' eager
 MatMul → Softmax → MatMul: onnxruntime runs that node as a tiled (flash) kernel on the CPU, so the
-16 × 4096 × 4096 f32 score matrix (1.07 GB, twice with the softmax output) never exists. One
-4B-shape attention on 2 threads: eager 0.85 s and +2.2 GB, fused 0.44 s and +0.1 GB, same output
-to 1.2e-7. (The opset-23 Attention op is materialized and slower there: 1.7-3.1 s, +2.1 GB.)
-Whole int8-vnni tower, one image question beside the q4_k_m text: peak RSS 5.87 → 4.22 GB (with
-runtime/backends/onnx_vision's session options), encode 88 → 79 s back to back on a busy 2-core
-machine, embeddings cosine 0.999986 between the two graphs. The CUDA provider runs the same node.
+16 × 4096 × 4096 f32 score matrix (1.07 GB, twice with the softmax output) never exists. Against
+eager attention, tried at 4B shape, the fused node was faster and held a small fraction of the
+memory with the same output to float rounding, for one layer and for the whole tower in an image
+question; the opset-23 Attention op is materialized, and was slower. The CUDA provider runs the
+same node.
 
 Graph: pixel_values float32 (1, 3, S, S), normalized as the manifest says → image_embeds float32
 (1, tokens, text hidden). Built with transformers' own SiglipVisionModel and
@@ -125,7 +125,7 @@ def trace_vision_onnx(ckpt: Checkpoint, out: Path, say=print) -> Path:
     t0 = time.perf_counter()
     say("vision onnx: reading the tower ...")
     tower, size = _tower(ckpt)
-    say(f"vision onnx: tracing at {size}x{size} (MedGemma: about 3 min, 6 GB) ...")
+    say(f"vision onnx: tracing at {size}x{size} (MedGemma: minutes, and several GB of memory) ...")
     with torch.no_grad():
         for p in tower.parameters():
             p.requires_grad_(False)
@@ -171,9 +171,9 @@ def _quantize_int8(src: Path, dst: Path, full_range: bool = False) -> None:
     projector = [n.name for n in graph.node if n.op_type == "MatMul" and "multi_modal_projector" in n.name]
     # 7-bit weights, one scale per output channel. On AVX2 without VNNI onnxruntime multiplies
     # u8 x s8 pairs into saturating int16 sums, which full 8-bit weights can overflow: tiny's image
-    # embeddings fell to cosine 0.98 against f32 that way (0.9999 with 7 bits). One-off runs of
-    # the 4B-shape graph (eager attention then), 2 threads: 8-bit per tensor 40.2 s / cosine 0.99925,
-    # 7-bit per tensor 43.1 s / 0.99774, 8-bit per channel 38.0 s / 0.99898, this 36.9 s / 0.99870.
+    # embeddings lose their fidelity that way and keep it with 7 bits (tests/test_export_onnx_vision).
+    # Tried at 4B shape, per-channel scales beat one scale per tensor at 7 bits in both encode time
+    # and fidelity; `python -m benchmarks.bench_vision` measures the files the export makes.
     # full_range (onnx-int8-vnni): 8-bit weights per channel, for CPUs whose VNNI instructions sum
     # u8 x s8 products in int32, where nothing saturates; the runtime never runs it elsewhere.
     # The attention nodes (activation x activation) stay float: only MatMuls with a constant B

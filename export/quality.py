@@ -19,7 +19,7 @@ import numpy as np
 
 KL_CHUNK = 32  # positions per softmax (32 × 262k × 4 B ≈ 34 MB per array)
 # A position is decisive when the reference's top-1 logit leads its runner-up by at least this
-# many nats (the top token ≥ e ≈ 2.7× likelier). Quantization noise flips near ties either way,
+# many nats (the top token at least e times likelier). Quantization noise flips near ties either way,
 # and which ones depends on the CPU's kernels (summation order differs between AVX2 and AVX-512);
 # a flip at a decisive position is a real loss of fidelity on any CPU.
 DECISIVE_GAP = 1.0
@@ -168,7 +168,7 @@ def quality_images(size: int, n: int = 2) -> list[np.ndarray]:
 
 
 # the reference file's embeddings of the quality images, kept for the next comparison with it (the
-# f32 tower costs ~85 s an image at 4B shape on 2 cores; an export compares up to four files with it)
+# f32 tower is the slowest file to run, and an export compares up to four files with it)
 _REFERENCE_EMBEDDINGS: dict = {}
 
 

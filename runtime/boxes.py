@@ -7,26 +7,24 @@ first, so the scale is undone per fit mode:
     pad      the picture sits centred in a black square of side max(H, W) (odd remainders go to the
              bottom/right, as preprocess.fit_square puts them): x = b/1000·side − left
     stretch  the picture was squashed to the square: x = b/1000·W, y = b/1000·H
-    crop     a centred square of side min(H, W) was cut out: x = b/1000·side + left
 
-The view's pixel size drops out (every resize is uniform), so only the original's H×W and the fit
-are needed. Coordinates are pixel edges (0..W, 0..H), clipped to the picture: a box reaching into
-the padding ends at the picture's border.
+(exactly preprocess.FITS). The view's pixel size drops out (every resize is uniform), so only the
+original's H×W and the fit are needed; the model learns the H×W while it decodes the pictures for
+the prompt, and its last streamed `Response` carries the boxes already mapped (runtime/model.py),
+so nothing decodes a picture twice. Coordinates are pixel edges (0..W, 0..H), clipped to the
+picture: a box reaching into the padding ends at the picture's border.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from medgemma_edge.runtime.errors import InputError
-from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES, Picture
+from medgemma_edge.runtime.preprocess import FITS
 
 SCALE = 1000  # box_2d values are thousandths of the model's square view
-BOX_FITS = ("pad", "stretch", "crop")
 _BOX_TEXT = re.compile(r'"?box_2d"?\s*[:=]\s*\[\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*,\s*([-+\d.eE]+)\s*,'
                        r'\s*([-+\d.eE]+)\s*\]')
 _LABEL_AFTER = re.compile(r'^\s*,\s*"label"\s*:\s*"((?:[^"\\]|\\.)*)"')
@@ -38,14 +36,17 @@ class Box:
     label: str | None
     box_2d: tuple[float, float, float, float]  # (y0, x0, y1, x1), 0–1000 of the model's view, as answered
     xyxy: tuple[float, float, float, float]  # (x0, y0, x1, y1) in pixels of the original picture (PIL's order)
+    image_size: tuple[int, int]  # (W, H) of the original picture
 
     def as_dict(self) -> dict:
-        return {"label": self.label, "box_2d": list(self.box_2d), "xyxy": list(self.xyxy)}
+        return {"label": self.label, "box_2d": list(self.box_2d), "xyxy": list(self.xyxy),
+                "image_size": list(self.image_size)}
 
-    def describe(self, width: int, height: int) -> str:
+    def describe(self) -> str:
         """One line for a person: the box as answered and on the W×H original."""
         view = ", ".join(_short(v) for v in self.box_2d)
         pixels = ",".join(_short(v) for v in self.xyxy)
+        width, height = self.image_size
         return (f"box {json.dumps(self.label, ensure_ascii=False) if self.label is not None else '(no label)'}: "
                 f"box_2d [{view}] (y0, x0, y1, x1 of {SCALE}) = x0,y0,x1,y1 {pixels} px "
                 f"of the {width}×{height} original")
@@ -100,8 +101,8 @@ def _collect(node, found: list) -> None:
 
 def to_original(box_2d, height: int, width: int, fit: str = "pad") -> tuple[float, float, float, float]:
     """(x0, y0, x1, y1) pixels of the original H×W picture for a (y0, x0, y1, x1) 0–1000 box."""
-    if fit not in BOX_FITS:
-        raise InputError(f"unknown fit {fit!r:.20} — use one of {', '.join(BOX_FITS)}")
+    if fit not in FITS:
+        raise InputError(f"unknown fit {fit!r:.20} — use one of {', '.join(FITS)}")
     if not (isinstance(height, int) and isinstance(width, int) and height > 0 and width > 0):
         raise InputError(f"the picture size must be positive integers, got {height!r:.20}×{width!r:.20}")
     y0, x0, y1, x1 = (float(v) / SCALE for v in box_2d)
@@ -109,14 +110,10 @@ def to_original(box_2d, height: int, width: int, fit: str = "pad") -> tuple[floa
     x0, x1 = sorted((x0, x1))
     if fit == "stretch":
         sx, sy, left, top = width, height, 0, 0
-    elif fit == "pad":
+    else:  # pad
         side = max(height, width)
         sx = sy = side
         left, top = -((side - width) // 2), -((side - height) // 2)
-    else:
-        side = min(height, width)
-        sx = sy = side
-        left, top = (width - side) // 2, (height - side) // 2
     clip = lambda v, hi: min(max(v, 0.0), float(hi))
     return (clip(x0 * sx + left, width), clip(y0 * sy + top, height),
             clip(x1 * sx + left, width), clip(y1 * sy + top, height))
@@ -124,36 +121,16 @@ def to_original(box_2d, height: int, width: int, fit: str = "pad") -> tuple[floa
 
 def boxes_on_original(answer: str, height: int, width: int, fit: str = "pad") -> list[Box]:
     """Every box_2d of `answer`, on both scales, for a picture of H×W fitted with `fit`."""
-    return [Box(label, box, to_original(box, height, width, fit)) for label, box in parse_boxes(answer)]
+    return [Box(label, box, to_original(box, height, width, fit), (width, height))
+            for label, box in parse_boxes(answer)]
 
 
-def only_picture(messages, *, window: str | None = None, max_slices: int = DEFAULT_MAX_SLICES) -> Picture | None:
-    """The one picture of a chat holding exactly one image that is a single picture, decoded by the
-    runtime's own loader (sources.load_pictures, as the prompt was); None for no image, several
-    images, or a series (a folder or list of slices is not decoded at all)."""
-    from medgemma_edge.runtime.chat import image_sources
-    from medgemma_edge.runtime.sources import load_pictures
-
-    sources = image_sources(messages)
-    if len(sources) != 1:
-        return None
-    src = sources[0]
-    if isinstance(src, (list, tuple)) and len(src) != 1:
-        return None
-    if isinstance(src, (str, os.PathLike)) and Path(src).is_dir():
-        return None
-    pictures = load_pictures(src, window=window, max_slices=max_slices)
-    return pictures[0] if len(pictures) == 1 else None
-
-
-def answer_boxes(messages, answer: str, fit: str = "pad", *, window: str | None = None,
-                 max_slices: int = DEFAULT_MAX_SLICES) -> tuple[list[Box], tuple[int, int] | None]:
-    """(boxes of `answer` on the original picture, its (W, H)) when the chat's one image is one
-    picture; ([], None) otherwise. `fit` is the one the model's view was made with. The picture is
-    decoded again only when the answer holds a box (an answer without one costs a regex)."""
-    found = parse_boxes(answer)
-    picture = only_picture(messages, window=window, max_slices=max_slices) if found else None
-    if picture is None:
-        return [], None
-    height, width = picture.pixels.shape[:2]
-    return [Box(label, box, to_original(box, height, width, fit)) for label, box in found], (width, height)
+def answer_boxes(answer: str, sizes, fit: str) -> list[Box]:
+    """The boxes of `answer` on the original picture when the chat's images were one picture:
+    `sizes` holds, per image item of the chat, the (H, W) of each picture it decoded to (a series:
+    several; runtime/prefill.Prompt.sizes). Two images, or a series, give none: a box_2d names no
+    picture among several. `fit`: the one the model's view was made with."""
+    if len(sizes) != 1 or len(sizes[0]) != 1:
+        return []
+    height, width = sizes[0][0]
+    return boxes_on_original(answer, int(height), int(width), fit)

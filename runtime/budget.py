@@ -1,11 +1,18 @@
 """How many CT/MR slices fit a time budget on this machine.
 
-On a 2-core CPU the 4B vision tower takes ~30-60 s per slice, so MedGemma 1.5's 85 slices take
-most of an hour. `ask --budget SECONDS` keeps the recipe's sampling rule (runtime/dicom/series.py
-`select_indices`) but chooses the count: the largest one whose slices not yet in the image cache
-fit the budget at the encode speed measured on this machine (a cached slice costs nothing). The
-speed is the mean of the last encodes of this vision file with this thread count, kept in the
-cache folder; before any, the first chosen slice is encoded and timed.
+On a CPU the 4B vision tower takes many seconds per slice (benchmarks/results/REPORT.md), so
+MedGemma 1.5's 85 slices take long. `ask --budget SECONDS` keeps the recipe's sampling rule
+(runtime/dicom/series.py `select_indices`) but chooses the count: the largest one whose slices
+not yet in the image cache fit the budget at the encode speed measured on this machine (a cached
+slice costs nothing). The speed is the mean of the last encodes of this vision file with this
+thread count, kept in the cache folder; before any, the first chosen slice is encoded and timed.
+
+The plan decodes the series once, every slice, and hands the kept ones on (`SlicePlan.pictures`,
+given to the chat as the image): the answer reads the very pixels whose cache entries the plan
+counted, and nothing decodes the series again. For CT, X-ray and colour those are the bytes a
+decode of only the kept slices gives (a slice's pixels depend on that slice alone). An MR series is
+min-max scaled over the slices decoded together, here the whole series: a slice then looks the same
+whatever count the budget keeps, so its cached embedding serves every later plan.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from pathlib import Path
 
 from medgemma_edge.runtime.cache import read_record, write_record
 from medgemma_edge.runtime.errors import InputError
-from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
+from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES, Picture, as_slices
 
 SPEED_FILE = "encode-speed.json"
 KEEP = 8  # encodes averaged per vision file and thread count
@@ -62,6 +69,7 @@ class SlicePlan:
     to_encode: int  # of the kept ones, not in the image cache
     expected_s: float  # encode time expected for them
     seconds_per_image: float
+    pictures: list[Picture]  # the kept slices, decoded: the chat's image item (sources.load_pictures takes them)
 
     def describe(self, budget_s: float) -> str:
         return (f"budget {budget_s:.0f} s: {self.slices} of {self.total} slices, {self.to_encode} to encode at "
@@ -70,7 +78,7 @@ class SlicePlan:
 
 def plan_slices(model, src, budget_s: float, *, window=None, fit=None,
                 max_slices: int = DEFAULT_MAX_SLICES) -> SlicePlan:
-    """The slice count for `src` (a series) that fits `budget_s` seconds of image encoding."""
+    """The slices of `src` (a series) that fit `budget_s` seconds of image encoding, decoded."""
     from medgemma_edge.runtime.dicom.series import select_indices  # pydicom: only for a series
     from medgemma_edge.runtime.embed_cache import pixel_digest
     from medgemma_edge.runtime.preprocess import model_view
@@ -78,7 +86,7 @@ def plan_slices(model, src, budget_s: float, *, window=None, fit=None,
 
     if not budget_s > 0:
         raise InputError("--budget must be a positive number of seconds")
-    pictures = load_pictures(src, window=window, max_slices=EVERY_SLICE, threads=model.threads)
+    pictures = load_pictures(src, window=window, max_slices=EVERY_SLICE)
     views = model_view(pictures, model.image_size, fit or model.fit, threads=model.threads)
     cached = [model.image_cache.get(pixel_digest(v))[0] is not None for v in views] if model.image_cache else \
         [False] * len(views)
@@ -89,7 +97,10 @@ def plan_slices(model, src, budget_s: float, *, window=None, fit=None,
         per_image = model.encode_speed.seconds() or 60.0
     best = None
     for count in range(1, min(max_slices, len(views)) + 1):
-        missing = sum(not cached[i] for i in select_indices(len(views), count))
+        kept = select_indices(len(views), count)
+        missing = sum(not cached[i] for i in kept)
         if best is None or missing * per_image <= budget_s:
-            best = SlicePlan(count, len(views), missing, missing * per_image, per_image)
-    return best
+            best = count, kept, missing
+    count, kept, missing = best
+    return SlicePlan(count, len(views), missing, missing * per_image, per_image,
+                     as_slices([pictures[i] for i in kept]))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from medgemma_edge.runtime.errors import BundleError, InputError
 
+IMAGE_TOKENS = 256  # soft tokens per image in every MedGemma (the projector pools 64x64 patches 4x4)
 THINK_PREFIX = "SYSTEM INSTRUCTION: think silently if needed. "  # MedGemma 1.5 / 27B thinking switch
 THOUGHT_OPEN, THOUGHT_CLOSE = "<unused94>", "<unused95>"
 
@@ -115,7 +116,7 @@ BOS, START_TURN, END_TURN = Marker("<bos>"), Marker("<start_of_turn>"), Marker("
 START_IMAGE, IMAGE_SOFT, END_IMAGE = Marker("<start_of_image>"), Marker("<image_soft_token>"), Marker("<end_of_image>")
 
 
-def prompt_parts(messages, *, image_tokens: int = 256, think: bool = False) -> list[str]:
+def prompt_parts(messages, *, image_tokens: int = IMAGE_TOKENS, think: bool = False) -> list[str]:
     """The prompt for `messages` (images already expanded), ending with the model turn, as text
     pieces and `Marker`s."""
     if not messages:
@@ -151,7 +152,7 @@ def prompt_parts(messages, *, image_tokens: int = 256, think: bool = False) -> l
     return parts
 
 
-def render_prompt(messages, *, image_tokens: int = 256, think: bool = False) -> str:
+def render_prompt(messages, *, image_tokens: int = IMAGE_TOKENS, think: bool = False) -> str:
     """The prompt as one string (what the checkpoint's chat template + processor produce)."""
     return "".join(prompt_parts(messages, image_tokens=image_tokens, think=think))
 

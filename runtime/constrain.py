@@ -7,12 +7,13 @@ samples in numpy (runtime/generate.py), so the grammar is applied to the step's 
 token is fed back with `llama_sampler_accept`. Only a vocabulary pointer is needed, so this works
 for a GGUF bundle (the model's vocab) and an ONNX bundle (its vocab-only tokenizer GGUF) alike.
 
-Cost: applying the grammar to all 262k candidates takes ~70 ms, one token ~14 µs, so a step asks
-about single tokens first (runtime/generate.choose_token): greedy tries the best tokens in order,
-sampling draws from the free distribution until a draw is allowed — rejection sampling, which is
-exactly a draw from the distribution restricted to the allowed tokens — and the whole vocabulary is
-masked only when every try is refused. With top_k / top_p the free distribution is truncated
-before the grammar restricts it (llama.cpp's common sampler does the same on its first try).
+Cost: applying the grammar to all 262k candidates is one pass over the vocabulary, asking about one
+token a single lookup, so a step asks about single tokens first (runtime/generate.choose_token):
+greedy tries the best tokens in order, sampling draws from the free distribution until a draw is
+allowed — rejection sampling, which is exactly a draw from the distribution restricted to the
+allowed tokens — and the whole vocabulary is masked only when every try is refused. With top_k /
+top_p the free distribution is truncated before the grammar restricts it (llama.cpp's common
+sampler does the same on its first try).
 
 What the grammar cannot enforce (json_schema_to_gbnf's limits): numeric minimum / maximum, string
 formats beyond date / time / uuid, `not`, remote `$ref`s. A string without maxLength and an array

@@ -1,9 +1,9 @@
 """Image-embedding cache: content hash of the preprocessed pixels → the vision encoder's output.
 
-On a clinic CPU one 896² image costs the 4B vision tower about a minute; the same X-ray asked
-about again (a follow-up, a second question tomorrow) should not pay that twice.
+On a clinic CPU one 896² image costs the 4B vision tower many seconds (benchmarks/results/REPORT.md);
+the same X-ray asked about again (a follow-up, a second question tomorrow) should not pay that twice.
 
-- Memory: the last `memory_items` images (LRU), always on.
+- Memory: the last `memory_items` images (LRU, cachetools), always on.
 - Blobs (disk only): evaluated prompt prefixes (llama.cpp's sequence state after a study's
   images, runtime/model.py), under the same folder, names, bounds and rules.
 - Disk: optional, off unless a folder is given. One `.npy` per image under a subfolder named
@@ -36,12 +36,13 @@ import os
 import re
 import secrets
 import stat
+import threading
 import time
 import weakref
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+from cachetools import LRUCache
 
 from medgemma_edge.runtime.errors import InputError
 
@@ -150,7 +151,10 @@ class EmbeddingCache:
                  disk_dir: str | os.PathLike | None = None, disk_mb: float = DEFAULT_DISK_MB):
         self.shape = tuple(shape)  # (tokens per image, embedding width)
         self.memory_items = max(0, int(memory_items))
-        self._mem: OrderedDict[str, np.ndarray] = OrderedDict()
+        # A hit counts as a use. Locked: lookups also come from outside the model's lock
+        # (runtime/budget.py), and cachetools' LRUCache is not thread-safe by itself.
+        self._mem = LRUCache(self.memory_items) if self.memory_items else None
+        self._mem_lock = threading.Lock()
         self.disk_limit = int(disk_mb * 1024 * 1024)
         self.dir = None  # the subfolder's path, for people and tests; file operations use _dir_fd
         self._dir_fd = None
@@ -172,10 +176,10 @@ class EmbeddingCache:
     # -- lookup ----------------------------------------------------------------------------------
     def get(self, digest: str) -> tuple[np.ndarray | None, str | None]:
         """(embeddings, where) — where is 'memory', 'disk', or None on a miss."""
-        if digest in self._mem:
-            self._mem.move_to_end(digest)
+        emb = self._recall(digest)
+        if emb is not None:
             self.hits["memory"] += 1
-            return self._mem[digest], "memory"
+            return emb, "memory"
         emb = self._read(digest)
         if emb is not None:
             self._remember(digest, emb)
@@ -189,13 +193,16 @@ class EmbeddingCache:
         if self._dir_fd is not None:
             self._write(digest, emb)
 
+    def _recall(self, digest: str) -> np.ndarray | None:
+        if self._mem is None:
+            return None
+        with self._mem_lock:
+            return self._mem.get(digest)
+
     def _remember(self, digest: str, emb: np.ndarray) -> None:
-        if self.memory_items == 0:
-            return
-        self._mem[digest] = emb
-        self._mem.move_to_end(digest)
-        while len(self._mem) > self.memory_items:
-            self._mem.popitem(last=False)
+        if self._mem is not None:
+            with self._mem_lock:
+                self._mem[digest] = emb
 
     # -- disk ------------------------------------------------------------------------------------
     def _name(self, digest: str) -> str:

@@ -30,8 +30,10 @@ def gpu_layers(device: str) -> int:
         return 0
     has_gpu = bool(llama_cpp.llama_supports_gpu_offload())
     if device == "cuda" and not has_gpu:
+        from medgemma_edge.runtime.backends.providers import LLAMA_GPU_REBUILD
+
         raise InputError("device 'cuda' asked for, but this llama-cpp-python was built without GPU "
-                         "support — rebuild it with CMAKE_ARGS=-DGGML_CUDA=on, or use --device cpu")
+                         f"support — rebuild it ({LLAMA_GPU_REBUILD}), or use --device cpu")
     return -1 if has_gpu else 0
 
 

@@ -47,7 +47,7 @@ class OthersLoad:
 
     Why: llama.cpp's worker threads spin while they wait for each other, so on a kiosk whose other
     programs hold a core, a decode on every core fights them and falls far below what one thread
-    fewer would reach (the demo fell from 57.9 to 22.3 tok/s with one busy process)."""
+    fewer would reach (`python -m benchmarks.bench_busy` measures both; benchmarks/results/REPORT.md)."""
 
     def __init__(self):
         self.mark()

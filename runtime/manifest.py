@@ -4,13 +4,18 @@ Shape (format_version 1):
     {"format_version": 1, "backend": "gguf" | "onnx", "tool": "medgemma-edge 0.1.0",
      "source": {"path_name", "architecture", "config_sha256"},
      "quantization": {"text": "q4_k_m", "vision": "f16" | null},
-     "files": [{"role": "text" | "vision", "path", "size", "sha256"[, "quant", "fidelity"]}],
+     "files": [{"role": "text" | "vision", "path", "size", "sha256"[, vision: "quant", "fidelity"]}],
+     "export_machine": {"cpu_kind", "cpu_flags"} (optional),
      "image": {"size", "patch_size", "tokens_per_image", "mean", "std"} | null,
      "chat_template", "special_tokens": {...}, "context_length",
      "vocab": {"tokenizer_entries", "embedding_rows", "padded"}, "quality": {...} | null}
 `vocab`: the GGUF's token list has `embedding_rows` entries; padded means placeholders were added
 after the tokenizer's entries; tokenizer_entries > embedding_rows means added tokens the model has
 no row for were left out.
+A vision file names its encoding (`quant`: f16, onnx-int8, …) and the export's measured `fidelity`
+(min cosine of its image embeddings against the f32 tower; None: not measured). That was measured
+on the exporting machine, whose CPU kind and SIMD flags `export_machine` records
+(runtime/vision_choice.export_machine; absent in bundles exported before it was written).
 An ONNX bundle (backend "onnx") also lists its decoder's external weights ("text_data"), the
 embedding table ("embeddings") and the vocabulary-only GGUF ("tokenizer"), and describes the
 decoder graph under "decoder" (export/onnx_decoder.py). Every listed file is hashed by verify.
@@ -131,6 +136,9 @@ SCHEMA = {
     "context_length": _optional(_is_int),
     "demo_notice": _optional(lambda v: isinstance(v, str)),
     "decoder": _optional(lambda v: _decoder_ok(v)),
+    "export_machine": _optional(lambda v: isinstance(v, dict) and isinstance(v.get("cpu_kind"), str)
+                                and isinstance(v.get("cpu_flags"), list)
+                                and all(isinstance(x, str) for x in v["cpu_flags"])),
     "embeddings": _optional(lambda v: isinstance(v, dict) and isinstance(v.get("files"), list)
                             and all(isinstance(f, str) for f in v["files"]) and isinstance(v.get("dtype"), str)),
 }
@@ -161,6 +169,9 @@ def _check_shape(manifest, name: str) -> None:
         if p.is_absolute() or ".." in p.parts or not f["path"] or f["role"] not in allowed or "\x00" in f["path"]:
             raise BundleError(f"{MANIFEST_NAME} in {name} names {f['path']!r} as {f['role']!r}; only "
                               f"{'/'.join(allowed)} files inside the bundle are allowed — export the bundle again")
+        if f["role"] == "vision" and not f.get("quant"):  # runtime/vision_choice chooses by it
+            raise BundleError(f"{MANIFEST_NAME} in {name} does not name the encoding (quant) of vision file "
+                              f"{f['path']!r} — export the bundle again")
         roles.append(f["role"])
     for role in ONE_OF.get(backend, ("text",)):
         if roles.count(role) != 1:

@@ -15,6 +15,7 @@ from medgemma_edge.runtime import chat as chatfmt
 from medgemma_edge.runtime import constrain
 from medgemma_edge.runtime import generate as gen
 from medgemma_edge.runtime import prefill
+from medgemma_edge.runtime.boxes import answer_boxes
 from medgemma_edge.runtime.budget import EncodeSpeed
 from medgemma_edge.runtime.cache import cache_root
 from medgemma_edge.runtime.engines import check_backend, open_engine
@@ -23,14 +24,14 @@ from medgemma_edge.runtime.errors import BundleError, BusyError, InputError
 from medgemma_edge.runtime.machine import OthersLoad, resolve_threads, threads_beside
 from medgemma_edge.runtime.memory import peak_rss_mb
 from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
-from medgemma_edge.runtime.preprocess import DEFAULT_FIT
+from medgemma_edge.runtime.preprocess import DEFAULT_FIT, IMAGE_SIZE
 from medgemma_edge.runtime.reply import Reply, Response, Stats
 from medgemma_edge.runtime.vision_choice import choose_vision
 
 AUTO_CONTEXT_START = 4096
 VERIFIED_FILES = "verified-bundle-files.json"  # in the cache folder: files hashed once, by size+mtime+inode
-BUSY_WAIT_S = 600.0
-REFIT_TOKENS = 16  # decode steps between looks at the other programs' CPU use  # how long a caller waits for another caller's answer before a BusyError
+BUSY_WAIT_S = 600.0  # how long a caller waits for another caller's answer before a BusyError
+REFIT_TOKENS = 16  # decode steps between looks at the other programs' CPU use
 
 
 def load(bundle_dir, device: str = "auto", threads: int | None = None, context: int | None = None,
@@ -45,9 +46,12 @@ def load(bundle_dir, device: str = "auto", threads: int | None = None, context: 
     image_cache_dir: also keep image embeddings on disk there (bounded by image_cache_mb), so the
     same image is not encoded again after a restart; off by default (see runtime/embed_cache).
     vision: which of the bundle's vision files runs — "auto" (the fastest faithful one on this
-    machine, runtime/vision_choice.py) or an encoding the bundle holds ("f16", "onnx-int8", …).
+    machine, runtime/vision_choice.py) or an encoding the bundle holds ("f16", "onnx-int8", …). A named
+    file this CPU cannot run faithfully (onnx-int8-vnni without VNNI) is refused here, InputError; with
+    "auto" and no such file, the model loads, answers text, and refuses images with that one line.
     repack: let llama.cpp keep a repacked copy of the text weights for this CPU's kernels: faster
-    decode on AVX-512 (+17 % at 4B q4_k_m), +1.5 GB of memory and ~1.5 s of load (llama_engine.py).
+    decode where those kernels exist (AVX-512), for a second copy of the weights in memory and a
+    longer load (llama_engine.py; both measured in benchmarks/results/REPORT.md).
     lora: llama.cpp LoRA files (`export SRC --adapter DIR --lora-out FILE`) applied to the text model
     at load; each must be made from this bundle's base checkpoint (GGUF bundles only).
     """
@@ -105,13 +109,20 @@ class Model:
         except OSError:  # no cache folder: speeds are not remembered
             speeds = None
         speed_of = lambda e: EncodeSpeed(speeds, e.get("sha256") or e["path"], self.threads)
-        self.vision_file = choose_vision([f for f in manifest["files"] if f["role"] == "vision"], vision,
-                                         gpu=opened.gpu, measured=lambda e: speed_of(e).best())
+        self.no_vision = None  # why images are refused though the bundle has vision files
+        try:
+            self.vision_file = choose_vision([f for f in manifest["files"] if f["role"] == "vision"], vision,
+                                             gpu=opened.gpu, measured=lambda e: speed_of(e).best())
+        except InputError as err:
+            if vision != "auto":  # a file named by the caller that cannot run faithfully here: refused now
+                raise
+            # auto, and no file runs faithfully on this CPU: text questions still work, images get this line
+            self.vision_file, self.no_vision = None, str(err)
         self.vision_path = bundle / self.vision_file["path"] if self.vision_file else None
         self._vision = None
         image = manifest.get("image") or {}
-        self.image_size = int(image.get("size", 896))
-        self.image_tokens = int(image.get("tokens_per_image", 256))
+        self.image_size = int(image.get("size", IMAGE_SIZE))
+        self.image_tokens = int(image.get("tokens_per_image", chatfmt.IMAGE_TOKENS))
         self.image_token_id = (manifest.get("special_tokens") or {}).get("image_soft_token")  # None: text-only
         self.demo_notice = manifest.get("demo_notice")
         self.image_cache = None
@@ -157,7 +168,7 @@ class Model:
     # -- images --------------------------------------------------------------------------------
     def require_vision(self) -> None:
         if self.vision_path is None:
-            raise InputError("this bundle is text-only and cannot take images — "
+            raise InputError(self.no_vision or "this bundle is text-only and cannot take images — "
                              "ask without --image, or export a multimodal checkpoint")
 
     def load_vision(self):
@@ -216,9 +227,9 @@ class Model:
                             stats=Stats())
             return self.engine.logits().copy()
 
-    def stream(self, messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, stop=(), think: bool = False, *, window=None,
-               max_slices: int = DEFAULT_MAX_SLICES, fit: str | None = None, json_schema=None,
+    def stream(self, messages, max_new_tokens: int = gen.DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=(), think: bool = False, *,
+               window=None, max_slices: int = DEFAULT_MAX_SLICES, fit: str | None = None, json_schema=None,
                grammar: str | None = None):
         """Answer a chat as it is generated: yields `Response`s (text piece, token id); the last one
         carries finish_reason, the thought (if the model thought) and the stats.
@@ -260,7 +271,7 @@ class Model:
         prompt = prefill.prefill(self, messages, think=think, stats=stats,
                                  reserve=min(sampling.max_new_tokens, 1024), **image_opts)
         n_prompt = len(prompt.ids)
-        thoughts, n_new, t_first = chatfmt.ThoughtFilter(), 0, None
+        thoughts, n_new, t_first, shown = chatfmt.ThoughtFilter(), 0, None, []
         self._fit_threads()
         for step in gen.decode(self.engine, sampling, self.vocab, grammar):
             if step.token is not None:
@@ -272,16 +283,19 @@ class Model:
                     stats.ttft_s = round(t_first - t0, 4)
             text = thoughts.push(step.text)
             if step.finish_reason is None:
+                shown.append(text)
                 yield Response(text, step.token, n_prompt, n_new)
                 continue
             thought, rest = thoughts.finish()
             if n_new > 1:
                 stats.decode_tok_s = round((n_new - 1) / (time.perf_counter() - t_first), 2)
             stats.peak_rss_mb = peak_rss_mb()
-            yield Response(text + rest, None, n_prompt, n_new, step.finish_reason, thought, stats)
+            # box_2d answers on the picture as given, from the sizes the prompt's one decode found
+            boxes = answer_boxes("".join(shown) + text + rest, prompt.sizes, image_opts["fit"] or self.fit)
+            yield Response(text + rest, None, n_prompt, n_new, step.finish_reason, thought, stats, boxes)
 
-    def chat(self, messages, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-             top_k: int = 0, seed: int | None = None, stop=(), think: bool = False, *, window=None,
+    def chat(self, messages, max_new_tokens: int = gen.DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
+             top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=(), think: bool = False, *, window=None,
              max_slices: int = DEFAULT_MAX_SLICES, fit: str | None = None, json_schema=None,
              grammar: str | None = None) -> Reply:
         """Answer a chat: `stream`, joined."""
@@ -290,7 +304,8 @@ class Model:
                              window=window, max_slices=max_slices, fit=fit, json_schema=json_schema,
                              grammar=grammar):
             pieces.append(r.text)
-        return Reply("".join(pieces), r.thought, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.stats)
+        return Reply("".join(pieces), r.thought, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.stats,
+                     r.boxes)
 
 
 def _check_image_options(think, max_slices, fit, window=None) -> None:

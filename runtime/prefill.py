@@ -36,6 +36,7 @@ class Prompt:
     runs: list[tuple[int, int]]  # [start, end) of each image's soft-token run in ids
     views: list[np.ndarray]  # one S×S×3 uint8 view per image, in prompt order
     keys: list  # one per position: a token id, or ("img", digest, j) inside an image block
+    sizes: list[list[tuple[int, int]]]  # per image item: the (H, W) of each picture it decoded to (boxes)
 
     @property
     def image_prefix(self) -> int:
@@ -46,7 +47,13 @@ class Prompt:
 def render(model, messages, *, think: bool, window, max_slices, fit, stats: Stats) -> Prompt:
     """Messages → token ids with image slots, and the views that fill them."""
     t0 = time.perf_counter()
-    loader = lambda src: load_pictures(src, window=window, max_slices=max_slices, threads=model.threads)
+    sizes = []
+
+    def loader(src):  # the one decode of each image item; its sizes map box_2d answers back (runtime/boxes)
+        pictures = load_pictures(src, window=window, max_slices=max_slices)
+        sizes.append([p.pixels.shape[:2] for p in pictures])
+        return pictures
+
     expanded, slots = chatfmt.expand_images(messages, loader)
     views = []
     if slots:
@@ -64,7 +71,7 @@ def render(model, messages, *, think: bool, window, max_slices, fit, stats: Stat
     for (s, e), view in zip(runs, views):
         digest = pixel_digest(view)
         keys[s:e] = [("img", digest, j) for j in range(e - s)]
-    return Prompt(ids, runs, views, keys)
+    return Prompt(ids, runs, views, keys, sizes)
 
 
 def prefix_key(model, keys: list) -> str:

@@ -12,9 +12,9 @@ tests/test_preprocess.py holds it there.
 
 Why 'pad' is the default: Google's MedGemma serving code and notebooks pad to a square with black
 before resizing ("as in training"), and padding keeps shapes true: stretching a 2500x2048 film to
-a square makes every structure 18% narrower for its height, so a round nodule turns oval. The
-transformers processor stretches only because it is Gemma 3's generic image path; use
-fit='stretch' to reproduce the transformers pipeline exactly.
+a square narrows every structure to 2048/2500 of its width for its height, so a round nodule
+turns oval. The transformers processor stretches only because it is Gemma 3's generic image path;
+use fit='stretch' to reproduce the transformers pipeline exactly.
 """
 
 from __future__ import annotations
@@ -29,14 +29,15 @@ from medgemma_edge.kernels.resize import resize_bilinear
 from medgemma_edge.runtime.errors import InputError
 from medgemma_edge.runtime.machine import resolve_threads
 
-IMAGE_SIZE = 896
+IMAGE_SIZE = 896  # SigLIP input of every MedGemma: 64 x 64 patches of 14 pixels
 MAX_SIZE = 4096  # sides beyond this are no vision tower's input; the bound keeps memory finite
-MAX_VIEW_BYTES = 2 << 30  # all views of one call (85 slices at 896² are 205 MB)  # SigLIP input of every MedGemma: 64 x 64 patches of 14 pixels
+MAX_VIEW_BYTES = 2 << 30  # all views of one call (85 slices at 896² are 205 MB)
 RESCALE = 1 / 255  # transformers' rescale_factor for MedGemma
 IMAGE_MEAN = 0.5  # preprocessor_config.json: image_mean [0.5, 0.5, 0.5]
 IMAGE_STD = 0.5  # preprocessor_config.json: image_std [0.5, 0.5, 0.5]
 FITS = ("pad", "stretch")
 DEFAULT_FIT = "pad"
+FIT_HELP = f"how a picture becomes square: {' or '.join(FITS)} (default {DEFAULT_FIT})"
 
 
 def model_view(pictures, size: int = IMAGE_SIZE, fit: str = DEFAULT_FIT,
@@ -101,8 +102,8 @@ def fit_square(pixels: np.ndarray, fit: str = DEFAULT_FIT) -> np.ndarray:
 
 def _resize(pixels: np.ndarray, size: int, fit: str, threads: int) -> np.ndarray:
     """(size, size) for a gray picture, (size, size, 3) for a colour one. A gray X-ray resized as
-    one plane costs a third of the RGB resize (12 vs 35 ms for 2500x2048, fit=pad) and gives the
-    same bytes as each channel of it (tests/test_kernels_image.py)."""
+    one plane does a third of the RGB resize's work and gives the same bytes as each channel of it
+    (tests/test_kernels_image.py; timed by `python -m benchmarks.bench_preprocess`)."""
     plane = _gray_plane(pixels)
     src = plane if plane is not None else pixels
     return resize_bilinear(fit_square(src, fit), size, size, threads=threads)
@@ -112,9 +113,9 @@ def _gray_plane(pixels: np.ndarray) -> np.ndarray | None:
     """The single plane of a gray picture, or None for a colour one.
 
     runtime.images and runtime.dicom hand gray pictures over as a channel-stride-0 view, free to
-    detect. Files that store gray as RGB (common for exported X-rays) take two comparisons:
-    ~5 ms for a 2500x2048 picture, against ~20 ms saved in the resize; a colour picture differs in
-    its first rows, so it costs microseconds.
+    detect. Files that store gray as RGB (common for exported X-rays) take two comparisons of the
+    planes, far cheaper than the two plane resizes they save; a colour picture differs in its first
+    rows, so it stops there.
     """
     if pixels.ndim == 2:
         return pixels

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 
 from medgemma_edge.runtime.errors import InputError
 
-RADIOLOGIST = "You are an expert radiologist."
-ASSISTANT = "You are a helpful medical assistant."
+RADIOLOGIST = "You are an expert radiologist."  # the model card's system prompt for image tasks
+ASSISTANT = "You are a helpful medical assistant."  # ... and for text tasks
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,11 @@ PRESETS = {p.name: p for p in (
     Preset("lab-report", "a lab report (text or photo) as JSON", ASSISTANT, 1024, json_schema="lab_report"),
     Preset("text-qa", "a medical question in text (thinks first)", ASSISTANT, 1024, think=True),
 )}
+
+
+def card_system(has_images: bool) -> str:
+    """The model card's system prompt for a question that names none: image task or text."""
+    return RADIOLOGIST if has_images else ASSISTANT
 
 
 def get_preset(name) -> Preset:

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from medgemma_edge.runtime.boxes import Box
 
 
 @dataclass
@@ -29,7 +33,7 @@ class Stats:
 class Response:
     """One streamed piece: `text` is the newly visible answer text (may be empty: a thought, or text
     held back while it could still become a stop string); the last one has finish_reason, the
-    thought and the stats."""
+    thought, the stats and the answer's boxes."""
     text: str
     token: int | None  # the token generated at this step (None on the last)
     prompt_tokens: int
@@ -37,6 +41,9 @@ class Response:
     finish_reason: str | None = None  # "stop" or "length", on the last response only
     thought: str | None = None
     stats: Stats | None = None
+    # on the last: the answer's box_2d entries on the original picture, when the chat's images were
+    # one picture (runtime/boxes.answer_boxes, with the sizes the prompt's own decode found)
+    boxes: list[Box] = field(default_factory=list)
 
 
 @dataclass
@@ -47,3 +54,4 @@ class Reply:
     prompt_tokens: int
     completion_tokens: int
     stats: Stats = field(default_factory=Stats)
+    boxes: list[Box] = field(default_factory=list)  # as on the last Response

@@ -34,21 +34,16 @@ def is_dicom_path(src) -> bool:
     return looks_like_dicom(read_head(src, 132))
 
 
-def load_pictures(src, *, window: str | None = None, max_slices: int = DEFAULT_MAX_SLICES,
-                  threads: int | None = None) -> list[Picture]:
+def load_pictures(src, *, window: str | None = None, max_slices: int = DEFAULT_MAX_SLICES) -> list[Picture]:
     """Decode `src` (path, bytes, PIL image, array, DICOM file/dir, a list of DICOM paths or bytes
-    of one series, or Pictures decoded before) into pictures.
-
-    `threads` is the caller's one thread value (runtime/machine.py), taken so that every stage
-    can be handed it. Decoding runs on the calling thread and does not use it: its one pool, the
-    DICOM gray table's banded gather, was removed (~9 ms on a 2500×2048 X-ray, against a ~40 s
-    image encode).
-    """
+    of one series, or Pictures decoded before) into pictures. Pictures decoded before (a server
+    upload, a series `ask --budget` planned on) come back as they are: window and max_slices were
+    applied when they were decoded."""
     if isinstance(src, Picture) or (isinstance(src, (list, tuple)) and src
                                     and all(isinstance(p, Picture) for p in src)):
-        return list(src) if isinstance(src, (list, tuple)) else [src]  # decoded already (a server upload)
+        return list(src) if isinstance(src, (list, tuple)) else [src]  # decoded already
     if is_dicom_path(src):
-        # Imported here, not at the top: pydicom takes ~0.2 s to import and a PNG never needs it.
+        # Imported here, not at the top: pydicom is slow to import and a PNG never needs it.
         from medgemma_edge.runtime import dicom
 
         return dicom.load_dicom(src, window=window, max_slices=max_slices)

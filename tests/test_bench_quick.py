@@ -8,6 +8,8 @@ import json
 
 import pytest
 
+from benchmarks.alternate import MIN_ROUNDS, MIN_TOKENS
+
 
 @pytest.mark.slow
 def test_quick_benchmark_writes_a_complete_report(tmp_path):
@@ -27,12 +29,22 @@ def test_quick_benchmark_writes_a_complete_report(tmp_path):
     assert prepared["reused_tokens"] > 0 and not prepared["image_encode_s"], \
         f"the pre-encoded study was encoded again in the new process: {prepared}"
     assert set(data["busy"]["rates"]) >= {"quiet, runtime's choice", "busy, runtime's choice"}
+    assert all(len(v) == MIN_ROUNDS for v in data["busy"]["rounds"].values()), data["busy"]
     assert set(data["alternating"]["q4_k_m"]) == {"ours q4_k_m", "ours q4_k_m, repacked weights", "llama.cpp q4_k_m"}
+    assert data["alternating_tokens"] >= MIN_TOKENS
+    for quant, pair in data["alternating"].items():
+        assert all(len(v["rounds"]) == MIN_ROUNDS for v in pair.values()), (quant, pair)
+    decode = [g for g in data["goals"] if g["name"].startswith("decode vs llama.cpp direct")]
+    assert len(decode) == 2 and all(g["paired"] and g["paired"]["n"] == MIN_ROUNDS for g in decode), decode
+    assert all(g["status"] in ("met", "missed", "within noise") for g in decode), decode
     assert data["preprocess"]["ours q4_k_m"]["ct_series"]["best_ms"] > 0
     report = (tmp_path / "REPORT.md").read_text()
     for goal in ("pre-encoded study", "decode vs llama.cpp direct", "busy process", "every default path",
-                 "file-decode floor"):
+                 "IQR"):
         assert goal in report, goal
+    retired = [g["name"] for g in data["goals"] if "file-decode floor" in g["name"] or "vs cold first" in g["name"]]
+    assert not retired, retired
+    assert '"/' not in (tmp_path / "results.json").read_text(), "results.json records an absolute path"
     assert (tmp_path / "chart.png").stat().st_size > 1000
 
 
@@ -48,5 +60,7 @@ def test_quick_onnx_text_benchmark(tmp_path):
     for name, res in data["results"].items():
         assert "error" not in res, f"{name}: {res['error']}"
         assert res["text"]["decode_tok_s"] and res["text"]["prefill_tok_s"] and res["peak_rss_mb"] > 0, name
-    assert [g["ratio"] is not None for g in data["goals"]] == [True] * len(PAIRS), data["goals"]
+    assert len(data["goals"]) == sum(1 for *_, target in PAIRS if target), data["goals"]
+    assert all(g["paired"] and g["value"] for g in data["goals"]), data["goals"]
     assert "genai Generator int8" in (tmp_path / "ONNX_TEXT.md").read_text()
+    assert '"/' not in (tmp_path / "onnx_text.json").read_text(), "onnx_text.json records an absolute path"

@@ -23,8 +23,6 @@ BOX = (500, 250, 750, 750)  # (y0, x0, y1, x1) in thousandths of the view
     (800, 800, "stretch", (200.0, 400.0, 600.0, 600.0)),
     # stretch: x by W, y by H
     (600, 1000, "stretch", (250.0, 300.0, 750.0, 450.0)),
-    # crop: centred 600² from x = 200 → x + 200
-    (600, 1000, "crop", (350.0, 300.0, 650.0, 450.0)),
 ])
 def test_known_boxes_map_to_exact_pixels(h, w, fit, want):
     got = to_original(BOX, h, w, fit)
@@ -69,10 +67,12 @@ def test_parse_json_list_fenced_block_and_free_text():
 def test_boxes_on_original_returns_both_scales():
     (box,) = boxes_on_original('[{"box_2d": [500, 250, 750, 750], "label": "x"}]', 600, 1000, "pad")
     print(box.as_dict())
-    assert box.as_dict() == {"label": "x", "box_2d": [500.0, 250.0, 750.0, 750.0], "xyxy": [250.0, 300.0, 750.0, 550.0]}
+    assert box.as_dict() == {"label": "x", "box_2d": [500.0, 250.0, 750.0, 750.0], "xyxy": [250.0, 300.0, 750.0, 550.0],
+                             "image_size": [1000, 600]}
 
 
-@pytest.mark.parametrize("args,says", [((BOX, 600, 1000, "squash"), "unknown fit"), ((BOX, 0, 10), "positive")])
+@pytest.mark.parametrize("args,says", [((BOX, 600, 1000, "squash"), "unknown fit"), ((BOX, 0, 10), "positive"),
+                                       ((BOX, 600, 1000, "crop"), "unknown fit")])  # exactly preprocess.FITS
 def test_bad_arguments_are_input_errors(args, says):
     with pytest.raises(InputError, match=says):
         to_original(*args)
@@ -80,29 +80,24 @@ def test_bad_arguments_are_input_errors(args, says):
 
 def test_describe_is_one_line_with_both_scales():
     box = boxes_on_original('{"box_2d": [500, 250, 750, 750], "label": "nodule"}', 201, 300, "pad")[0]
-    line = box.describe(300, 201)
+    line = box.describe()
     print(line)
     assert line == ('box "nodule": box_2d [500, 250, 750, 750] (y0, x0, y1, x1 of 1000) = '
                     "x0,y0,x1,y1 75,101,225,176 px of the 300×201 original")
-    assert boxes_on_original("box_2d: [0, 0, 333, 1000]", 201, 300, "stretch")[0].describe(300, 201).startswith(
+    assert boxes_on_original("box_2d: [0, 0, 333, 1000]", 201, 300, "stretch")[0].describe().startswith(
         "box (no label): box_2d [0, 0, 333, 1000] (y0, x0, y1, x1 of 1000) = x0,y0,x1,y1 0,0,300,66.9 px")
 
 
-def test_answer_boxes_only_for_one_single_picture(tmp_path):
-    """The original's size comes from the runtime's loader; several images, or a series folder, give none."""
-    from PIL import Image
-
+def test_answer_boxes_only_for_one_single_picture():
+    """Sizes per image item, as the prompt's decode found them: one item of one picture maps;
+    several items, a series (several pictures in one item) or no image give none."""
     from medgemma_edge.runtime.boxes import answer_boxes
 
-    path = tmp_path / "wide.png"
-    Image.fromarray(np.zeros((201, 300), np.uint8)).save(path)
     answer = '[{"box_2d": [500, 250, 750, 750], "label": "nodule"}]'
-    one = [{"role": "user", "content": [{"type": "image", "image": str(path)}, {"type": "text", "text": "Where?"}]}]
-    boxes, size = answer_boxes(one, answer, "pad")
-    print(size, [b.as_dict() for b in boxes])
-    assert size == (300, 201) and [b.xyxy for b in boxes] == [(75.0, 101.0, 225.0, 176.0)]
-    assert answer_boxes(one, "no box", "pad") == ([], None)
-    two = [{"role": "user", "content": [{"type": "image", "image": str(path)}] * 2}]
-    assert answer_boxes(two, answer, "pad") == ([], None)
-    folder = [{"role": "user", "content": [{"type": "image", "image": str(tmp_path)}]}]
-    assert answer_boxes(folder, answer, "pad") == ([], None)  # a series folder: not even decoded
+    boxes = answer_boxes(answer, [[(201, 300)]], "pad")
+    print([b.as_dict() for b in boxes])
+    assert [(b.xyxy, b.image_size) for b in boxes] == [((75.0, 101.0, 225.0, 176.0), (300, 201))]
+    assert answer_boxes("no box", [[(201, 300)]], "pad") == []
+    assert answer_boxes(answer, [[(201, 300)], [(201, 300)]], "pad") == []
+    assert answer_boxes(answer, [[(201, 300)] * 3], "pad") == []
+    assert answer_boxes(answer, [], "pad") == []

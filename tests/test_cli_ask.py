@@ -9,6 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from medgemma_edge.cli import main
+from tests.box_answer import BOX_ANSWER, answer_with, count_decodes
 
 
 def _png(tmp_path, name="xray.png", size=(300, 200)):
@@ -93,38 +94,66 @@ def test_bad_options_exit_2(tiny_bundle_f32, flag):
     assert _ask("-m", tiny_bundle_f32, *flag, "Hi").exit_code == 2
 
 
-BOX_ANSWER = '```json\n[{"box_2d": [500, 250, 750, 750], "label": "nodule"}]\n```'
-
-
 @pytest.fixture
 def box_answer(monkeypatch):
-    """Model.stream answers BOX_ANSWER in pieces (the tiny random model never writes a box)."""
-    from medgemma_edge.runtime.model import Model
-    from medgemma_edge.runtime.reply import Response, Stats
-
-    def answer_a_box(self, messages, **options):
-        for i in range(0, len(BOX_ANSWER), 9):
-            yield Response(BOX_ANSWER[i:i + 9], i, 10, i + 1)
-        yield Response("", None, 10, len(BOX_ANSWER), "stop", None, Stats())
-
-    monkeypatch.setattr(Model, "stream", answer_a_box)
+    """The model answers BOX_ANSWER in pieces; returns the count of picture decodes."""
+    answer_with(monkeypatch)
+    return count_decodes(monkeypatch)
 
 
 @pytest.mark.parametrize("fit,pixels", [(None, "75,101,225,176"), ("stretch", "75,100.5,225,150.8")])
 def test_ask_prints_boxes_on_the_original_picture(tiny_bundle_f32, tmp_path, box_answer, fit, pixels):
-    """300×201 padded: (300 − 201) // 2 = 49 black rows on top, so y = b/1000·300 − 49; stretched, y = b/1000·201."""
+    """300×201 padded: (300 − 201) // 2 = 49 black rows on top, so y = b/1000·300 − 49; stretched,
+    y = b/1000·201. The picture is decoded once: for the prompt, whose sizes map the boxes."""
     flags = ["--fit", fit] if fit else []
-    result = _ask("-m", tiny_bundle_f32, "--image", _png(tmp_path, size=(300, 201)), *flags, "Where is the nodule?")
+    png = _png(tmp_path, size=(300, 201))
+    result = _ask("-m", tiny_bundle_f32, "--image", png, *flags, "Where is the nodule?")
     assert result.exit_code == 0, result.output
     print(result.stderr)
     assert result.stdout.strip() == BOX_ANSWER
     lines = [ln for ln in result.stderr.splitlines() if ln.startswith("box ")]
     assert lines == [f'box "nodule": box_2d [500, 250, 750, 750] (y0, x0, y1, x1 of 1000) = x0,y0,x1,y1 {pixels} px '
                      "of the 300×201 original"], result.stderr
+    assert box_answer == {str(png): 1}, box_answer
 
 
 def test_ask_prints_no_boxes_for_two_pictures(tiny_bundle_f32, tmp_path, box_answer):
-    result = _ask("-m", tiny_bundle_f32, "--image", _png(tmp_path, "a.png"), "--image", _png(tmp_path, "b.png"),
-                  "Where?")
+    a, b = _png(tmp_path, "a.png"), _png(tmp_path, "b.png")
+    result = _ask("-m", tiny_bundle_f32, "--image", a, "--image", b, "Where?")
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == BOX_ANSWER and "box " not in result.stderr
+    assert box_answer == {str(a): 1, str(b): 1}, box_answer
+
+
+def test_budget_decodes_the_series_once(tiny_bundle_f32, tmp_path, box_answer, monkeypatch):
+    """`--budget` plans on the whole series and the answer reads the planned slices: 12 slices
+    decoded in all, not 12 + 3; the 3 kept are those (and labels) a decode of 3 slices gives."""
+    import medgemma_edge
+    from medgemma_edge.runtime.budget import EncodeSpeed, plan_slices
+    from medgemma_edge.runtime.sources import load_pictures
+    from tests.dicom_helpers import write_series
+
+    folder = tmp_path / "ct"
+    write_series(folder, 12)
+    monkeypatch.setenv("MEDGEMMA_EDGE_CACHE", str(tmp_path / "home"))
+    monkeypatch.setattr(EncodeSpeed, "seconds", lambda self: 10.0)  # a slow machine: 35 s hold 3 slices
+    result = _ask("-m", tiny_bundle_f32, "--image", folder, "--budget", 35, "--stats", "--max-tokens", 2, "Where?")
+    assert result.exit_code == 0, result.output
+    stats = json.loads(next(ln for ln in result.stderr.splitlines() if ln.startswith("stats "))[6:])
+    assert "budget 35 s: 3 of 12 slices" in result.stderr and stats["images"] == 3, result.stderr
+    assert box_answer == {"dicom slices": 12}, box_answer
+    assert "box " not in result.stderr  # a series: a box names no picture among several
+
+    model = medgemma_edge.load(tiny_bundle_f32, threads=2, context=1024)
+    plan = plan_slices(model, folder, 35.0)
+    want = load_pictures(folder, max_slices=3)
+    assert [p.label for p in plan.pictures] == [p.label for p in want] == ["SLICE 1", "SLICE 2", "SLICE 3"]
+    worst = max(int(np.abs(a.pixels.astype(int) - b.pixels).max()) for a, b in zip(plan.pictures, want))
+    print(f"planned slices vs a decode of 3: worst difference {worst}")
+    assert worst == 0
+    # MR is scaled over the slices decoded together: for a plan, the whole series, so the last slice
+    # (in every plan) is the same picture whether 3 or 5 are kept, and its cached embedding serves both
+    write_series(tmp_path / "mr", 12, modality="MR")
+    three, five = (plan_slices(model, tmp_path / "mr", s) for s in (35.0, 55.0))
+    assert (three.slices, five.slices) == (3, 5)
+    assert np.array_equal(three.pictures[-1].pixels, five.pictures[-1].pixels)

@@ -159,3 +159,32 @@ def test_runtime_and_kernels_never_import_torch_or_transformers():
                          cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "", f"runtime/kernels imported: {out.stdout.strip()[:200]}"
+
+
+def test_the_demo_bundle_is_marked_through_the_one_manifest_writer(tmp_path, monkeypatch):
+    """demo_bundle adds its notice and recipe with runtime.manifest.write_manifest (checked, atomic),
+    and reuses a bundle only when its recipe is the current one. The export itself is stubbed."""
+    import json
+
+    import medgemma_edge.demo as demo
+    from medgemma_edge.export import bundle
+    from medgemma_edge.runtime import manifest as mf
+    from medgemma_edge.testing import models
+
+    real = mf.read_manifest(demo.demo_bundle(progress=lambda *_: None))
+    plain = {k: v for k, v in real.items() if k not in ("demo_notice", "demo_recipe")}
+    exports, writes = [], []
+    monkeypatch.setattr(demo, "cache_root", lambda: tmp_path)
+    monkeypatch.setattr(models, "build_demo_checkpoint", lambda: tmp_path / "checkpoint")
+    monkeypatch.setattr(bundle, "export_gguf", lambda src, out, **kw: exports.append(kw) or (
+        out.mkdir(parents=True), (out / mf.MANIFEST_NAME).write_text(json.dumps(plain))))
+    monkeypatch.setattr(demo, "write_manifest", lambda *a: writes.append(a) or mf.write_manifest(*a))
+    out = demo.demo_bundle(progress=lambda *_: None)
+    got = mf.read_manifest(out)
+    print(exports, {k: got.get(k) for k in ("demo_recipe", "demo_notice")})
+    assert len(writes) == 1 and got["demo_recipe"] == demo.DEMO_RECIPE and got["demo_notice"] == demo.DEMO_NOTICE
+    assert exports == [{"quant": demo.DEMO_QUANT, "vision_quant": demo.DEMO_VISION_QUANT, "quality": False}]
+    assert demo.demo_bundle(progress=lambda *_: None) == out and len(exports) == 1  # reused
+    mf.write_manifest(out, {**got, "demo_recipe": "0"})
+    demo.demo_bundle(progress=lambda *_: None)
+    assert len(exports) == 2  # an older recipe is built again

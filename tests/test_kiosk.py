@@ -4,13 +4,21 @@ Debian's `chromium` (installed by `make install`; `playwright install` would nee
 is driven by Playwright. The server runs the tiny f32 bundle in a thread on a free loopback port.
 The main test does what a receptionist does: pick a DICOM file, wait for the preview, type a
 question, press Enter, watch the answer stream in; it saves a screenshot and prints its path.
+Every page runs under the server's Content-Security-Policy; a violation fails the test. (The
+policy forbids eval(), which Playwright uses for a string condition: conditions are written as
+functions, "() => …", which it calls without eval.)
+
+Without chromium (or playwright) the browser tests FAIL, never skip quietly: set
+MEDGEMMA_EDGE_ALLOW_NO_BROWSER=1 to skip them on a machine that cannot have a browser.
 """
 
 from __future__ import annotations
 
 import html.parser
+import os
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -63,7 +71,6 @@ API_KEY = "kiosk-test-key"
 
 @pytest.fixture(scope="module")
 def backend(tiny_bundle_f32):
-    pytest.importorskip("uvicorn", reason="pip install -e '.[serve]'")
     import medgemma_edge
     from medgemma_edge.server.backend import LocalBackend
 
@@ -90,10 +97,17 @@ def keyed_server_url(backend):
 
 @pytest.fixture(scope="module")
 def browser():
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the dev extra)")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        sync_api = None
     executable = shutil.which("chromium")
-    if executable is None:
-        pytest.skip("no `chromium` on PATH: apt-get install -y chromium (make install does it as root)")
+    if sync_api is None or executable is None:
+        missing = "playwright (pip install -e '.[dev]')" if sync_api is None else \
+            "`chromium` on PATH (apt-get install -y chromium; `make install` does it as root)"
+        if os.environ.get("MEDGEMMA_EDGE_ALLOW_NO_BROWSER") == "1":
+            pytest.skip(f"no {missing}; MEDGEMMA_EDGE_ALLOW_NO_BROWSER=1")
+        pytest.fail(f"the kiosk tests need {missing} — or set MEDGEMMA_EDGE_ALLOW_NO_BROWSER=1 to skip them")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         yield browser
@@ -102,25 +116,36 @@ def browser():
 
 def _new_page(browser, url):
     context = browser.new_context(viewport={"width": 1280, "height": 900}, base_url=url)
+    # Every Content-Security-Policy violation the page meets, reported by the browser itself.
+    context.add_init_script("window.__csp = []; document.addEventListener('securitypolicyviolation',"
+                            " (e) => window.__csp.push(e.violatedDirective + ' ' + e.blockedURI));")
     page = context.new_page()
     foreign = []  # every request that is not to our server: a kiosk with no internet has none
     page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:")) else foreign.append(r.url))
     page.foreign_requests = foreign
+    page.csp_errors = []
+    page.on("console", lambda m: page.csp_errors.append(m.text) if "Content Security Policy" in m.text else None)
     return context, page
+
+
+def _close(context, page) -> None:
+    violations = page.evaluate("window.__csp || []") if not page.is_closed() else []
+    context.close()
+    assert not violations and not page.csp_errors, (violations, page.csp_errors)
 
 
 @pytest.fixture
 def page(browser, server_url):
     context, page = _new_page(browser, server_url)
     yield page
-    context.close()
+    _close(context, page)
 
 
 @pytest.fixture
 def keyed_page(browser, keyed_server_url):
     context, page = _new_page(browser, keyed_server_url)
     yield page
-    context.close()
+    _close(context, page)
 
 
 def _ct_small() -> str:
@@ -130,8 +155,10 @@ def _ct_small() -> str:
 
 
 def open_kiosk(page) -> None:
+    """Open the page and wait until the model is there (its name shown, asking allowed)."""
     page.goto("/")
-    page.wait_for_function("document.getElementById('model-name').textContent !== 'connecting…'")
+    page.wait_for_function("() => !['connecting…', 'loading the model…']"
+                           ".includes(document.getElementById('model-name').textContent)")
 
 
 def upload_through_the_picker(page, path: str) -> None:
@@ -143,9 +170,9 @@ def upload_through_the_picker(page, path: str) -> None:
 
 def wait_for_preview(page) -> str:
     """Wait until the preview PNG has loaded (or an error shows); returns its caption."""
-    page.wait_for_function("(() => { const i = document.getElementById('preview-img');"
+    page.wait_for_function("() => { const i = document.getElementById('preview-img');"
                            " return (i.complete && i.naturalWidth > 0)"
-                           " || !document.getElementById('error').hidden; })()", timeout=60_000)
+                           " || !document.getElementById('error').hidden; }", timeout=60_000)
     assert page.locator("#error").is_hidden(), page.locator("#error").inner_text()
     return page.locator("#preview-caption").inner_text()
 
@@ -158,8 +185,8 @@ def ask_and_wait(page, question: str) -> str:
     box = page.get_by_label(re.compile("^Your question"))
     box.fill(question)
     box.press("Enter")
-    page.wait_for_function("document.getElementById('answer').getAttribute('aria-busy') === 'true'")
-    page.wait_for_function("document.getElementById('answer').getAttribute('aria-busy') === 'false'",
+    page.wait_for_function("() => document.getElementById('answer').getAttribute('aria-busy') === 'true'")
+    page.wait_for_function("() => document.getElementById('answer').getAttribute('aria-busy') === 'false'",
                            timeout=ANSWER_TIMEOUT_MS)
     return page.locator("#answer").inner_text()
 
@@ -257,9 +284,37 @@ def test_api_key_is_asked_for_then_kept_for_the_tab(keyed_page):
     key = page.get_by_label(re.compile("^API key"))
     key.fill(API_KEY)
     key.press("Enter")  # `change` fires: the page retries with the key
-    page.wait_for_function("document.getElementById('error').hidden", timeout=30_000)
+    page.wait_for_function("() => document.getElementById('error').hidden", timeout=30_000)
     assert page.evaluate("sessionStorage.getItem('medgemma-edge.api-key')") == API_KEY
     page.reload()
-    page.wait_for_function("document.getElementById('model-name').textContent !== 'connecting…'")
+    page.wait_for_function("() => document.getElementById('model-name').textContent !== 'connecting…'")
     assert page.locator("#error").is_hidden(), page.locator("#error").inner_text()
     assert page.get_by_label(re.compile("^API key")).input_value() == API_KEY
+
+
+def test_the_page_says_loading_until_the_model_is_ready(browser, backend):
+    """Served with a loader that waits: the page says so and lets nobody ask; then it is ready."""
+    loaded = threading.Event()
+
+    def load():
+        assert loaded.wait(60)
+        return backend
+
+    from medgemma_edge.server import ServerThread, build_app
+
+    with ServerThread(build_app(load)) as server:
+        context, page = _new_page(browser, server.url)
+        try:
+            page.goto("/")
+            page.wait_for_function("() => document.getElementById('model-name').textContent === 'loading the model…'")
+            for button in ("#send", "#pick-files", "#pick-folder"):
+                assert page.locator(button).is_disabled(), f"{button} is enabled while the model loads"
+            loaded.set()
+            page.wait_for_function(f"() => document.getElementById('model-name').textContent === {backend.model_id!r}",
+                                   timeout=30_000)
+            for button in ("#send", "#pick-files", "#pick-folder"):
+                assert page.locator(button).is_enabled(), f"{button} is still disabled with the model loaded"
+            assert page.locator("#error").is_hidden(), page.locator("#error").inner_text()
+        finally:
+            loaded.set()
+            _close(context, page)

@@ -32,14 +32,64 @@ def model(tiny_bundle_f32):
     return medgemma_edge.load(tiny_bundle_f32, threads=2, context=2048)
 
 
-@pytest.mark.parametrize("n_threads", [2, 8])
-def test_threads_get_their_own_answers(model, n_threads):
-    alone = {i: model.chat(_messages(i), max_new_tokens=6).text for i in range(n_threads)}
-    got, errors = {}, []
+def _answer(model, i):
+    """(generated token ids, text, finish reason) of question i: the whole answer, as streamed."""
+    *steps, last = model.stream(_messages(i), max_new_tokens=6)
+    return [r.token for r in steps], "".join(r.text for r in steps) + last.text, last.finish_reason
+
+
+class EngineWatch:
+    """Records which thread enters the engine's evaluation calls, in order. A second thread entering
+    while another is inside raises before llama.cpp is reached (two threads in llama_decode at once
+    crash), so a broken lock fails the test instead of crashing it."""
+
+    CALLS = ("eval_tokens", "eval_embeddings", "logits", "truncate", "reset")
+
+    def __init__(self, engine, monkeypatch):
+        self.guard, self.owner, self.depth, self.order = threading.Lock(), None, 0, []
+        for name in self.CALLS:
+            monkeypatch.setattr(engine, name, self._watched(getattr(engine, name)))
+
+    def _watched(self, call):
+        def run(*args, **kwargs):
+            me = threading.get_ident()
+            with self.guard:
+                if self.owner not in (None, me):
+                    raise AssertionError(f"two callers inside the engine at once ({call.__name__})")
+                self.owner, self.depth = me, self.depth + 1
+                self.order.append(me)
+            try:
+                return call(*args, **kwargs)
+            finally:
+                with self.guard:
+                    self.depth -= 1
+                    if self.depth == 0:
+                        self.owner = None
+        return run
+
+    def turns(self) -> list:
+        """The threads in the order they held the engine, one entry per unbroken run of calls."""
+        return [t for k, t in enumerate(self.order) if k == 0 or self.order[k - 1] != t]
+
+
+@pytest.mark.parametrize("n_threads,wait_s", [(2, None), (8, None), (8, 0.01)],
+                         ids=["2-wait", "8-wait", "8-busy"])
+def test_threads_get_their_own_answers(model, monkeypatch, n_threads, wait_s):
+    """Callers are served one whole answer at a time: every answer that comes is the complete
+    answer the question gets alone. With the default wait (far longer than this test) every caller
+    is answered; with a tiny wait the callers that find the model busy get BusyError, and the one
+    holding the model still gets its answer."""
+    alone = {i: _answer(model, i) for i in range(n_threads)}
+    assert all(a[0] for a in alone.values()), alone  # answers with tokens to compare
+    watch = EngineWatch(model.engine, monkeypatch)
+    if wait_s is not None:
+        monkeypatch.setattr(model, "busy_wait_s", wait_s)
+    got, errors, answered_by = {}, [], {}
 
     def ask(i):
         try:
-            got[i] = model.chat(_messages(i), max_new_tokens=6).text
+            got[i] = _answer(model, i)
+            answered_by[threading.get_ident()] = i
         except BusyError as err:
             got[i] = err
         except Exception as err:  # anything else is a defect
@@ -52,9 +102,20 @@ def test_threads_get_their_own_answers(model, n_threads):
         t.join(120)
     assert not any(t.is_alive() for t in threads), "a caller hung"
     assert not errors, errors
+    busy = [i for i in range(n_threads) if isinstance(got[i], BusyError)]
+    print(f"{n_threads} threads, wait {wait_s}: {len(busy)} busy, {n_threads - len(busy)} answered; "
+          f"engine turns {len(watch.turns())}")
     for i in range(n_threads):
-        assert isinstance(got[i], BusyError) or got[i] == alone[i], (i, got[i], alone[i])
-    print(f"{n_threads} threads: {sum(isinstance(v, BusyError) for v in got.values())} busy, rest equal")
+        if i not in busy:
+            assert got[i] == alone[i], (i, got[i], alone[i])  # ids, text and finish reason
+    if wait_s is None:
+        assert not busy, f"callers {busy} got BusyError although they may wait {model.busy_wait_s} s"
+    else:
+        assert all("stayed busy" in str(got[i]) for i in busy), [str(got[i]) for i in busy]
+    assert len(busy) < n_threads, "nobody was answered"
+    # one answer at a time: each answered caller held the engine in one unbroken turn
+    turns = watch.turns()
+    assert sorted(turns) == sorted(answered_by) and len(turns) == len(set(turns)), turns
 
 
 def test_a_second_caller_waits_then_gets_busy(model):

@@ -11,14 +11,14 @@
 import ast
 import re
 import subprocess
-import sys
 import sysconfig
 import zipfile
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.install_helpers import ROOT, build_wheel, make_venv, pip_install
+
 FOLDERS = {"medgemma_edge": "medgemma_edge", "runtime": "medgemma_edge.runtime",
            "export": "medgemma_edge.export", "kernels": "medgemma_edge.kernels"}
 # What each layer may import of the project (besides itself). The face's __init__ is part of
@@ -66,12 +66,7 @@ def test_imports_run_one_way():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wheel")
-    run = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                          "-w", str(out), str(ROOT)], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    (whl,) = out.glob("medgemma_edge-*.whl")
-    return whl
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
 def test_wheel_holds_only_medgemma_edge(wheel):
@@ -91,15 +86,13 @@ def test_wheel_installs_and_runs_outside_the_repository(wheel, tmp_path):
     """Installed with --no-deps into a scratch venv that sees this environment's packages (so nothing
     is rebuilt): the import and the console script work from a folder outside the repository."""
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
-    py = venv / "bin" / "python"
+    py = make_venv(venv)
     scratch_site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                        capture_output=True, text=True, check=True).stdout.strip())
     # A plain path line: this environment's packages, without running its .pth files (which hold
     # the editable install of this repository).
     (scratch_site / "test-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    run = subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q",
-                          str(wheel)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    run = pip_install(py, "--no-deps", str(wheel), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     code = ("import medgemma_edge, medgemma_edge.runtime.model, medgemma_edge.export.bundle; "
             "print(medgemma_edge.__file__); print(medgemma_edge.__version__); print(medgemma_edge.load)")

@@ -28,7 +28,8 @@ def files(tmp_path_factory):
 
 
 def _processor(size=IMAGE_SIZE):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     return transformers.Gemma3ImageProcessor(
         size={"height": size, "width": size}, resample=Image.Resampling.BILINEAR,
         rescale_factor=1 / 255, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pan_and_scan=False,

@@ -85,3 +85,43 @@ def test_ask_with_a_preset_puts_its_system_prompt_in_the_prompt(monkeypatch):
     print(prompt)
     assert out.exit_code == 0, out.output
     assert prompt.startswith("<bos><start_of_turn>user\nYou are an expert dermatologist.\n\nIs this mole")
+
+
+def test_resolve_options_order_and_schema():
+    """Explicit beats the preset, the preset beats the default; schemas load by name, dicts pass."""
+    from medgemma_edge.runtime.generate import DEFAULT_MAX_NEW_TOKENS
+    from medgemma_edge.structured import resolve_options
+
+    loc = resolve_options("localize")
+    print(loc)
+    assert (loc.system, loc.max_new_tokens, loc.think) == (PRESETS["localize"].system, 256, False)
+    assert loc.json_schema["title"] == "box_2d"
+    assert resolve_options(None).max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+    assert resolve_options(None, default_max_new_tokens=9).max_new_tokens == 9
+    own = {"type": "object"}
+    assert resolve_options("localize", json_schema=own).json_schema is own
+    assert resolve_options("localize", preset_schema=False).json_schema is None
+    assert resolve_options("text-qa", think=False, max_new_tokens=3).think is False
+    with pytest.raises(InputError, match="text-qa"):
+        resolve_options("xray")
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_ask_and_the_server_resolve_a_preset_alike(monkeypatch, tmp_path, name):
+    """The same preset gives `ask` and a chat request the same system prompt, length, thinking and
+    schema (one resolution, medgemma_edge.structured.resolve_options)."""
+    from medgemma_edge.server.config import MAX_TOKENS
+    from medgemma_edge.server.translate import chat_request
+
+    seen = {}
+    module = sys.modules["medgemma_edge.cli.ask"]
+    monkeypatch.setattr(module, "answer", lambda bundle, prompt, images, **kw: seen.update(kw))
+    out = CliRunner().invoke(main, ["ask", "-m", str(tmp_path), "--preset", name, "hi"])
+    assert out.exit_code == 0, out.output
+    cli = (seen["system"], seen["max_tokens"], seen["think"], seen["json_schema"])
+    request = chat_request({"messages": [{"role": "user", "content": "hi"}], "preset": name}, {},
+                           max_images=1, max_tokens=MAX_TOKENS)
+    server = (request.messages[0]["content"] if request.messages[0]["role"] == "system" else None,
+              request.options["max_tokens"], request.options.get("think", False), request.options.get("json_schema"))
+    print(name, cli[:3], server[:3])
+    assert cli == server

@@ -3,8 +3,12 @@ mocked provider lists (this machine's onnxruntime has no CUDA), and its use by t
 
 import pytest
 
-from medgemma_edge.runtime.backends.providers import CPU, CUDA, choose_providers
+from pathlib import Path
+
+from medgemma_edge.runtime.backends.providers import CPU, CUDA, LLAMA_GPU_REBUILD, ORT_GPU_SWAP, choose_providers
 from medgemma_edge.runtime.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CPU_ONLY = ["AzureExecutionProvider", CPU]
 WITH_CUDA = ["TensorrtExecutionProvider", CUDA, CPU]
@@ -26,7 +30,34 @@ def test_cuda_without_the_cuda_provider_says_what_to_install():
         choose_providers("cuda", CPU_ONLY)
     msg = str(err.value)
     print(msg)
-    assert "\n" not in msg and "install onnxruntime-gpu in place of onnxruntime, or use --device cpu" in msg
+    assert "\n" not in msg and "pip uninstall -y onnxruntime && pip install onnxruntime-gpu" in msg
+    assert msg.endswith("or use --device cpu")
+
+
+def test_cuda_without_gpu_llama_cpp_says_how_to_rebuild(monkeypatch):
+    import llama_cpp
+
+    from medgemma_edge.runtime.engines import gpu_layers
+
+    monkeypatch.setattr(llama_cpp, "llama_supports_gpu_offload", lambda: False)
+    with pytest.raises(InputError) as err:
+        gpu_layers("cuda")
+    print(err.value)
+    assert "\n" not in str(err.value) and 'CMAKE_ARGS="-DGGML_CUDA=on" pip install' in str(err.value)
+    assert gpu_layers("auto") == 0
+
+
+def test_gpu_is_a_documented_swap_not_an_extra():
+    """onnxruntime-gpu and onnxruntime install the same module: an extra beside the dependency
+    would leave whichever was unpacked last. pyproject.toml shows the swap the errors name."""
+    import tomllib
+
+    text = (ROOT / "pyproject.toml").read_text()
+    project = tomllib.loads(text)["project"]
+    wanted = [r for rs in project["optional-dependencies"].values() for r in rs] + project["dependencies"]
+    print([r for r in wanted if "onnxruntime" in r])
+    assert not any(r.replace(" ", "").startswith("onnxruntime-gpu") for r in wanted)
+    assert ORT_GPU_SWAP in text and LLAMA_GPU_REBUILD in text
 
 
 def test_unknown_device():

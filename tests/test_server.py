@@ -211,7 +211,10 @@ def test_a_key_guards_everything_but_health_and_the_page(backend):
         assert httpx.post(running.url + "/v1/chat/completions", json={}).status_code == 401
         assert models("s3cret").data[0].id == backend.model_id
         assert httpx.get(running.url + "/health").status_code == 200
-        assert httpx.get(running.url + "/").status_code in (200, 404)  # the page itself is public
+        page = httpx.get(running.url + "/")  # the page itself is public: it asks for the key
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html"), page.status_code
+        assert "<title>MedGemma Edge</title>" in page.text and 'src="/kiosk/kiosk.js"' in page.text
+        assert httpx.get(running.url + "/kiosk/kiosk.js").status_code == 200
         assert "access-control-allow-origin" not in httpx.get(running.url + "/health").headers
 
 
@@ -325,3 +328,33 @@ def test_a_full_queue_answers_429_and_a_client_that_leaves_frees_the_worker():
         assert backend.cut_short == 1 and time.monotonic() - t0 < 5
         preflight = httpx.options(url, headers={"Origin": "http://kiosk.local", "Access-Control-Request-Method": "POST"})
         assert preflight.headers["access-control-allow-origin"] == "http://kiosk.local"
+
+
+def test_upload_store_keeps_recent_uploads_by_count_and_bytes():
+    from medgemma_edge.runtime.picture import Picture
+    from medgemma_edge.server.uploads import UploadStore
+
+    def pictures(kb):
+        return [Picture(np.zeros((kb, 1024 // 3, 3), np.uint8))]  # ~kb kB of pixels
+
+    store = UploadStore(max_items=3, max_bytes=100 * 1024)
+    a, b, c = (store.add(pictures(30), None) for _ in range(3))
+    assert store.get(a.id) is a  # a used: b is now the least recent
+    d = store.add(pictures(30), None)  # 4 uploads of 30 kB: over both bounds, b goes
+    assert store.get(b.id) is None and len(store) == 3
+    e = store.add(pictures(10), None)  # within the bytes, past the count: the least recent (c) goes
+    assert store.get(c.id) is None and all(store.get(u.id) is u for u in (a, d, e)) and len(store) == 3
+    huge = store.add(pictures(500), None)  # larger than the whole budget: kept, alone
+    assert store.get(huge.id) is huge and len(store) == 1 and store.get(e.id) is None
+
+
+def test_each_server_module_imports_only_its_own_room():
+    """The store does not import the translator or pydicom; errors.py not the upstream client."""
+    import subprocess
+    import sys
+
+    code = ("import sys, medgemma_edge.server.uploads, medgemma_edge.server.errors; "
+            "print(sorted(m for m in ('medgemma_edge.server.translate', 'pydicom', 'medgemma_edge.server.upstream',"
+            " 'openai', 'httpx') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

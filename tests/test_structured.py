@@ -2,7 +2,7 @@
 
 The model is the real Gemma 3 270M (the demo bundle: its q8_0 text weights plus a random vision
 tower), sampled at temperature 1 with 20 seeds so the answers differ. With the schema every answer
-must parse and validate (jsonschema); without it the same prompts are counted, not required.
+must parse and validate (jsonschema); without it none of the same prompts' answers parses.
 """
 
 import json
@@ -72,13 +72,14 @@ def test_twenty_sampled_answers_all_validate_with_the_schema(model):
     assert len(set(answers)) >= 15  # sampling really ran: the answers differ
 
 
-def test_without_the_schema_the_same_prompts_are_counted(model):
+def test_without_the_schema_no_answer_parses(model):
     t0, parsed = time.perf_counter(), 0
     for seed in SEEDS:
         r = model.chat(MESSAGES, max_new_tokens=96, temperature=1.0, seed=seed)
         parsed += _parses(r.text.strip().removeprefix("```json").removesuffix("```"))
     print(f"without schema: {parsed}/20 parsed as JSON in {time.perf_counter() - t0:.1f} s")
-    assert parsed < 20  # 270M does not write this JSON on its own: the grammar is what made it valid
+    # docs/structured.md's claim, 0 of 20: 270M does not write this JSON on its own, the grammar is what made it valid
+    assert parsed == 0, f"{parsed} of {len(SEEDS)} free answers parsed as JSON"
 
 
 def test_greedy_answer_under_the_grammar_is_the_free_answer_where_the_free_one_fits(model):

@@ -93,7 +93,41 @@ def test_full_8bit_int8_runs_only_where_vnni_is():
     assert choose_vision([F16, INT8, VNNI8], flags=VNNI) is VNNI8
     assert choose_vision([F16, INT8, VNNI8], flags=AVX2) is INT8  # it would overflow there
     assert choose_vision([VNNI8, F16], flags=AVX2) is F16  # even when it is the primary
+    assert choose_vision([{**VNNI8, "fidelity": None}, Q8], flags=AVX2) is Q8  # even unmeasured beside it
     assert choose_vision([F16, VNNI8], flags=VNNI, gpu=True) is F16
+    assert choose_vision([VNNI8], flags=VNNI, gpu=True) is VNNI8  # its int8 operators run on this CPU
+
+
+@pytest.mark.parametrize("flags", [AVX2, NEON, set()])
+def test_full_8bit_int8_by_name_without_vnni_is_one_line(flags):
+    """Asked for by name where it would overflow: refused, naming what the bundle holds instead."""
+    with pytest.raises(InputError) as err:
+        choose_vision([VNNI8, INT8, F16, INT8_BAD], "onnx-int8-vnni", flags=flags)
+    line = str(err.value)
+    print(line)
+    assert "\n" not in line and "needs a CPU with vnni" in line and "also holds onnx-int8, f16:" in line
+    assert choose_vision([VNNI8, F16], "onnx-int8-vnni", flags=VNNI) is VNNI8
+    with pytest.raises(InputError, match="holds no other — re-export the bundle with --vision-quant onnx-int8"):
+        choose_vision([VNNI8], "onnx-int8-vnni", flags=flags)
+
+
+def test_auto_refuses_when_only_the_full_8bit_file_is_there():
+    """auto never falls back to a file that would overflow: the refusal Model keeps for images."""
+    with pytest.raises(InputError, match="--vision-quant onnx-int8 \\(or f16\\), or ask without images"):
+        choose_vision([VNNI8], flags=AVX2)
+    with pytest.raises(InputError, match="needs a CPU with vnni"):
+        choose_vision([VNNI8], flags=AVX2, gpu=True)
+
+
+def test_the_exporting_machine_is_recorded_and_shown():
+    from medgemma_edge.runtime.vision_choice import export_machine, measured_on
+
+    machine = export_machine(VNNI | {"sse4_2", "avx512_bf16"})
+    assert machine == {"cpu_kind": "vnni", "cpu_flags": ["avx2", "avx512_bf16", "avx512_vnni", "avx512f"]}
+    manifest = {"files": [F16, INT8], "export_machine": export_machine(AVX2)}
+    assert measured_on(manifest) == "vision fidelity measured on the exporting machine, CPU kind avx2 (avx2, fma)"
+    assert measured_on({"files": [F16, INT8]}) is None  # an older bundle: nothing recorded
+    assert measured_on({"files": [F32], "export_machine": export_machine(AVX2)}) is None  # nothing measured
 
 
 BF16 = {"role": "vision", "path": "m-mmproj-bf16.gguf", "quant": "bf16", "fidelity": 0.9999}
@@ -105,13 +139,6 @@ def test_bf16_mmproj_ranks_by_the_cpus_bf16_support():
     assert choose_vision([F16, BF16], flags=VNNI | {"avx512_bf16"}) is BF16  # measured faster there
     assert choose_vision([BF16, F16], flags=VNNI) is F16
     assert choose_vision([BF16, INT8, VNNI8], flags=VNNI | {"avx512_bf16"}) is VNNI8
-    assert choose_vision([{"role": "vision", "path": "m-mmproj-bf16.gguf"}], flags=AVX2)["path"].endswith("bf16.gguf")
-
-
-def test_quant_of_old_manifests_reads_bf16_from_the_name():
-    from medgemma_edge.runtime.vision_choice import quant_of
-
-    assert quant_of({"path": "m-mmproj-bf16.gguf"}) == "bf16"
 
 
 def test_one_encode_beside_other_work_does_not_hide_the_fastest_path(tmp_path):

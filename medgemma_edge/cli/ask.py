@@ -11,10 +11,10 @@ import click
 from medgemma_edge.runtime.dicom.windows import WINDOW_HELP
 from medgemma_edge.runtime.errors import InputError
 from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
-from medgemma_edge.runtime.preprocess import FITS
-
-RADIOLOGIST = "You are an expert radiologist."  # the model card's system prompt for image tasks
-ASSISTANT = "You are a helpful medical assistant."  # ... and for text tasks
+from medgemma_edge.runtime.embed_cache import DEFAULT_DISK_MB
+from medgemma_edge.runtime.generate import DEFAULT_MAX_NEW_TOKENS
+from medgemma_edge.runtime.preprocess import FIT_HELP, FITS
+from medgemma_edge.runtime.presets import card_system
 
 
 @click.command()
@@ -31,7 +31,8 @@ ASSISTANT = "You are a helpful medical assistant."  # ... and for text tasks
 @click.option("--think/--no-think", default=None, help="let the model think first (MedGemma 1.5 / 27B)")
 @click.option("--json-schema", "json_schema", default=None,
               help="answer as JSON valid for this schema: a file, or a shipped one (lab_report, cxr_findings, box_2d)")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="default: the preset's, else 256")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None,
+              help=f"default: the preset's, else {DEFAULT_MAX_NEW_TOKENS}")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="0 is greedy decoding, the model card's advice")
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
@@ -44,64 +45,66 @@ ASSISTANT = "You are a helpful medical assistant."  # ... and for text tasks
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=None,
               help="seconds of image encoding a CT/MR series may take: fewer slices (same sampling rule) "
                    "at this machine's measured speed; slices in the image cache cost nothing")
-@click.option("--fit", type=click.Choice(FITS), default=None, help="pad (default) or stretch to square")
+@click.option("--fit", type=click.Choice(FITS), default=None, help=FIT_HELP)
 @click.option("--context", type=click.IntRange(min=256), default=None,
               help="context length in tokens (default: grows to what the prompt needs)")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="default: physical cores")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--vision", default="auto", show_default=True,
-              help="which of the bundle's vision files runs: auto (the fastest faithful one on this machine) "
-                   "or an encoding it holds (f16, onnx-int8, ...)")
+              help="which of the bundle's vision files runs: auto (the fastest faithful one on this machine, "
+                   "by the fidelity the export measured on its own machine: `medgemma-edge verify` names it) "
+                   "or an encoding it holds (f16, onnx-int8, ...); one this CPU cannot run faithfully is refused")
 @click.option("--repack-weights", "repack", is_flag=True,
-              help="faster decode on AVX-512 (+17 percent measured at 4B) for +1.5 GB of memory and ~1.5 s of load")
+              help="faster decode on AVX-512 for a second copy of the text weights in memory and a longer load "
+                   "(benchmarks/results/REPORT.md measures both)")
 @click.option("--lora", "loras", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="llama.cpp LoRA file made for this bundle (export SRC --adapter DIR --lora-out FILE); repeatable")
 @click.option("--image-cache", "image_cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               envvar="MEDGEMMA_EDGE_IMAGE_CACHE", show_envvar=True,
               help="also keep image embeddings in this folder, so the same image is not encoded again "
                    "(holds data derived from patient images; off by default)")
-@click.option("--image-cache-mb", type=click.FloatRange(min=1), default=2048, show_default=True,
+@click.option("--image-cache-mb", type=click.FloatRange(min=1), default=DEFAULT_DISK_MB, show_default=True,
               help="size limit of the --image-cache folder; least recently used images go first")
 def ask(prompt, bundle, images, preset, system, think, json_schema, max_tokens, temperature, top_p, top_k, seed, stats,
         window, max_slices, budget, fit, context, threads, device, vision, repack, image_cache, image_cache_mb, loras):
     """Ask PROMPT, about the given images if any; the answer streams to stdout."""
     from medgemma_edge.runtime.constrain import schema_to_gbnf
-    from medgemma_edge.runtime.presets import apply, get_preset
-    from medgemma_edge.structured import load_schema
+    from medgemma_edge.structured import resolve_options
 
-    chosen = apply(get_preset(preset) if preset is not None else None,
-                   dict(system=system, think=think, max_new_tokens=max_tokens, json_schema=json_schema))
-    schema = load_schema(chosen["json_schema"]) if chosen["json_schema"] is not None else None
-    if schema is not None:
-        schema_to_gbnf(schema)  # a schema the grammar cannot take is refused before the model loads
+    chosen = resolve_options(preset, system=system, think=think, max_new_tokens=max_tokens, json_schema=json_schema)
+    if chosen.json_schema is not None:
+        schema_to_gbnf(chosen.json_schema)  # a schema the grammar cannot take is refused before the model loads
     if bundle is None:
         raise InputError("no bundle given — pass -m BUNDLE (a folder made by `medgemma-edge export`) or set "
                          "MEDGEMMA_EDGE_MODEL; to try the installation, run `medgemma-edge demo`")
-    answer(bundle, prompt, images, system=chosen["system"], think=bool(chosen["think"]),
-           max_tokens=chosen["max_new_tokens"] or 256, json_schema=schema, temperature=temperature,
+    answer(bundle, prompt, images, system=chosen.system, think=bool(chosen.think),
+           max_tokens=chosen.max_new_tokens, json_schema=chosen.json_schema, temperature=temperature,
            top_p=top_p, top_k=top_k, seed=seed, stats=stats, window=window, max_slices=max_slices, fit=fit,
            context=context, threads=threads, device=device, image_cache=image_cache, image_cache_mb=image_cache_mb,
            budget=budget, vision=vision, repack=repack, lora=loras)
 
 
-def _slices_for_budget(model, images, budget, window, fit, max_slices) -> int:
-    """The --max-slices that fits --budget for the series among `images` (one line on stderr)."""
+def _fit_budget(model, images, budget, window, fit, max_slices) -> list:
+    """`images` with each DICOM series replaced by its slices that fit --budget (one line on stderr
+    each), decoded once by the plan for the answer too."""
     from medgemma_edge.runtime.budget import plan_slices
     from medgemma_edge.runtime.sources import is_dicom_path
 
-    chosen = max_slices
+    fitted = []
     for src in images:
-        if is_dicom_path(src):
-            plan = plan_slices(model, src, budget, window=window, fit=fit, max_slices=max_slices)
-            if plan.total > 1:
-                click.echo(plan.describe(budget), err=True)
-                chosen = min(chosen, plan.slices)
-    return chosen
+        if not is_dicom_path(src):
+            fitted.append(src)
+            continue
+        plan = plan_slices(model, src, budget, window=window, fit=fit, max_slices=max_slices)
+        if plan.total > 1:
+            click.echo(plan.describe(budget), err=True)
+        fitted.append(plan.pictures)
+    return fitted
 
 
-def answer(bundle, prompt, images=(), *, system=None, think=False, max_tokens=256, temperature=0.0, top_p=1.0,
-           top_k=0, seed=None, stats=False, window=None, max_slices=DEFAULT_MAX_SLICES, fit=None, context=None,
-           threads=None, device="auto", image_cache=None, image_cache_mb=2048, budget=None, vision="auto",
+def answer(bundle, prompt, images=(), *, system=None, think=False, max_tokens=DEFAULT_MAX_NEW_TOKENS,
+           temperature=0.0, top_p=1.0, top_k=0, seed=None, stats=False, window=None, max_slices=DEFAULT_MAX_SLICES,
+           fit=None, context=None, threads=None, device="auto", image_cache=None, image_cache_mb=DEFAULT_DISK_MB, budget=None, vision="auto",
            repack=False, json_schema=None, lora=()) -> None:
     """Load `bundle`, stream the answer to `prompt` to stdout; what `ask` and `demo` run."""
     import medgemma_edge
@@ -109,23 +112,20 @@ def answer(bundle, prompt, images=(), *, system=None, think=False, max_tokens=25
     model = medgemma_edge.load(bundle, device=device, threads=threads, context=context, fit=fit,
                                image_cache_dir=image_cache, image_cache_mb=image_cache_mb, vision=vision,
                                repack=repack, lora=lora)
-    content = [{"type": "image", "image": src} for src in images] + [{"type": "text", "text": prompt}]
-    messages = [{"role": "system", "content": system or (RADIOLOGIST if images else ASSISTANT)},
-                {"role": "user", "content": content}]
     if model.demo_notice:  # on stdout, so it travels with the answer wherever it is piped
         click.echo(f"[{model.demo_notice}]")
-    if budget is not None and images:
-        max_slices = _slices_for_budget(model, images, budget, window, fit, max_slices)
+    sources = _fit_budget(model, images, budget, window, fit, max_slices) if budget is not None else images
+    content = [{"type": "image", "image": src} for src in sources] + [{"type": "text", "text": prompt}]
+    messages = [{"role": "system", "content": system or card_system(bool(images))},
+                {"role": "user", "content": content}]
     model.on_image_encoded = lambda done, total, s: click.echo(f"encoded {done}/{total} images ({s:.0f} s)", err=True)
-    pieces = []
     for r in model.stream(messages, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                           seed=seed, think=think, window=window, max_slices=max_slices, json_schema=json_schema):
         click.echo(r.text, nl=False)
         sys.stdout.flush()
-        pieces.append(r.text)
     click.echo()
-    for line in box_lines(messages, "".join(pieces), fit or model.fit, window=window, max_slices=max_slices):
-        click.echo(line, err=True)
+    for box in r.boxes:  # on the one picture asked about, as given (runtime/boxes.py)
+        click.echo(box.describe(), err=True)
     if think and r.thought:
         click.echo(f"[thought] {r.thought}", err=True)
     if model.demo_notice:
@@ -134,11 +134,3 @@ def answer(bundle, prompt, images=(), *, system=None, think=False, max_tokens=25
         shown = {"finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
                  "completion_tokens": r.completion_tokens, **r.stats.as_dict()}
         click.echo("stats " + json.dumps(shown), err=True)
-
-
-def box_lines(messages, text: str, fit: str, *, window=None, max_slices=DEFAULT_MAX_SLICES) -> list[str]:
-    """One line per box_2d of the answer, on the original picture, when the question had one picture."""
-    from medgemma_edge.runtime.boxes import answer_boxes
-
-    boxes, size = answer_boxes(messages, text, fit, window=window, max_slices=max_slices)
-    return [box.describe(*size) for box in boxes]

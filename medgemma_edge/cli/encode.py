@@ -9,12 +9,13 @@ from pathlib import Path
 
 import click
 
-from medgemma_edge.cli.ask import RADIOLOGIST
 from medgemma_edge.runtime.dicom.windows import WINDOW_HELP
+from medgemma_edge.runtime.embed_cache import DEFAULT_DISK_MB
 from medgemma_edge.runtime.errors import InputError, MedGemmaEdgeError
 from medgemma_edge.runtime.files import shown
 from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
-from medgemma_edge.runtime.preprocess import FITS
+from medgemma_edge.runtime.preprocess import FIT_HELP, FITS
+from medgemma_edge.runtime.presets import RADIOLOGIST
 
 WORKLIST_SUFFIXES = (".txt", ".list")
 
@@ -38,14 +39,16 @@ def read_worklist(path: Path) -> list[str]:
 @click.option("--image-cache", "image_cache", type=click.Path(file_okay=False, path_type=Path), required=True,
               envvar="MEDGEMMA_EDGE_IMAGE_CACHE", show_envvar=True,
               help="where the prepared studies are kept (holds data derived from patient images)")
-@click.option("--image-cache-mb", type=click.FloatRange(min=1), default=2048, show_default=True)
+@click.option("--image-cache-mb", type=click.FloatRange(min=1), default=DEFAULT_DISK_MB, show_default=True)
 @click.option("--system", default=RADIOLOGIST, show_default=True,
               help="the system prompt the questions will use (a prepared study is tied to it)")
 @click.option("--window", default=None, help=WINDOW_HELP)
 @click.option("--max-slices", type=click.IntRange(min=1), default=DEFAULT_MAX_SLICES, show_default=True)
-@click.option("--fit", type=click.Choice(FITS), default=None, help="pad (default) or stretch to square")
+@click.option("--fit", type=click.Choice(FITS), default=None, help=FIT_HELP)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="default: physical cores")
-@click.option("--vision", default="auto", show_default=True, help="vision file to run (as in `ask`)")
+@click.option("--vision", default="auto", show_default=True,
+              help="vision file to run, as in `ask`: auto trusts the fidelity the export measured on its own "
+                   "machine (`medgemma-edge verify` names it)")
 def encode(paths, bundle, image_cache, image_cache_mb, system, window, max_slices, fit, threads, vision):
     """Prepare PATHS (pictures, DICOM files, series folders, or worklists: .txt files with one
     path a line) so that `ask` with the same --image-cache and system prompt starts at the

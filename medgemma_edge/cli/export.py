@@ -1,20 +1,21 @@
 """`medgemma-edge export` and `medgemma-edge verify`: thin wrappers over export.bundle (GGUF),
 export.bundle_onnx (ONNX) and runtime.manifest.
 
-`export` needs the export extras (torch, safetensors, sentencepiece); they are imported only when
-the command runs, so the runtime CLI starts without them.
+`export` needs the export extra (torch, safetensors, sentencepiece, ...): it is imported only when
+the command runs, so the runtime CLI starts without it, and without it `export` says so in one line
+(medgemma_edge/extras.py) before any work.
 """
 
 from __future__ import annotations
 
 import click
 
-from medgemma_edge.export.quants import (DEFAULT_VISION_QUANTS, FORMATS, ONNX_TEXT_QUANTS, ONNX_VISION_QUANTS,
-                                         TEXT_QUANTS, VISION_QUANTS)
-from medgemma_edge.runtime.errors import ExportError, InputError
+from medgemma_edge.export.quants import (DEFAULT_TEXT_QUANT, DEFAULT_VISION_QUANTS, FORMATS, GGUF_VISION_QUANTS,
+                                         ONNX_TEXT_QUANTS, ONNX_VISION_QUANTS, TEXT_QUANTS, VISION_QUANTS)
+from medgemma_edge.extras import require_extra
+from medgemma_edge.runtime.errors import InputError
 
 QUANTS = {"gguf": TEXT_QUANTS, "onnx": ONNX_TEXT_QUANTS}
-DEFAULT_QUANT = {"gguf": "q4_k_m", "onnx": "int8"}
 
 
 def _mb(n: float) -> str:
@@ -28,13 +29,13 @@ def _mb(n: float) -> str:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="gguf", show_default=True,
               help="gguf: llama.cpp runs the text model; onnx: onnxruntime runs everything (CPU or CUDA).")
 @click.option("--quant", type=click.Choice(tuple(dict.fromkeys(TEXT_QUANTS + ONNX_TEXT_QUANTS))), default=None,
-              help=f"Text model weights. gguf: {', '.join(TEXT_QUANTS)} (default q4_k_m); "
-                   f"onnx: {', '.join(ONNX_TEXT_QUANTS)} (default int8).")
+              help=f"Text model weights. gguf: {', '.join(TEXT_QUANTS)} (default {DEFAULT_TEXT_QUANT['gguf']}); "
+                   f"onnx: {', '.join(ONNX_TEXT_QUANTS)} (default {DEFAULT_TEXT_QUANT['onnx']}).")
 @click.option("--vision-quant", type=click.Choice(VISION_QUANTS), multiple=True, default=(),
-              help="Vision tower file(s); repeat for several: GGUF mmproj (f32/f16/q8_0, run by llama.cpp; gguf "
-                   "bundles only) or ONNX (onnx-f32, onnx-int8, onnx-int8-vnni: run by onnxruntime). The runtime "
-                   f"picks the fastest faithful one on its machine. Default: {' '.join(DEFAULT_VISION_QUANTS)} "
-                   "(onnx bundles: the ONNX ones of that list).")
+              help=f"Vision tower file(s); repeat for several: GGUF mmproj ({', '.join(GGUF_VISION_QUANTS)}: run by "
+                   f"llama.cpp; gguf bundles only) or ONNX ({', '.join(ONNX_VISION_QUANTS)}: run by onnxruntime). "
+                   f"The runtime picks the fastest faithful one on its machine. Default: "
+                   f"{' '.join(DEFAULT_VISION_QUANTS)} (onnx bundles: the ONNX ones of that list).")
 @click.option("--keep-intermediate", is_flag=True, help="Keep the unquantized references in <out>/intermediate.")
 @click.option("--no-quality", is_flag=True, help="Skip the quantization report (faster).")
 @click.option("--threads", type=int, default=0, help="Threads for quantization and the report (0: all).")
@@ -46,40 +47,32 @@ def _mb(n: float) -> str:
                    "`ask --lora` / load(lora=) on the base bundle (with -o: the base bundle is exported too).")
 def export_cmd(src, out, fmt, quant, vision_quant, keep_intermediate, no_quality, threads, force, adapter, lora_out):
     """Export the local Hugging Face checkpoint SRC (MedGemma / Gemma 3) to a bundle."""
+    require_extra("export", "export")  # before any work: one line, not torch's ImportError
     if lora_out is not None:
         if adapter is None:
             raise InputError("--lora-out needs --adapter DIR, the PEFT LoRA folder to convert")
         if fmt != "gguf":
             raise InputError("--lora-out writes a llama.cpp LoRA, for gguf bundles only; with --format onnx "
                              "merge the adapter (--adapter without --lora-out)")
-        try:
-            from medgemma_edge.export.gguf_lora import export_lora
-        except ImportError as err:
-            raise ExportError(f"--lora-out needs the export extras ({err.name} is missing): "
-                              "pip install 'medgemma-edge[export]'") from None
+        from medgemma_edge.export.gguf_lora import export_lora
+
         click.echo(f"lora: {export_lora(src, adapter, lora_out)}")
         adapter = None  # the bundle, if any, is the base the LoRA applies to
         if out is None:
             return
     if out is None:
         raise InputError("missing -o/--out: the bundle folder to write")
-    quant = quant or DEFAULT_QUANT[fmt]
+    quant = quant or DEFAULT_TEXT_QUANT[fmt]
     if quant not in QUANTS[fmt]:
         raise InputError(f"--quant {quant} does not apply to --format {fmt}, which takes {', '.join(QUANTS[fmt])}")
     if fmt == "onnx" and any(v not in ONNX_VISION_QUANTS for v in vision_quant):
         bad = next(v for v in vision_quant if v not in ONNX_VISION_QUANTS)
         raise InputError(f"--vision-quant {bad} is a GGUF mmproj, which an onnx bundle cannot run; "
                          f"--format onnx takes {', '.join(ONNX_VISION_QUANTS)}")
-    try:
-        if fmt == "onnx":
-            from medgemma_edge.export.bundle_onnx import export_onnx
-        else:
-            from medgemma_edge.export.bundle import export_gguf
-    except ImportError as err:
-        raise ExportError(f"export needs the export extras ({err.name} is missing): "
-                          "pip install 'medgemma-edge[export]'") from None
     if fmt == "onnx":
-        if adapter is not None:  # the decoder builder reads a folder: a merged copy of SRC is exported
+        if adapter is None:
+            from medgemma_edge.export.bundle_onnx import export_onnx
+        else:  # the decoder builder reads a folder: a merged copy of SRC is exported
             from functools import partial
 
             from medgemma_edge.export.lora_hf import export_onnx_merged
@@ -88,6 +81,8 @@ def export_cmd(src, out, fmt, quant, vision_quant, keep_intermediate, no_quality
         res = export_onnx(src, out, quant, vision_quant or None, quality=not no_quality, threads=threads,
                           overwrite=force, keep_intermediate=keep_intermediate)
     else:
+        from medgemma_edge.export.bundle import export_gguf
+
         res = export_gguf(src, out, quant, vision_quant or None, keep_intermediate=keep_intermediate,
                           quality=not no_quality, threads=threads, overwrite=force, adapter=adapter)
     from medgemma_edge.export.quality import summary_lines
@@ -104,6 +99,7 @@ def export_cmd(src, out, fmt, quant, vision_quant, keep_intermediate, no_quality
                    f"embedding row left out ({v['embedding_rows']} rows)")
     for line in summary_lines(res.manifest["quality"]):
         click.echo(line)
+    _say_where_measured(res.manifest)
     stages = {"write": "writing", "quantize": "after llama.cpp's quantizer", "quality": "after the quality check"}
     peaks = ", ".join(f"{mb:,.0f} MB {stages[k]}" for k, mb in res.peak_mb.items())
     click.echo(f"took {res.seconds:.1f} s; peak memory {peaks}")
@@ -118,3 +114,13 @@ def verify_cmd(bundle):
     manifest = verify_bundle(bundle)
     total = sum(f["size"] for f in manifest["files"])
     click.echo(f"ok: {len(manifest['files'])} files, {_mb(total)}, match {bundle}/manifest.json")
+    _say_where_measured(manifest)
+
+
+def _say_where_measured(manifest: dict) -> None:
+    """The machine the vision fidelity was measured on: `--vision auto` elsewhere relies on it."""
+    from medgemma_edge.runtime.vision_choice import measured_on
+
+    line = measured_on(manifest)
+    if line:
+        click.echo(f"{line}; `--vision auto` on other machines relies on it")

@@ -1,4 +1,4 @@
-"""`medgemma-edge serve`: the local OpenAI-compatible server (README "## Server").
+"""`medgemma-edge serve`: the local OpenAI-compatible server (docs/server.md).
 
 The server package is imported inside the command: `medgemma-edge --help` must work on a machine
 without the `serve` extra.
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from medgemma_edge.extras import require_extra
 from medgemma_edge.runtime.errors import InputError
 
 # The defaults live in medgemma_edge/server/config.py; repeated here as literals so that --help
@@ -35,45 +36,69 @@ DEFAULTS = {"port": 8080, "max_queue": 8, "max_body_mb": 128, "max_images": 128}
               envvar="MEDGEMMA_EDGE_IMAGE_CACHE", show_envvar=True,
               help="also keep image embeddings in this folder (patient-derived data; off by default)")
 @click.option("--cors-origin", default=None, help="allow this one browser origin (no CORS headers otherwise)")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="also answer requests addressed to NAME (repeatable; e.g. the name a proxy forwards). "
+                   "Without --api-key-file only localhost, 127.0.0.1 and [::1] are answered")
 @click.option("--upstream", default=None,
               help="answer with this OpenAI-compatible engine (llama-server, vLLM, Ollama) behind our image path")
 @click.option("--upstream-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="file holding the upstream engine's API key, if it wants one")
 @click.option("--upstream-model", default=None, help="model name to ask the upstream engine for (Ollama needs one)")
+@click.option("--upstream-kind", type=click.Choice(["auto", "llama.cpp", "vllm", "ollama", "openai"]), default="auto",
+              show_default=True,
+              help="the engine, which decides how structured answers are asked for; auto reads /v1/models "
+                   "owned_by (llama.cpp, vllm; ollama also by port 11434; anything else: openai, OpenAI's own "
+                   "fields only). A feature the engine cannot honour is refused with a 400")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="default: physical cores")
 @click.option("--context", type=click.IntRange(min=256), default=None,
               help="context length in tokens (default: grows to what each prompt needs)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 def serve(bundle, host, port, api_key_file, max_queue, max_body_mb, max_images, image_cache, cors_origin,
-          upstream, upstream_key_file, upstream_model, threads, context, device):
-    """Serve BUNDLE over HTTP: OpenAI's /v1/chat/completions with images and DICOM, and a kiosk page at /."""
+          allow_hosts, upstream, upstream_key_file, upstream_model, upstream_kind, threads, context, device):
+    """Serve BUNDLE over HTTP: OpenAI's /v1/chat/completions with images and DICOM, and a kiosk page at /.
+
+    The port answers at once; /health says "loading" (and chat answers 503 with Retry-After)
+    until the model is loaded."""
+    require_extra("serve", "serve")  # before anything loads: one line, not uvicorn's ImportError
     from medgemma_edge.server.config import ServerConfig, read_api_key
 
     config = ServerConfig(host=host, port=port, api_key=read_api_key(api_key_file) if api_key_file else None,
                           max_queue=max_queue, max_body_mb=max_body_mb, max_images=max_images,
-                          cors_origin=cors_origin).check()  # refused before the model loads
+                          cors_origin=cors_origin, allowed_hosts=allow_hosts).check()  # refused before the port opens
     if bundle is None and upstream is None:
         raise InputError("no bundle given — pass -m BUNDLE (a folder made by `medgemma-edge export`), set "
                          "MEDGEMMA_EDGE_MODEL, or pass --upstream URL")
     upstream_key = read_api_key(upstream_key_file) if upstream_key_file else None
     backend = make_backend(bundle, upstream, threads=threads, context=context, device=device, image_cache=image_cache,
-                           upstream_key=upstream_key, upstream_model=upstream_model)
+                           upstream_key=upstream_key, upstream_model=upstream_model, upstream_kind=upstream_kind)
     from medgemma_edge.server.runner import serve as run
 
     run(backend, config)
 
 
 def make_backend(bundle, upstream, *, threads=None, context=None, device="auto", image_cache=None,
-                 upstream_key=None, upstream_model=None):
-    """The local model (loaded now, so a bad bundle stops here with one line), or the upstream engine."""
+                 upstream_key=None, upstream_model=None, upstream_kind="auto"):
+    """The upstream engine, or a loader of the local model. The bundle's manifest and files (names,
+    sizes) are checked now, so a bad bundle stops with one line before the port opens; the model
+    itself (hashes, weights) loads on the server's worker once the port answers."""
     if upstream is not None:
         from medgemma_edge.server.upstream import UpstreamBackend
 
-        return UpstreamBackend(upstream, api_key=upstream_key, model=upstream_model, bundle=bundle, threads=threads)
-    import medgemma_edge
-    from medgemma_edge.server.backend import LocalBackend
+        return UpstreamBackend(upstream, api_key=upstream_key, model=upstream_model, bundle=bundle, threads=threads,
+                               kind=upstream_kind)
+    from medgemma_edge.runtime.engines import check_backend
+    from medgemma_edge.runtime.manifest import verify_bundle
 
-    model = medgemma_edge.load(bundle, device=device, threads=threads, context=context, image_cache_dir=image_cache)
-    if model.demo_notice:
-        click.echo(f"[{model.demo_notice}]", err=True)
-    return LocalBackend(model)
+    check_backend(Path(bundle), verify_bundle(bundle, hashes=False))
+
+    def load():
+        import medgemma_edge
+        from medgemma_edge.server.backend import LocalBackend
+
+        model = medgemma_edge.load(bundle, device=device, threads=threads, context=context,
+                                   image_cache_dir=image_cache)
+        if model.demo_notice:
+            click.echo(f"[{model.demo_notice}]", err=True)
+        return LocalBackend(model)
+
+    return load

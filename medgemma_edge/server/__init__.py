@@ -5,12 +5,15 @@
     serve(backend, config)         run it with uvicorn until interrupted (runner.py)
     ServerThread(app)              run it in a thread on a free loopback port (apps, tests)
 
-    backend.py    what answers: the local Model, or an upstream engine (upstream.py)
+    backend.py    what answers: the local Model, or an upstream engine (upstream.py; what each
+                  engine is sent: upstream_request.py; the openai SDK client: upstream_client.py)
     translate.py  OpenAI request -> runtime messages and options; data: URLs; upload ids
-    chat.py       /v1/chat/completions, joined or as server-sent events
-    images.py     /v1/images uploads (uploads.py: the in-memory store, decode, preview)
+    chat.py       /v1/chat/completions, joined or as server-sent events; the text bounds
+    images.py     /v1/images uploads: decode, preview (uploads.py: the in-memory store)
     worker.py     the single model thread and its bounded queue
-    middleware.py access log, API key, body limit; errors.py: OpenAI-shaped errors
+    state.py      what the routes share: backend or its loader, worker, uploads, config
+    http.py       a request's JSON body (depth-bounded), noticing a client that left
+    middleware.py access log, Host check, API key, body limit; errors.py: OpenAI-shaped errors
     kiosk/        the page served at /
 
 Names load lazily, so `medgemma_edge.server.backend` imports without Starlette.

@@ -18,11 +18,23 @@ from medgemma_edge.server.chat import chat_completions
 from medgemma_edge.server.config import ServerConfig
 from medgemma_edge.server.errors import error_response, response_for
 from medgemma_edge.server.images import create_image, get_image, get_preview
-from medgemma_edge.server.middleware import AccessLog, ApiKey, BodyLimit
+from medgemma_edge.server.middleware import AccessLog, ApiKey, BodyLimit, HostCheck
 from medgemma_edge.server.state import ServerState
 
 KIOSK = Path(__file__).parent / "kiosk"
 _ASSET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a file name in kiosk/, nothing that walks out of it
+# The kiosk page runs our own script and style files only (no inline code, nothing from elsewhere),
+# shows the preview as a blob: URL and its empty icon as data:, talks to this server alone, and
+# may not be framed by another page (clickjacking a question about a patient's image).
+KIOSK_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+                               "img-src 'self' blob: data:; connect-src 'self'; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
 
 
 def build_app(backend, config: ServerConfig | None = None) -> Starlette:
@@ -50,9 +62,9 @@ def build_app(backend, config: ServerConfig | None = None) -> Starlette:
         Route("/", kiosk_page, methods=["GET"]),
         Route("/kiosk/{asset}", kiosk_asset, methods=["GET"]),
     ]
-    # Outermost first: log every request (even refused ones), answer CORS preflights, check the
-    # key before reading a body, then bound the body.
-    middleware = [Middleware(AccessLog)]
+    # Outermost first: log every request (even refused ones), refuse other hosts' names (DNS
+    # rebinding), answer CORS preflights, check the key before reading a body, then bound the body.
+    middleware = [Middleware(AccessLog), Middleware(HostCheck, config=config)]
     if config.cors_origin:
         middleware.append(Middleware(CORSMiddleware, allow_origins=[config.cors_origin],
                                      allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"]))
@@ -93,8 +105,7 @@ def _kiosk_file(name: str):
     if not _ASSET.fullmatch(name) or not path.is_file():
         return error_response(404, f"no kiosk file {name[:60]!r}")
     media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    return FileResponse(path, media_type=media_type, headers={"X-Content-Type-Options": "nosniff",
-                                                              "Cache-Control": "no-cache"})
+    return FileResponse(path, media_type=media_type, headers=KIOSK_HEADERS)
 
 
 async def _http_error(request, exc: HTTPException):

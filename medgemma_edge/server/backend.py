@@ -13,14 +13,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Protocol
 
+from medgemma_edge.runtime.generate import DEFAULT_MAX_NEW_TOKENS
+from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
 from medgemma_edge.runtime.reply import Response
 
 
 class Backend(Protocol):
     model_id: str  # what /v1/models lists and responses name
     notice: str | None  # shown by the kiosk page (e.g. the demo model's warning)
-    # Optional: `fit` (pad or stretch), the one used when a request names none, so box_2d answers
-    # map back to the picture (server/chat.py); without it, preprocess.DEFAULT_FIT.
+    # Optional: `max_prompt_chars`, more characters of text than can fit the context; the server
+    # refuses a longer prompt before queueing it (server/chat.py). Without it, the backend judges.
+    # The last Response carries the answer's `boxes` on the one picture asked about (runtime/boxes
+    # .answer_boxes, from the sizes the backend's own decode found); server/chat.py shows them.
 
     def chat(self, messages: list[dict], options: dict, cancelled: Callable[[], bool]) -> Iterator[Response]:
         """options: max_tokens, temperature, top_p, top_k, seed, stop, think, window, max_slices, fit,
@@ -39,14 +43,15 @@ class LocalBackend:
         self.model_id = model.manifest.get("source", {}).get("path_name") or model.bundle.name
         self.notice = model.demo_notice
         self.image_size = model.image_size  # optional for a Backend: the size of upload previews
-        self.fit = model.fit
+        self.max_prompt_chars = prompt_char_bound(model)
 
     def chat(self, messages, options, cancelled) -> Iterator[Response]:
-        stream = self.model.stream(messages, max_new_tokens=options.get("max_tokens", 256),
+        stream = self.model.stream(messages, max_new_tokens=options.get("max_tokens", DEFAULT_MAX_NEW_TOKENS),
                                    temperature=options.get("temperature", 0.0), top_p=options.get("top_p", 1.0),
                                    top_k=options.get("top_k", 0), seed=options.get("seed"),
                                    stop=options.get("stop") or (), think=options.get("think", False),
-                                   window=options.get("window"), max_slices=options.get("max_slices", 85),
+                                   window=options.get("window"),
+                                   max_slices=options.get("max_slices", DEFAULT_MAX_SLICES),
                                    fit=options.get("fit"), json_schema=options.get("json_schema"),
                                    grammar=options.get("grammar"))
         try:
@@ -58,5 +63,22 @@ class LocalBackend:
             stream.close()  # frees the model now, not when the generator is collected
 
     def prepare(self, messages, options) -> None:
-        self.model.prepare(messages, window=options.get("window"), max_slices=options.get("max_slices", 85),
+        self.model.prepare(messages, window=options.get("window"),
+                           max_slices=options.get("max_slices", DEFAULT_MAX_SLICES),
                            fit=options.get("fit"))
+
+
+def prompt_char_bound(model) -> int | None:
+    """The most characters of prompt text that could fit `model`'s context; None when the context
+    has no end. Sound, not tight: a prompt's tokens spell it out piece by piece, and no piece is
+    longer than the vocabulary's longest (counted in UTF-8 bytes, so at least its characters), so
+    more than context × longest characters need more tokens than the context holds. The longest
+    piece is read from the vocabulary once, when the backend is made."""
+    engine = model.engine
+    tokens = engine.n_ctx_train if model.auto_context else engine.n_ctx  # auto grows up to n_ctx_train
+    if not tokens:
+        return None
+    vocab = getattr(engine, "vocab", None)
+    size = getattr(vocab, "n_vocab", None) or engine.n_vocab  # the tokenizer's entries, not padded rows
+    longest = max(len(engine.piece(t, special=True)) for t in range(size))
+    return tokens * longest

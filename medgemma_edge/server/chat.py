@@ -12,27 +12,27 @@ answer (under tool_choice "auto", one not starting with `{`) streams as usual.
 An answer holding `box_2d` about the request's one picture (not a series) also gets `boxes` on the
 message (streamed: on the final chunk's delta), each box also in pixels of the picture as sent
 (runtime/boxes.py). OpenAI's clients keep such unknown fields (`model_extra`).
+
+Size: every body is bounded by --max-body-mb (middleware.BodyLimit), an allowance sized for
+images. A chat's text gets no share of it: the body's bytes outside its image data: URLs must fit
+`max_text_mb` (413), and its text — every turn, with what tools add to the system turn — at most
+the backend's `max_prompt_chars` (400), the most characters that could fit the context. Both
+are checked before the request is queued, so an oversized prompt is never tokenized.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import secrets
 import time
 
-import anyio.to_thread
 from starlette.responses import JSONResponse
 
-from medgemma_edge.runtime.boxes import answer_boxes
-from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
-from medgemma_edge.runtime.preprocess import DEFAULT_FIT
 from medgemma_edge.server.errors import ApiError, as_api_error, error_body, response_for
-from medgemma_edge.server.state import read_json, watch_disconnect
+from medgemma_edge.server.http import read_json, watch_disconnect
 from medgemma_edge.server.translate import chat_request
 from medgemma_edge.server.worker import DONE
 
-log = logging.getLogger("medgemma_edge.server")
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]  # a proxy in front must not hold tokens back
 
@@ -44,12 +44,12 @@ async def chat_completions(request):
         chat = chat_request(body, server.uploads, max_images=server.config.max_images,
                             max_tokens=server.config.max_tokens)
         backend = server.require_backend()
+        check_text_size(chat, len(await request.body()), server.config, backend)
         job = server.submit(lambda cancelled: backend.chat(chat.messages, chat.options, cancelled))
     except Exception as err:
         return response_for(err)
     watcher = watch_disconnect(request, server.worker, job)
     meta = _Meta(backend.model_id, getattr(backend, "notice", None))
-    locate = lambda content: _boxes(chat, backend, content)
     streaming = False  # once the EventStream owns the job, it closes it
     try:
         first = await job.next()
@@ -57,14 +57,33 @@ async def chat_completions(request):
             raise ApiError(503, "the request was cancelled before it was answered")
         if chat.stream:
             streaming = True
-            return EventStream(_events(job, first, meta, chat.include_usage, chat.tools, locate),
+            return EventStream(_events(job, first, meta, chat.include_usage, chat.tools),
                                lambda: _close(server, job, watcher))
-        return JSONResponse(await _joined(job, first, meta, chat.tools, locate))
+        return JSONResponse(await _joined(job, first, meta, chat.tools))
     except Exception as err:
         return response_for(err, server.worker.retry_after())
     finally:
         if not streaming:
             _close(server, job, watcher)
+
+
+def check_text_size(chat, body_bytes: int, config, backend) -> None:
+    """413 when the body's non-image bytes pass max_text_mb; 400 when its text cannot fit the
+    context (module docstring)."""
+    if body_bytes - chat.image_bytes > config.max_text_bytes:
+        raise ApiError(413, f"the request's text (everything but its images) is larger than this server's "
+                            f"limit of {config.max_text_mb:g} MB — no model context holds that much text")
+    limit = getattr(backend, "max_prompt_chars", None)
+    chars = sum(_text_chars(m["content"]) for m in chat.messages)
+    if limit is not None and chars > limit:
+        raise ApiError(400, f"the prompt's text is {chars} characters; more than {limit} cannot fit this model's "
+                            "context — shorten the question or the conversation", "messages")
+
+
+def _text_chars(content) -> int:
+    if isinstance(content, str):
+        return len(content)
+    return sum(len(item.get("text") or "") for item in content if item.get("type") == "text")
 
 
 class _Meta:
@@ -91,18 +110,10 @@ def sse(body) -> bytes:
     return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
 
-async def _boxes(chat, backend, content: str) -> list[dict] | None:
-    """The answer's box_2d entries on the request's one picture, with its [W, H]; None without."""
-    options = chat.options
-    fit = options.get("fit") or getattr(backend, "fit", None) or DEFAULT_FIT  # the fit the view was made with
-    find = lambda: answer_boxes(chat.messages, content, fit, window=options.get("window"),
-                                max_slices=options.get("max_slices", DEFAULT_MAX_SLICES))
-    try:
-        boxes, size = await anyio.to_thread.run_sync(find)
-    except Exception as err:  # the picture decoded once already for the answer; an extra field is not worth a 500
-        log.warning("box_2d answer not mapped to the picture: %s", type(err).__name__)
-        return None
-    return [{**box.as_dict(), "image_size": list(size)} for box in boxes] or None
+def _boxes(last) -> list[dict] | None:
+    """The answer's box_2d entries on the request's one picture, each with its [W, H], as the
+    backend's last Response carries them (mapped where the picture was decoded); None without."""
+    return [box.as_dict() for box in last.boxes] or None
 
 
 def _as_call(tools, text: str, finish_reason: str):
@@ -111,7 +122,7 @@ def _as_call(tools, text: str, finish_reason: str):
     return call, ("tool_calls" if call is not None else finish_reason)
 
 
-async def _joined(job, item, meta: _Meta, tools=None, locate=None) -> dict:
+async def _joined(job, item, meta: _Meta, tools=None) -> dict:
     pieces, last = [], None
     while item is not DONE:
         pieces.append(item.text)
@@ -124,7 +135,7 @@ async def _joined(job, item, meta: _Meta, tools=None, locate=None) -> dict:
     call, finish_reason = _as_call(tools, content, last.finish_reason)
     message = {"role": "assistant", "content": content} if call is None else {
         "role": "assistant", "content": None, "tool_calls": [call]}
-    boxes = await locate(content) if call is None and locate is not None else None
+    boxes = _boxes(last) if call is None else None
     if boxes:
         message["boxes"] = boxes
     return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
@@ -132,14 +143,12 @@ async def _joined(job, item, meta: _Meta, tools=None, locate=None) -> dict:
             "usage": usage(last), "medgemma_edge": meta.extras(last)}
 
 
-async def _events(job, item, meta: _Meta, include_usage: bool, tools=None, locate=None):
+async def _events(job, item, meta: _Meta, include_usage: bool, tools=None):
     extra = {"usage": None} if include_usage else {}
     yield meta.chunk({"role": "assistant", "content": ""}, **extra)
     last, held = None, None if tools is None else ""  # held: text kept back while it may be a call
-    pieces = []
     try:
         while item is not DONE:
-            pieces.append(item.text)
             if held is not None and item.text:
                 held += item.text
                 if held.lstrip() and not held.lstrip().startswith("{"):  # a plain answer: stream it
@@ -161,7 +170,7 @@ async def _events(job, item, meta: _Meta, include_usage: bool, tools=None, locat
         call, finish_reason = _as_call(tools, held, finish_reason)
         delta = {"content": held} if call is None else {"tool_calls": [{"index": 0, **call}]}
         yield meta.chunk(delta, **extra)
-    boxes = await locate("".join(pieces)) if call is None and locate is not None else None
+    boxes = _boxes(last) if call is None else None
     yield meta.chunk({"boxes": boxes} if boxes else {}, finish_reason, medgemma_edge=meta.extras(last), **extra)
     if include_usage:
         yield sse({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,

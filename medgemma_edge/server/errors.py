@@ -15,9 +15,15 @@ from medgemma_edge.runtime.errors import BundleError, BusyError, InputError, Med
 log = logging.getLogger("medgemma_edge.server")
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-         405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+         405: "invalid_request_error", 413: "invalid_request_error", 421: "invalid_request_error",
+         429: "rate_limit_error",
          500: "server_error", 502: "server_error", 503: "server_error"}
 INTERNAL = "internal server error — the server log names the failure; the request was not answered"
+
+
+class UpstreamError(MedGemmaEdgeError):
+    """The upstream engine is unreachable, failed, or refused our configuration (key, URL, model
+    name): not the client's fault, a bad gateway (HTTP 502). Raised by server/upstream.py."""
 
 
 class ApiError(Exception):
@@ -45,8 +51,6 @@ def as_api_error(err: BaseException, retry_after: int = 1) -> ApiError:
         return ApiError(400, str(err))
     if isinstance(err, BusyError):  # the model is held by a caller outside this server
         return ApiError(429, str(err), headers={"Retry-After": str(retry_after)})
-    from medgemma_edge.server.upstream import UpstreamError  # here: upstream.py needs httpx, errors.py not
-
     if isinstance(err, UpstreamError):  # the engine behind us failed: a bad gateway, not the client's fault
         log.error("upstream engine failed (its message went to the client: it may quote the request)")
         return ApiError(502, str(err))

@@ -1,27 +1,38 @@
 """POST /v1/images and GET /v1/images/{id}[/preview.png]: upload while the user types.
 
-The upload is decoded at once (a bad file is a 400 now, not at the question), then the model worker
-encodes it in the background; a later chat naming `medgemma-edge:image/<id>` starts at the text.
+The upload is decoded at once on the runtime's one picture path (`load_pictures`: DICOM windowed,
+a series ordered and thinned; each Picture records the CT window it was made with), so a bad file
+is a 400 now, not at the question. The model worker then encodes it in the background; a later
+chat naming `medgemma-edge:image/<id>` finds its embeddings in the image cache and starts at the
+text. The store (uploads.py) only keeps the pictures.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 
 import anyio.to_thread
+import numpy as np
+from PIL import Image
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import JSONResponse, Response
 
 from medgemma_edge.runtime.errors import MedGemmaEdgeError
+from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES, Picture
+from medgemma_edge.runtime.preprocess import IMAGE_SIZE, model_view
+from medgemma_edge.runtime.preview import contact_sheet
+from medgemma_edge.runtime.sources import load_pictures
 from medgemma_edge.server.errors import INTERNAL, ApiError, response_for
-from medgemma_edge.server.state import read_json
-from medgemma_edge.server.translate import decode_data_url, image_options
-from medgemma_edge.server.uploads import decode, preview_png
+from medgemma_edge.server.http import read_json
+from medgemma_edge.server.translate import decode_data_url, image_options, is_dicom
+from medgemma_edge.server.uploads import Upload
 
 log = logging.getLogger("medgemma_edge.server")
 _ID = re.compile(r"[0-9a-f]{32}")
 FIELDS = ("window", "fit", "max_slices")
+SHEET_TILE = 256  # a series preview shows each slice at this size: 85 full-size views would be a huge PNG
 
 
 class _InMemoryParser(MultiPartParser):
@@ -44,10 +55,10 @@ async def create_image(request):
             raise ApiError(400, f"too many files: {len(blobs)} (at most {server.config.max_images})", "file")
         options = image_options(fields)
         server.check_queue()  # refuse before the slow decode when the model could not take it
-        pictures, window = await anyio.to_thread.run_sync(decode, blobs, options)
+        pictures = await anyio.to_thread.run_sync(decode, blobs, options)
     except Exception as err:
         return response_for(err)
-    upload = server.uploads.add(pictures, window, options.get("fit"))
+    upload = server.uploads.add(pictures, options.get("fit"))
     try:
         server.submit(_encoder(backend, upload), background=True)
     except ApiError:  # the queue filled meanwhile: the chat will encode it
@@ -67,13 +78,40 @@ async def get_preview(request):
     upload = _upload(request)
     if upload is None:
         return _missing()
-    size = getattr(server.backend, "image_size", None) or 896
+    size = getattr(server.backend, "image_size", None) or IMAGE_SIZE
     try:
         png = await anyio.to_thread.run_sync(preview_png, upload, size, upload.fit)
     except Exception as err:
         return response_for(err)
     # Patient pixels: no browser or proxy may keep a copy.
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+def decode(blobs: list[tuple[str, bytes]], options: dict) -> list[Picture]:
+    """Pictures of one upload (a picture, a DICOM file, or the DICOM files of one series). Runs
+    off the event loop: a CT series takes seconds."""
+    if len(blobs) > 1 and not all(is_dicom(mime, data) for mime, data in blobs):
+        raise ApiError(400, "several files in one upload must all be DICOM files of one series — upload "
+                            "pictures one at a time", "file")
+    source = blobs[0][1] if len(blobs) == 1 else [data for _, data in blobs]
+    return load_pictures(source, window=options.get("window"),
+                         max_slices=options.get("max_slices", DEFAULT_MAX_SLICES))
+
+
+def preview_png(upload: Upload, image_size: int, fit: str | None) -> bytes:
+    """PNG of what the model sees: the one view, or a labelled contact sheet of a series."""
+    if upload.preview is None:
+        pixels = [p.pixels for p in upload.pictures]
+        kwargs = {"fit": fit} if fit else {}
+        if len(pixels) == 1:
+            sheet = model_view(pixels, image_size, threads=1, **kwargs)[0]
+        else:
+            views = model_view(pixels, min(image_size, SHEET_TILE), threads=1, **kwargs)
+            sheet = contact_sheet(views, [p.label for p in upload.pictures])
+        out = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(sheet)).save(out, format="PNG")
+        upload.preview = out.getvalue()
+    return upload.preview
 
 
 def _upload(request):

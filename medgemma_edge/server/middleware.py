@@ -1,4 +1,4 @@
-"""The layers every request passes before a route: access log, API key, body limit.
+"""The layers every request passes before a route: access log, Host check, API key, body limit.
 
 Plain ASGI (not BaseHTTPMiddleware), so streamed answers pass through untouched.
 """
@@ -62,6 +62,24 @@ class AccessLog:
                 await send_error(send_logged, 500, INTERNAL)
         finally:
             log.info("%s %s %s %.3fs", scope["method"], scope["path"], status or "-", time.perf_counter() - t0)
+
+
+class HostCheck:
+    """Without a key, only requests addressed to this machine (`Host`: a loopback name or an
+    --allow-host name) are answered. A web page on another origin can point a name it owns at
+    127.0.0.1 (DNS rebinding) and then read a keyless server as its own origin; its requests
+    still carry that name in `Host`, so they stop here."""
+
+    def __init__(self, app, config):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or self.config.host_allowed(dict(scope["headers"]).get(b"host")):
+            return await self.app(scope, receive, send)
+        await drain(receive, 1 << 20)
+        await send_error(send, 421, "this server answers requests addressed to localhost, 127.0.0.1 or [::1] "
+                                    "only — open it by one of those names, or start it with --allow-host NAME "
+                                    "(or with --api-key-file)")
 
 
 class ApiKey:

@@ -11,6 +11,7 @@ import time
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
+from medgemma_edge.runtime.errors import InputError
 from medgemma_edge.server.app import build_app
 from medgemma_edge.server.config import ServerConfig
 
@@ -31,11 +32,36 @@ def logging_config() -> dict:
     return out
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port (port 0: one the OS picks), so the port is ours before uvicorn
+    starts; InputError when it cannot be had (in use, not this machine's address)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as err:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port} ({err.strerror or type(err).__name__}) — is another "
+                         "server using the port? choose another with --port") from None
+    return sock
+
+
 def serve(backend, config: ServerConfig | None = None) -> None:
-    """Serve `backend` until interrupted (Ctrl-C / SIGTERM stop it cleanly)."""
+    """Serve `backend` until interrupted (Ctrl-C / SIGTERM stop it cleanly). `backend` may be a
+    loader (build_app): the port answers at once (/health "loading", chat 503) while it loads; if
+    loading fails, the server stops and the loader's error is raised here."""
     config = (config or ServerConfig()).check()
+    sock = listening_socket(config.host, config.port)
     app = build_app(backend, config)
-    uvicorn.Server(_uvicorn_config(app, config, logging_config())).run()
+    server = uvicorn.Server(_uvicorn_config(app, config, logging_config()))
+    state = app.state.medgemma
+    state.on_load_failure = lambda: setattr(server, "should_exit", True)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if state.load_failure is not None:
+        raise state.load_failure
 
 
 class ServerThread:
@@ -47,9 +73,7 @@ class ServerThread:
         if state is not None:  # the same rule as `serve`: no key, no listening beyond this machine
             ServerConfig(host=host, api_key=state.config.api_key).check()
         self.app, self.host = app, host
-        self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((host, port))  # bound here, so the port is ours before uvicorn starts
+        self._socket = listening_socket(host, port)
         self.port = self._socket.getsockname()[1]
         self.url = f"http://{host}:{self.port}"
         self._server = uvicorn.Server(_uvicorn_config(app, ServerConfig(host=host, port=self.port), None))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
 
 from medgemma_edge.runtime.errors import MedGemmaEdgeError
@@ -22,7 +20,9 @@ class ServerState:
         # /health "loading") while a large bundle loads.
         self.loader = backend if callable(backend) and not hasattr(backend, "chat") else None
         self.backend = None if self.loader is not None else backend
-        self.load_error: str | None = None
+        self.load_error: str | None = None  # what clients are told when loading failed
+        self.load_failure: BaseException | None = None
+        self.on_load_failure = None  # callable(): `serve` stops the server then (one line, exit 2)
         self.worker = Worker(config.max_queue)
         self.uploads = UploadStore(config.uploads_kept, int(config.uploads_mb * (1 << 20)))
 
@@ -37,12 +37,17 @@ class ServerState:
     def _load(self, cancelled) -> None:
         try:
             self.backend = self.loader()
+            return
         except MedGemmaEdgeError as err:
             self.load_error = str(err)
             log.error("loading the model failed: %s", err)
+            self.load_failure = err
         except Exception as err:
             self.load_error = INTERNAL
             log.error("loading the model failed: %s", type(err).__name__)
+            self.load_failure = err
+        if self.on_load_failure is not None:
+            self.on_load_failure()
 
     @property
     def status(self) -> str:
@@ -74,25 +79,3 @@ class ServerState:
         return ApiError(429, f"the server is busy ({self.worker.waiting} requests are waiting for the model) — "
                              f"ask again in {wait} s", headers={"Retry-After": str(wait)})
 
-
-async def read_json(request):
-    """The body as JSON; 400 saying so when it is not."""
-    body = await request.body()
-    try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "the body is not valid JSON — send Content-Type: application/json with a JSON "
-                            "object") from None
-
-
-def watch_disconnect(request, worker: Worker, job: Job) -> asyncio.Task:
-    """Cancel `job` when the client goes away (read after the body: only http.disconnect comes)."""
-
-    async def watch():
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                worker.cancel(job)
-                return
-
-    return asyncio.create_task(watch())

@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 from medgemma_edge.runtime.dicom.windows import parse_window
 from medgemma_edge.runtime.errors import InputError
 from medgemma_edge.runtime.preprocess import FITS
-from medgemma_edge.runtime.presets import apply as apply_preset
-from medgemma_edge.runtime.presets import get_preset
 from medgemma_edge.runtime.sources import is_dicom_path
 from medgemma_edge.server.errors import ApiError
 from medgemma_edge.server.tools import Tools, call_text, parse_tools, response_schema, result_text
+from medgemma_edge.server.uploads import UPLOAD_SCHEME
+from medgemma_edge.structured import resolve_options
 
-UPLOAD_SCHEME = "medgemma-edge:image/"
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(?:;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,",
                        re.IGNORECASE)
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -37,6 +36,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     images: int = 0
+    image_bytes: int = 0  # length of the body's image data: URLs (the rest is text: MAX_TEXT_MB)
     uploads: list[str] = field(default_factory=list)
     tools: Tools | None = None  # the answer may be a tool call (server/tools.py)
 
@@ -136,36 +136,30 @@ def chat_request(body, uploads, *, max_images: int, max_tokens: int) -> ChatRequ
 
 def _structure(body: dict, request: ChatRequest) -> None:
     """Preset, tools and response_format: the system turn, length, thinking and constraint they add."""
-    preset = body.get("preset")
-    if preset is not None:
-        try:
-            preset = get_preset(preset)
-        except InputError as err:
-            raise ApiError(400, str(err), "preset") from None
     opts = request.options
-    chosen = apply_preset(preset, {"max_new_tokens": opts["max_tokens"] if _names_limit(body) else None,
-                                   "think": opts.get("think"), "system": None, "json_schema": None})
-    opts["max_tokens"] = chosen["max_new_tokens"] or opts["max_tokens"]
-    if chosen["think"] is not None:
-        opts["think"] = chosen["think"]
     schema = response_schema(body)
     request.tools = parse_tools(body)
     if schema is not None and request.tools is not None:
         raise ApiError(400, "response_format and tools cannot both hold the answer — send one of them",
                        "response_format")
-    if body.get("response_format") is None and request.tools is None and preset is not None and preset.json_schema:
-        from medgemma_edge.structured import load_schema
-
-        schema = load_schema(preset.json_schema)
-    if schema is not None:
-        opts["json_schema"] = schema
+    try:  # resolved as `ask` resolves it; response_format or tools settle the answer's shape
+        chosen = resolve_options(body.get("preset"), max_new_tokens=opts["max_tokens"] if _names_limit(body) else None,
+                                 think=opts.get("think"), json_schema=schema, default_max_new_tokens=opts["max_tokens"],
+                                 preset_schema=body.get("response_format") is None and request.tools is None)
+    except InputError as err:
+        raise ApiError(400, str(err), "preset") from None
+    opts["max_tokens"] = chosen.max_new_tokens
+    if chosen.think is not None:
+        opts["think"] = chosen.think
+    if chosen.json_schema is not None:
+        opts["json_schema"] = chosen.json_schema
     if request.tools is not None:
         opts.update(request.tools.constraint())
     messages = request.messages
     has_system = bool(messages) and messages[0]["role"] == "system"
     extra = request.tools.prompt() if request.tools is not None else None
-    if not has_system and (chosen["system"] or extra):
-        messages.insert(0, {"role": "system", "content": chosen["system"] or ""})
+    if not has_system and (chosen.system or extra):
+        messages.insert(0, {"role": "system", "content": chosen.system or ""})
         has_system = True
     if extra:
         content = messages[0]["content"]
@@ -246,6 +240,7 @@ def _message(message, i: int, uploads, request: ChatRequest, fits: set) -> dict:
                 continue
             mime, data = decode_data_url(url, f"{param}.image_url.url")
             request.images += 1
+            request.image_bytes += len(url)
             if is_dicom(mime, data):  # every DICOM part of a message is one series, at the first one's place
                 if series_at is None:
                     series_at = len(items)

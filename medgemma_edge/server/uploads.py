@@ -1,38 +1,27 @@
-"""Images uploaded ahead of the question (POST /v1/images): decoded once, kept in memory by id.
+"""Images uploaded ahead of the question (POST /v1/images), kept in memory by id.
 
-An upload is decoded (DICOM windowed, series ordered and thinned) when it arrives, so a bad file
-is refused at once; the model worker then encodes it in the background, and a chat naming
-`medgemma-edge:image/<id>` finds its embeddings in the image cache. Nothing is written to disk:
-the pictures are patient data, kept for the last `max_items` uploads and `max_bytes` of pixels.
+The store only stores: decoding an upload and drawing its preview live with the route
+(server/images.py), on the runtime's one picture path. Nothing is written to disk: the pictures
+are patient data, kept for the last `max_items` uploads and `max_bytes` of pixels.
 """
 
 from __future__ import annotations
 
-import collections
-import io
 import secrets
 import threading
 from dataclasses import dataclass, field
 
-import numpy as np
-from PIL import Image
+from cachetools import LRUCache
 
-from medgemma_edge.runtime.dicom.windows import DEFAULT_PRESET
-from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES, Picture
-from medgemma_edge.runtime.preprocess import model_view
-from medgemma_edge.runtime.preview import contact_sheet
-from medgemma_edge.runtime.sources import load_pictures
-from medgemma_edge.server.errors import ApiError
-from medgemma_edge.server.translate import UPLOAD_SCHEME, is_dicom
+from medgemma_edge.runtime.picture import Picture
 
-SHEET_TILE = 256  # a series preview shows each slice at this size: 85 slices at 896 px would be a 200 MB PNG
+UPLOAD_SCHEME = "medgemma-edge:image/"  # how a chat names an upload: UPLOAD_SCHEME + id
 
 
 @dataclass
 class Upload:
     id: str
     pictures: list[Picture]
-    window: str | None  # the CT window applied, or None (not CT)
     fit: str | None
     status: str = "encoding"  # → "ready" or "error" once the worker has encoded it
     error: str | None = None
@@ -41,6 +30,11 @@ class Upload:
     @property
     def labels(self) -> list[str]:
         return [p.label for p in self.pictures if p.label]
+
+    @property
+    def window(self) -> str | None:
+        """The CT window the pictures were made with (the runtime records it), or None: not CT."""
+        return self.pictures[0].window if self.pictures else None
 
     @property
     def nbytes(self) -> int:
@@ -57,74 +51,39 @@ class Upload:
                 "status": self.status}
 
 
+class _Kept(LRUCache):
+    """LRU by pixel bytes, and at most `max_items` entries. One upload larger than the whole
+    byte budget is still kept, alone (counted at the budget), so the upload just made is usable."""
+
+    def __init__(self, max_items: int, max_bytes: int):
+        super().__init__(max_bytes, getsizeof=lambda upload: min(upload.nbytes, max_bytes))
+        self.max_items = max_items
+
+    def __setitem__(self, key, value):
+        super().__setitem__(key, value)
+        while len(self) > self.max_items:
+            self.popitem()
+
+
 class UploadStore:
-    """The last `max_items` uploads (and at most `max_bytes` of their pixels), least recently used out."""
+    """The last `max_items` uploads (and at most `max_bytes` of their pixels), least recently used out.
+    Thread-safe: routes add and read on the event loop, previews are drawn on worker threads."""
 
     def __init__(self, max_items: int, max_bytes: int):
         self.max_items, self.max_bytes = max_items, max_bytes
-        self._items: collections.OrderedDict[str, Upload] = collections.OrderedDict()
+        self._items = _Kept(max_items, max_bytes)
         self._lock = threading.Lock()
 
-    def add(self, pictures: list[Picture], window: str | None, fit: str | None) -> Upload:
-        upload = Upload(secrets.token_hex(16), pictures, window, fit)  # 128 random bits: ids are not guessable
+    def add(self, pictures: list[Picture], fit: str | None) -> Upload:
+        upload = Upload(secrets.token_hex(16), pictures, fit)  # 128 random bits: ids are not guessable
         with self._lock:
             self._items[upload.id] = upload
-            while len(self._items) > self.max_items or (
-                    len(self._items) > 1 and sum(u.nbytes for u in self._items.values()) > self.max_bytes):
-                self._items.popitem(last=False)
         return upload
 
     def get(self, upload_id: str) -> Upload | None:
         with self._lock:
-            upload = self._items.get(upload_id)
-            if upload is not None:
-                self._items.move_to_end(upload_id)
-            return upload
+            return self._items.get(upload_id)  # a hit counts as a use
 
     def __len__(self) -> int:
-        return len(self._items)
-
-
-def decode(blobs: list[tuple[str, bytes]], options: dict) -> tuple[list[Picture], str | None]:
-    """Pictures of one upload (a picture, a DICOM file, or the DICOM files of one series), and the
-    CT window used. Runs off the event loop: a CT series takes seconds."""
-    dicom = [is_dicom(mime, data) for mime, data in blobs]
-    if len(blobs) > 1 and not all(dicom):
-        raise ApiError(400, "several files in one upload must all be DICOM files of one series — upload "
-                            "pictures one at a time", "file")
-    source = blobs[0][1] if len(blobs) == 1 else [data for _, data in blobs]
-    window = options.get("window")
-    pictures = load_pictures(source, window=window, max_slices=options.get("max_slices", DEFAULT_MAX_SLICES))
-    used = (window or DEFAULT_PRESET) if dicom[0] and _modality(blobs[0][1]) == "CT" else None
-    return pictures, used
-
-
-def _modality(data: bytes) -> str | None:
-    """The Modality tag only (the file was already read whole by load_pictures, so it parses)."""
-    import pydicom
-
-    from medgemma_edge.runtime.dicom.read import quiet_pydicom
-
-    with quiet_pydicom():
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True,
-                                 specific_tags=["Modality"])
-        except Exception:
-            return None
-    return str(ds.get("Modality") or "").upper() or None
-
-
-def preview_png(upload: Upload, image_size: int, fit: str | None) -> bytes:
-    """PNG of what the model sees: the one view, or a labelled contact sheet of a series."""
-    if upload.preview is None:
-        pixels = [p.pixels for p in upload.pictures]
-        kwargs = {"fit": fit} if fit else {}
-        if len(pixels) == 1:
-            sheet = model_view(pixels, image_size, threads=1, **kwargs)[0]
-        else:
-            views = model_view(pixels, min(image_size, SHEET_TILE), threads=1, **kwargs)
-            sheet = contact_sheet(views, [p.label for p in upload.pictures])
-        out = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(sheet)).save(out, format="PNG")
-        upload.preview = out.getvalue()
-    return upload.preview
+        with self._lock:
+            return len(self._items)

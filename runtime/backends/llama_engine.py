@@ -48,11 +48,11 @@ class LlamaEngine(LlamaTokenizing):
         self._c = llama_cpp
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
-        # llama.cpp can keep a second, repacked copy of the weights for its CPU kernels. Measured at
-        # MedGemma 4B q4_k_m, 2 threads: AVX-512 VNNI EPYC decode 10.2 → 11.9 tok/s (+17 %), but
-        # peak RSS 2.6 → 4.1 GB for the text model alone (+1.46 GB; with the f16 vision tower the
-        # default path would pass 4.5 GB) and load 0.7 → 2.2 s; on AVX2 it bought no decode speed.
-        # Memory wins by default (clinic machines with 8 GB); `repack=True` asks for the speed.
+        # llama.cpp can keep a second, repacked copy of the weights for its CPU kernels: faster
+        # decode on AVX-512 (not on AVX2), but the text weights are held twice and the load is
+        # longer; with an image beside it the default path would pass the report's peak-memory goal
+        # (benchmarks/results/REPORT.md, "repacked weights"). Memory wins by default (clinic
+        # machines with 8 GB); `repack=True` asks for the speed.
         mparams.use_extra_bufts = bool(repack)
         self.model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mparams)
         if not self.model:

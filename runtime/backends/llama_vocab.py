@@ -64,7 +64,7 @@ class LlamaTokenizing:
 
 
 class LlamaVocab(LlamaTokenizing):
-    """The tokenizer of a GGUF file without its weights (a few MB of memory, loads in ~1 s)."""
+    """The tokenizer of a GGUF file without its weights (only the vocabulary is read: small, quick to load)."""
 
     def __init__(self, path):
         c = init_backend()

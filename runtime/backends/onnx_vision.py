@@ -32,12 +32,11 @@ class OnnxVisionEncoder:
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3  # errors only
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Memory, 4B shape, int8-vnni, one image (the text GGUF's 2.5 GB is resident beside it):
-        # prepacking keeps a second, repacked copy of every weight matrix (+150 MB at load) for no
-        # measurable speed here (each matmul has 4096 rows; packing B per call is ~1/4096 of it);
-        # arena shrinkage hands the activations (~350 MB) back after each encode instead of
-        # holding them for the next image. Turning the arena off instead left glibc holding
-        # 1.9 GB of freed blocks.
+        # Memory (the text model is resident beside it): prepacking keeps a second, repacked copy
+        # of every weight matrix for no measurable speed here (each matmul has 4096 rows; packing B
+        # per call is ~1/4096 of it); arena shrinkage hands the activations back after each encode
+        # instead of holding them for the next image. Turning the arena off instead left glibc
+        # holding the freed blocks. Peak memory of an image question: benchmarks/results/REPORT.md.
         opts.add_session_config_entry("session.disable_prepacking", "1")
         self._run_options = ort.RunOptions()
         self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")

@@ -19,7 +19,7 @@ __all__ = ["load_dicom"]
 
 def __getattr__(name: str):
     # load_dicom on first use, so that `from medgemma_edge.runtime.dicom.windows import ...` (the
-    # CLI's --help) does not pay pydicom's ~0.2 s import.
+    # CLI's --help) does not pay pydicom's import.
     if name == "load_dicom":
         from medgemma_edge.runtime.dicom.convert import load_dicom
 

@@ -12,7 +12,7 @@ when there is more than one). Per modality:
 - colour (RGB, YBR, palette) of any modality: converted to 8-bit RGB.
 
 Google's serving code (Google-Health/medgemma, generic_dicom_handler.py) and CT notebook are
-the recipe; README "## DICOM" lists which tags are read.
+the recipe; docs/dicom.md ("Privacy, errors, no socket") lists which tags are read.
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from medgemma_edge.kernels.window import apply_windows, window_reference
 from medgemma_edge.runtime.dicom import series
 from medgemma_edge.runtime.dicom.frames import PALETTE, PixelLayout, decode, layout
 from medgemma_edge.runtime.dicom.read import Source, finite_float, quiet_pydicom, read, tag
-from medgemma_edge.runtime.dicom.windows import parse_window
+from medgemma_edge.runtime.dicom.windows import DEFAULT_PRESET, parse_window
 from medgemma_edge.runtime.errors import InputError
 from medgemma_edge.runtime.images import out_of_memory_as_input_error
-from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES, Picture
+from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES, Picture, as_slices
 
 
 def load_dicom(src, *, window: str | None = None,
@@ -55,9 +55,10 @@ def load_dicom(src, *, window: str | None = None,
                              f"out (MR is min-max scaled; X-rays use the file's own window)")
         frames = _decode_all(slices)
         pixels = _to_rgb(frames, modality, windows)
-    if len(pixels) == 1:
-        return [Picture(pixels[0])]
-    return [Picture(p, label=f"SLICE {i}") for i, p in enumerate(pixels, start=1)]
+    # Each picture says which window made it (None: not windowed), so a server can show it.
+    used = [((window or "").strip() or DEFAULT_PRESET) if modality == "CT" and not _is_color(f) else None
+            for f in frames]
+    return as_slices([Picture(p, window=w) for p, w in zip(pixels, used)])
 
 
 def _checked_max_slices(max_slices) -> int:
@@ -168,9 +169,9 @@ def _is_color(f: _Frame) -> bool:
 
 def _gray(f: _Frame, mr_range: tuple[float, float] | None, invert: bool = False) -> np.ndarray:
     """One gray frame → (rows, cols) uint8: the MR series range, else the file's VOI window, else
-    the image's own range, in float64. (A table of every stored value gave the same bytes ~9 ms
-    sooner on a 2500×2048 X-ray and ~12 ms later on an 85-slice MR series; against a ~40 s
-    image encode it did not pay for its upkeep.)"""
+    the image's own range, in float64. (A table of every stored value gave the same bytes a little
+    sooner on an X-ray and a little later on an MR series; against an image encode it did not pay
+    for its upkeep.)"""
     values = _modality_values(f)
     window = mr_range if mr_range is not None else _voi_window(f)
     if window is None and values is f.arr and _display_ready(f):

@@ -18,7 +18,7 @@ Window = tuple[float, float]  # (lo, hi) in Hounsfield units
 @dataclass(frozen=True)
 class Preset:
     windows: tuple[Window, Window, Window]  # R, G, B
-    source: str  # where the numbers come from, shown in the README and `describe_presets`
+    source: str  # where the numbers come from, shown in docs/dicom.md and `describe_presets`
 
 
 def _gray(center: float, width: float) -> tuple[Window, Window, Window]:
@@ -60,7 +60,7 @@ _SYNTAX = ('a preset name or HU ranges "lo:hi,lo:hi,lo:hi" (R, G, B), e.g. '
 
 
 def describe_presets() -> str:
-    """One line per preset: name, R/G/B ranges, source. For `--help` and the README."""
+    """One line per preset: name, R/G/B ranges, source. For `--help` and docs/dicom.md."""
     lines = []
     for name, preset in PRESETS.items():
         ranges = ", ".join(f"{lo:g}..{hi:g}" for lo, hi in preset.windows)

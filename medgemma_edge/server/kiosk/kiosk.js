@@ -14,6 +14,7 @@
 
   const state = {
     modelId: null,
+    ready: false, // the server has a model: asking and uploading are allowed
     image: null, // the POST /v1/images answer of the current upload
     files: [], // kept so a new CT window can re-upload them
     upload: 0, // bumped per upload, so a slow older upload cannot overwrite a newer one
@@ -87,6 +88,13 @@
 
   // ---- the model's name ---------------------------------------------------------------------
 
+  // Asking and uploading wait for the model: until then the server would answer 503.
+  function setReady(ready) {
+    state.ready = ready;
+    for (const id of ["pick-files", "pick-folder"]) $(id).disabled = !ready;
+    setBusy(Boolean(state.controller));
+  }
+
   async function loadModel() {
     let health = null;
     try {
@@ -97,10 +105,12 @@
       return;
     }
     if (health.status === "loading") {
-      $("model-name").textContent = (health.model || "model") + " (loading…)";
+      $("model-name").textContent = "loading the model…";
+      setReady(false);
       setTimeout(loadModel, HEALTH_RETRY_MS);
       return;
     }
+    setReady(health.status !== "error"); // "error": /v1/models below says why, in one line
     try {
       const models = await (await api("/v1/models")).json();
       const model = (models.data || [])[0] || {};
@@ -131,6 +141,7 @@
   }
 
   async function upload(files) {
+    if (!state.ready) return; // a drop while the model loads: the buttons say it is not time yet
     files = files.filter((f) => !SKIP_NAME.test(f.name) && f.size > 0);
     if (!files.length) {
       showError("That folder holds no files to upload.");
@@ -264,7 +275,7 @@
   }
 
   function setBusy(busy) {
-    $("send").disabled = busy;
+    $("send").disabled = busy || !state.ready;
     $("stop").disabled = !busy;
     $("answer").setAttribute("aria-busy", String(busy));
     $("send").textContent = busy ? "Answering…" : "Send";
@@ -382,7 +393,7 @@
     $("ask-form").addEventListener("submit", (event) => {
       event.preventDefault();
       const text = question.value.trim();
-      if (text && !state.controller) ask(text);
+      if (text && state.ready && !state.controller) ask(text);
     });
     question.addEventListener("keydown", (event) => {
       if (event.key === "Enter" && !event.shiftKey && !event.isComposing) {
