@@ -5,6 +5,7 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+DEBS    := chromium orthanc orthanc-dicomweb dcmtk
 
 .PHONY: install test test-all demo bench bench-quick clean
 
@@ -18,12 +19,15 @@ $(BIN)/python:
 # pip is configured with one); from PyPI alone, Linux x86_64 gets the CUDA build (several GB with its
 # nvidia-* wheels), macOS and Windows a CPU one. Installed first, it is the torch `.[export]` keeps.
 $(STAMP): pyproject.toml | $(BIN)/python
-	@# tests/test_kiosk.py drives Debian's headless Chromium (`playwright install` would download one).
-	@# As root (CI) a failed install stops make; as another user it is said, and the kiosk tests
-	@# fail unless MEDGEMMA_EDGE_ALLOW_NO_BROWSER=1.
-	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && apt-get install -y -qq chromium)
-	@command -v chromium >/dev/null || echo 'chromium is missing (apt-get install chromium as root): tests/test_kiosk.py' \
-		'fails without it unless MEDGEMMA_EDGE_ALLOW_NO_BROWSER=1'
+	@# Real components the tests drive (Debian's packages, never a download of their own): chromium
+	@# for the kiosk page (tests/test_kiosk.py), Orthanc with its DICOMweb plugin as the PACS and
+	@# dcmtk as a modality (tests/test_node*.py). As root (CI) a failed install stops make; as another
+	@# user it is said, and the tests that need them fail.
+	@missing=$$(for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	  else echo "missing Debian packages:" $$missing "(apt-get install them as root): the tests that use them fail"; fi; \
+	fi
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[export,dev,serve]'
 	touch $(STAMP)

@@ -1,5 +1,5 @@
 """The README and docs quote the benchmark report; this renders what they quote, from
-benchmarks/results/results.json and onnx_text.json, so a number cannot drift from its report.
+benchmarks/results/results.json, onnx_text.json and node.json, so a number cannot drift from its report.
 
     python -m benchmarks.quotes --check   # exit 1 naming every stale or unknown block
     python -m benchmarks.quotes --write   # rewrite every block from the results
@@ -53,6 +53,14 @@ class Results:
         import json
 
         return json.loads((self.folder / "onnx_text.json").read_text())
+
+    @cached_property
+    def node(self) -> dict | None:
+        """benchmarks.bench_node's node.json; None until it has been run."""
+        import json
+
+        path = self.folder / "node.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _command(data: dict) -> str:
@@ -167,8 +175,22 @@ def onnx_text(res: Results, link: str) -> list[str]:
             f"{rounds} alternating rounds of {tokens} tokens, medians ([report]({report}))."]
 
 
+def node(res: Results, link: str) -> list[str]:
+    from benchmarks.node_report import goals as node_goals
+    from benchmarks.report import goals_table
+
+    data = res.node
+    report = os.path.join(os.path.dirname(link), "NODE.md")
+    if not data:
+        return ["Not measured yet: `python -m benchmarks.bench_node` measures it (4B shape) and writes "
+                "benchmarks/results/node.json and NODE.md."]
+    return [*goals_table(node_goals(data)), "",
+            f"`{data['command']}`, {data['date']}, {data['machine']['cpu']} "
+            f"({', '.join(data['machine'].get('simd', []))}) ([report]({report}))."]
+
+
 BLOCKS = {"machine": machine, "headline": headline, "goals": goals, "vision-encode": vision_encode,
-          "decode": decode, "busy": busy, "onnx-text": onnx_text}
+          "decode": decode, "busy": busy, "onnx-text": onnx_text, "node": node}
 
 
 def render(name: str, res: Results, doc: Path, root: Path) -> str:

@@ -47,7 +47,7 @@ def load_schema(name_or_path) -> dict:
 @dataclass(frozen=True)
 class TaskOptions:
     """What a preset and a caller's explicit options settle for one question."""
-    system: str | None  # None: the caller's own default (ask: the model card's advice; the server: none)
+    system: str | None  # None: the caller's own default (ask and the server: presets.card_system)
     max_new_tokens: int
     think: bool | None  # None: not asked for either way
     json_schema: dict | None  # loaded and parsed

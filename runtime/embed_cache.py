@@ -231,6 +231,11 @@ class EmbeddingCache:
         if self._dir_fd is not None and 0 < len(data) <= self.disk_limit:
             self._write(_BLOB + key, np.frombuffer(data, dtype=np.uint8))
 
+    def drop_blob(self, key: str) -> None:
+        """Delete the blob stored under `key`, if any (a paused preparation's partial state)."""
+        if self._dir_fd is not None:
+            self._drop(self._name(_BLOB + key))
+
     def _read(self, digest: str, blob: bool = False) -> np.ndarray | None:
         if self._dir_fd is None:
             return None

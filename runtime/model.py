@@ -24,6 +24,7 @@ from medgemma_edge.runtime.errors import BundleError, BusyError, InputError
 from medgemma_edge.runtime.machine import OthersLoad, resolve_threads, threads_beside
 from medgemma_edge.runtime.memory import peak_rss_mb
 from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
+from medgemma_edge.runtime.prepare_steps import prepare_steps
 from medgemma_edge.runtime.preprocess import DEFAULT_FIT, IMAGE_SIZE
 from medgemma_edge.runtime.reply import Reply, Response, Stats
 from medgemma_edge.runtime.vision_choice import choose_vision
@@ -209,13 +210,27 @@ class Model:
         """Do the image work of `messages` ahead of the question: decode, window, resize, encode every
         image into the image cache and evaluate the prompt up to the end of the images; with a disk
         image cache that evaluated prefix is saved too, so a later question about the same study,
-        with the same system prompt, in any process, starts at the question (runtime/prefill.py)."""
+        with the same system prompt, in any process, starts at the question (runtime/prefill.py).
+        `prepare_steps` run to the end under one hold of the model's lock."""
         _check_image_options(think, max_slices, fit, window)
-        stats = Stats(load_s=self.load_s)
         with self._serialized():
-            prefill.prefill(self, messages, think=think, window=window, max_slices=max_slices, fit=fit,
-                            stats=stats, prefix_only=True)
-        return stats
+            for step in prepare_steps(self, messages, think=think, window=window, max_slices=max_slices, fit=fit,
+                                      hold_lock=False):
+                pass
+        return step.stats
+
+    def prepare_steps(self, messages, *, think: bool = False, window=None, max_slices: int = DEFAULT_MAX_SLICES,
+                      fit: str | None = None, should_pause=None):
+        """`prepare` as a generator of `PrepareStep`s, each doing at most one image encode or one image
+        block's evaluation while it holds the model's lock, so other callers can go between steps
+        (runtime/prepare_steps.py). should_pause(): someone waits for the model; between blocks the
+        partial state is then saved and the step says interleave=True. Without it (or while it says
+        False) a step may say interleave=False: let no one else use the model before the next step."""
+        _check_image_options(think, max_slices, fit, window)
+        if should_pause is not None and not callable(should_pause):
+            raise InputError(f"should_pause must be a callable or None, got {type(should_pause).__name__}")
+        return prepare_steps(self, messages, think=think, window=window, max_slices=max_slices, fit=fit,
+                             should_pause=should_pause)
 
     # -- answers -------------------------------------------------------------------------------
     def next_token_logits(self, messages, *, think: bool = False, window=None,

@@ -81,13 +81,23 @@ def prefix_key(model, keys: list) -> str:
     return h.hexdigest()
 
 
-def reuse(model, prompt: Prompt, stats: Stats) -> int:
-    """Positions of `prompt` already in the cache: the in-memory prefix, or one restored from disk."""
+def held(model, prompt: Prompt, stop: int | None = None) -> int:
+    """Positions of `prompt` (at most `stop`) that the engine still holds, never ending inside an
+    image block; the engine's tail beyond them is dropped."""
     engine = model.engine
     keep = engine.sync_prefix(prompt.keys)
     for s, e in prompt.runs:  # an image block is evaluated whole or not at all
         if s < keep < e:
             keep = engine.truncate(s)
+    if stop is not None and keep > stop:
+        keep = engine.truncate(stop)
+    return keep
+
+
+def reuse(model, prompt: Prompt, stats: Stats) -> int:
+    """Positions of `prompt` already in the cache: the in-memory prefix, or one restored from disk."""
+    engine = model.engine
+    keep = held(model, prompt)
     end = prompt.image_prefix
     if keep < end and model.image_cache is not None:
         data = model.image_cache.get_blob(prefix_key(model, prompt.keys[:end]))
@@ -112,46 +122,52 @@ def encode(model, prompt: Prompt, keep: int, stats: Stats) -> dict[int, np.ndarr
     return {i: emb for i, (_, emb, _) in found.items()}
 
 
-def evaluate(model, prompt: Prompt, keep: int, embeddings: dict, stats: Stats, *, stop: int | None = None) -> None:
-    """Evaluate positions keep..stop (default: the whole prompt), saving the image prefix to disk
-    when this call evaluated it."""
-    engine, ids, keys = model.engine, prompt.ids, prompt.keys
-    stop = len(ids) if stop is None else stop
-    end = prompt.image_prefix
-    save = model.image_cache is not None and keep < end <= stop
+def eval_block(model, prompt: Prompt, pos: int, i: int, emb: np.ndarray) -> int:
+    """Evaluate the text from `pos` up to image block i, then the block; return the block's end."""
+    s, e = prompt.runs[i]
+    if pos < s:
+        model.engine.eval_tokens(prompt.ids[pos:s])
+    model.engine.eval_embeddings(emb, prompt.keys[s:e])
+    return e
+
+
+def save_prefix(model, prompt: Prompt) -> None:
+    """Save the evaluated image prefix (the engine holds exactly it) in the image cache's disk
+    folder, unless it is there already; nothing without a disk folder."""
+    cache = model.image_cache
+    if cache is None or cache.dir is None:
+        return
+    key = prefix_key(model, prompt.keys[:prompt.image_prefix])
+    if not cache.has_blob(key):
+        cache.put_blob(key, model.engine.save_state())
+
+
+def evaluate(model, prompt: Prompt, keep: int, embeddings: dict, stats: Stats) -> None:
+    """Evaluate positions keep.. of the prompt, saving the image prefix to disk when this call
+    evaluated it."""
+    ids = prompt.ids
     t0 = time.perf_counter()
     pos = keep
     for i, (s, e) in enumerate(prompt.runs):
-        if e <= pos:
-            continue
-        if pos < s:
-            engine.eval_tokens(ids[pos:s])
-        engine.eval_embeddings(embeddings[i], keys[s:e])
-        pos = e
-    if save:
-        key = prefix_key(model, keys[:end])
-        if not model.image_cache.has_blob(key):
-            model.image_cache.put_blob(key, engine.save_state())
-    if pos < stop:
-        engine.eval_tokens(ids[pos:stop])
+        if e > pos:
+            pos = eval_block(model, prompt, pos, i, embeddings[i])
+    if keep < prompt.image_prefix:
+        save_prefix(model, prompt)
+    if pos < len(ids):
+        model.engine.eval_tokens(ids[pos:])
     dt = time.perf_counter() - t0
     stats.prompt_tokens, stats.reused_tokens = len(ids), keep
-    stats.prefill_tok_s = round((stop - keep) / dt, 2) if dt > 0 and stop > keep else None
+    stats.prefill_tok_s = round((len(ids) - keep) / dt, 2) if dt > 0 and len(ids) > keep else None
 
 
-def prefill(model, messages, *, think, window, max_slices, fit, stats: Stats, reserve: int = 1,
-            prefix_only: bool = False) -> Prompt:
-    """All four steps; with prefix_only, stop after the image prefix (preparing a study)."""
+def prefill(model, messages, *, think, window, max_slices, fit, stats: Stats, reserve: int = 1) -> Prompt:
+    """All four steps. (Preparing a study, which stops after the image prefix, is
+    runtime/prepare_steps.py, on the same helpers.)"""
     prompt = render(model, messages, think=think, window=window, max_slices=max_slices, fit=fit, stats=stats)
-    stop = prompt.image_prefix if prefix_only else len(prompt.ids)
-    if prefix_only and stop and model.image_cache is not None \
-            and model.image_cache.has_blob(prefix_key(model, prompt.keys[:stop])):
-        stats.images, stats.restored_tokens = len(prompt.views), stop  # prepared before: nothing to do
-        return prompt
-    model.engine.reserve(stop + reserve, grow=model.auto_context)
+    model.engine.reserve(len(prompt.ids) + reserve, grow=model.auto_context)
     keep = reuse(model, prompt, stats)
     embeddings = encode(model, prompt, keep, stats)
-    evaluate(model, prompt, min(keep, stop), embeddings, stats, stop=stop)
+    evaluate(model, prompt, keep, embeddings, stats)
     return prompt
 
 

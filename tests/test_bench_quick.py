@@ -64,3 +64,23 @@ def test_quick_onnx_text_benchmark(tmp_path):
     assert all(g["paired"] and g["value"] for g in data["goals"]), data["goals"]
     assert "genai Generator int8" in (tmp_path / "ONNX_TEXT.md").read_text()
     assert '"/' not in (tmp_path / "onnx_text.json").read_text(), "onnx_text.json records an absolute path"
+
+
+@pytest.mark.slow
+def test_quick_node_benchmark(tmp_path):
+    """benchmarks.bench_node on tiny: one receive round into the node's spool and into Orthanc, then an
+    X-ray and a small CT through `medgemma-edge serve --dicom-port`, each prepared before its question."""
+    from benchmarks.bench_node import main
+
+    data = main(["--quick", "--rounds", "1", "--stable-s", "0.5", "--idle-s", "0.5", "--out", str(tmp_path)])
+    rec = data["receive"]
+    assert rec["counts"] == {"node": rec["expected"], "orthanc": rec["expected"]}, rec
+    assert rec["paired"]["n"] == 1 and rec["paired"]["median"] > 0, rec
+    for kind in ("xray", "ct"):
+        q = data["questions"][kind]
+        s = q["server"]
+        assert q["ttft_s"] > 0 and q["ready_after_s"] >= 0.5, (kind, q)
+        assert s["reused_tokens"] > 0 and not s["image_encode_s"], f"{kind}: asked before it was prepared: {s}"
+    assert [g["status"] for g in data["goals"]] and all(g["value"] for g in data["goals"]), data["goals"]
+    assert "## Receive throughput" in (tmp_path / "NODE.md").read_text()
+    assert '"/' not in (tmp_path / "node.json").read_text(), "node.json records an absolute path"

@@ -99,3 +99,42 @@ def test_nothing_identifying_escapes(tmp_path, caplog, capfd, pydicom_debug, cas
     assert not chatter, f"{case}: decoder libraries logged {chatter[:3]}"
     # pydicom's logger is back to normal afterwards.
     assert not logging.getLogger("pydicom").disabled
+
+
+def test_quiet_pydicom_holds_across_overlapping_threads():
+    """The node reads headers on several threads: one reader leaving must not unsilence another
+    still inside, and the last one out restores the filters as they were (no lasting 'ignore')."""
+    import threading
+    import warnings
+
+    from medgemma_edge.runtime.dicom.read import quiet_pydicom
+
+    before = warnings.filters[:]
+    inside, leave_a, leave_b = threading.Event(), threading.Event(), threading.Event()
+    caught = []
+
+    def a():
+        with quiet_pydicom():
+            inside.set()
+            leave_a.wait(10)
+
+    def b():
+        inside.wait(10)
+        with quiet_pydicom():
+            leave_a.set()
+            thread_a.join(10)  # A has left; B is still inside
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.warn("PHI^CANARY in a pydicom warning")
+            caught.extend(seen)
+            leave_b.set()
+
+    thread_a, thread_b = threading.Thread(target=a), threading.Thread(target=b)
+    thread_a.start(), thread_b.start()
+    thread_b.join(20)
+    assert leave_b.is_set() and not thread_b.is_alive()
+    assert not caught, "a warning escaped a reader that was still inside quiet_pydicom"
+    assert warnings.filters == before, "the filters were not restored"
+    with warnings.catch_warnings(record=True) as seen:  # and outside, warnings are heard again
+        warnings.simplefilter("always")
+        warnings.warn("heard")
+    assert seen

@@ -150,7 +150,7 @@ def test_a_taken_port_is_one_line(tiny_bundle_f32, gate, capsys):
 
 def test_allow_host_reaches_the_config(monkeypatch, tiny_bundle_f32):
     seen = []
-    monkeypatch.setattr(runner, "serve", lambda backend, config: seen.append(config))
+    monkeypatch.setattr(runner, "serve", lambda backend, config, node=None: seen.append(config))
     with pytest.raises(SystemExit):
         main.main(["serve", "-m", str(tiny_bundle_f32), "--allow-host", "kiosk.local", "--allow-host", "pc2"],
                   prog_name="medgemma-edge")

@@ -128,7 +128,11 @@ def test_text_longer_than_the_context_can_hold_is_refused_before_tokenizing(serv
     r = httpx.post(server.url + "/v1/chat/completions", json=_ask("x" * (bound + 1)), timeout=120)
     assert "cannot fit" in _openai_error(r, 400)["message"] and tokenized == []
     # At the bound the text may still fit as far as the server can tell: the model decides (and refuses).
-    r = httpx.post(server.url + "/v1/chat/completions", json=_ask("lung " * (bound // 5)), timeout=120)
+    # The server adds the default system prompt (runtime.presets.card_system) to a chat without one.
+    from medgemma_edge.runtime.presets import card_system
+
+    question = "lung " * ((bound - len(card_system(False))) // 5)
+    r = httpx.post(server.url + "/v1/chat/completions", json=_ask(question), timeout=120)
     assert "context" in _openai_error(r, 400)["message"] and tokenized, "the model never saw the prompt"
 
 

@@ -249,7 +249,10 @@ def test_tool_history_round_trip(servers):
     from medgemma_edge.server.translate import chat_request
 
     backend, front, alone = servers
-    first = [{"role": "user", "content": "Chest pain since this morning. Check the troponin."}]
+    # An empty system turn: the prompt holds the tool list alone, not the server's default system
+    # prompt before it (with that, this random model's second answer happens not to depend on the result).
+    first = [{"role": "system", "content": ""},
+             {"role": "user", "content": "Chest pain since this morning. Check the troponin."}]
     call = {"messages": first, "tools": [LAB_TOOL], "max_tokens": 48,
             "tool_choice": {"type": "function", "function": {"name": "lookup_lab"}}}
     turn1 = {url: httpx.post(url + "/v1/chat/completions", json=call, timeout=120).json() for url in (front, alone)}

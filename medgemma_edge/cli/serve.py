@@ -11,11 +11,13 @@ from pathlib import Path
 import click
 
 from medgemma_edge.extras import require_extra
+from medgemma_edge.node.config import NodeConfig
 from medgemma_edge.runtime.errors import InputError
 
 # The defaults live in medgemma_edge/server/config.py; repeated here as literals so that --help
 # does not import the server (Starlette) — tests/test_server.py checks the two agree.
 DEFAULTS = {"port": 8080, "max_queue": 8, "max_body_mb": 128, "max_images": 128}
+NODE = NodeConfig(port=0)  # the node's defaults (node/config.py imports neither Starlette nor pydicom)
 
 
 @click.command()
@@ -53,12 +55,37 @@ DEFAULTS = {"port": 8080, "max_queue": 8, "max_body_mb": 128, "max_images": 128}
 @click.option("--context", type=click.IntRange(min=256), default=None,
               help="context length in tokens (default: grows to what each prompt needs)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dicom-port", type=click.IntRange(0, 65535), default=None,
+              help="also run a DICOM node on this port: studies pushed by a PACS or a modality are prepared "
+                   "in the background and listed at /v1/studies (docs/node.md)")
+@click.option("--dicom-ae", default=NODE.ae_title, show_default=True, help="the node's AE title")
+@click.option("--dicom-allow", "dicom_allow", multiple=True, metavar="AE@HOST",
+              help="only these senders may store (repeatable); needed when --host is not loopback")
+@click.option("--spool", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="where received instances are kept (owner-only; default: the cache folder's node-spool)")
+@click.option("--spool-gb", type=click.FloatRange(min=0, min_open=True), default=NODE.spool_gb, show_default=True,
+              help="spool size limit; a full spool refuses C-STORE with out-of-resources and deletes nothing")
+@click.option("--stable-s", type=click.FloatRange(min=0), default=NODE.stable_s, show_default=True,
+              help="a study with no new instance for this long is prepared")
+@click.option("--prepare", type=click.Choice(["auto", "off"]), default=NODE.prepare, show_default=True,
+              help="prepare arrived studies in the background (off: the first question does)")
+@click.option("--max-slices", type=click.IntRange(min=1), default=NODE.max_slices, show_default=True,
+              help="most slices of a CT/MR series the node prepares (the sampling rule of `ask`); a question "
+                   "about a study takes the same")
+@click.option("--results-to", default=None, metavar="AE@HOST:PORT",
+              help="store answers as draft SRs to this DICOM peer (C-STORE)")
+@click.option("--dicomweb", default=None, metavar="URL",
+              help="the PACS's DICOMweb root: pull studies not in the spool, and STOW-RS drafts without --results-to")
+@click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="append one JSON line per node event (no patient values) to this file")
 def serve(bundle, host, port, api_key_file, max_queue, max_body_mb, max_images, image_cache, cors_origin,
-          allow_hosts, upstream, upstream_key_file, upstream_model, upstream_kind, threads, context, device):
+          allow_hosts, upstream, upstream_key_file, upstream_model, upstream_kind, threads, context, device,
+          dicom_port, dicom_ae, dicom_allow, spool, spool_gb, stable_s, prepare, max_slices, results_to, dicomweb,
+          audit_log):
     """Serve BUNDLE over HTTP: OpenAI's /v1/chat/completions with images and DICOM, and a kiosk page at /.
 
     The port answers at once; /health says "loading" (and chat answers 503 with Retry-After)
-    until the model is loaded."""
+    until the model is loaded. With --dicom-port a DICOM node runs beside it, sharing the model."""
     require_extra("serve", "serve")  # before anything loads: one line, not uvicorn's ImportError
     from medgemma_edge.server.config import ServerConfig, read_api_key
 
@@ -68,12 +95,31 @@ def serve(bundle, host, port, api_key_file, max_queue, max_body_mb, max_images, 
     if bundle is None and upstream is None:
         raise InputError("no bundle given — pass -m BUNDLE (a folder made by `medgemma-edge export`), set "
                          "MEDGEMMA_EDGE_MODEL, or pass --upstream URL")
+    node = None
+    if dicom_port is not None:
+        node = node_config(dicom_port, host, dicom_ae, dicom_allow, spool, spool_gb, stable_s, prepare, max_slices,
+                           results_to, dicomweb, audit_log)
+        if upstream is not None:
+            raise InputError("--dicom-port prepares studies with the local model: give -m BUNDLE, not --upstream")
+        if image_cache is None:  # prepared prefixes must outlive the process: they live beside the spool
+            image_cache = node.spool_dir / "image-cache"
     upstream_key = read_api_key(upstream_key_file) if upstream_key_file else None
     backend = make_backend(bundle, upstream, threads=threads, context=context, device=device, image_cache=image_cache,
                            upstream_key=upstream_key, upstream_model=upstream_model, upstream_kind=upstream_kind)
     from medgemma_edge.server.runner import serve as run
 
-    run(backend, config)
+    run(backend, config, node=node)
+
+
+def node_config(port, host, ae, allow, spool, spool_gb, stable_s, prepare, max_slices, results_to, dicomweb,
+                audit_log):
+    """The checked NodeConfig of the `serve` flags (InputError, one line, before any port opens)."""
+    from medgemma_edge.node.config import parse_peer
+
+    return NodeConfig(port=port, ae_title=ae, host=host, allow=tuple(parse_peer(p, port=False) for p in allow),
+                      spool=spool, spool_gb=spool_gb, stable_s=stable_s, prepare=prepare, max_slices=max_slices,
+                      results_to=parse_peer(results_to, port=True) if results_to else None, dicomweb=dicomweb,
+                      audit_log=audit_log).check()
 
 
 def make_backend(bundle, upstream, *, threads=None, context=None, device="auto", image_cache=None,

@@ -10,6 +10,7 @@
     translate.py  OpenAI request -> runtime messages and options; data: URLs; upload ids
     chat.py       /v1/chat/completions, joined or as server-sent events; the text bounds
     images.py     /v1/images uploads: decode, preview (uploads.py: the in-memory store)
+    studies.py    the DICOM node's worklist, previews, study questions and drafts (node/)
     worker.py     the single model thread and its bounded queue
     state.py      what the routes share: backend or its loader, worker, uploads, config
     http.py       a request's JSON body (depth-bounded), noticing a client that left

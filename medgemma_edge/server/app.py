@@ -14,12 +14,14 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import FileResponse, JSONResponse
 from starlette.routing import Route
 
+from medgemma_edge.runtime.errors import MedGemmaEdgeError
 from medgemma_edge.server.chat import chat_completions
 from medgemma_edge.server.config import ServerConfig
 from medgemma_edge.server.errors import error_response, response_for
 from medgemma_edge.server.images import create_image, get_image, get_preview
 from medgemma_edge.server.middleware import AccessLog, ApiKey, BodyLimit, HostCheck
 from medgemma_edge.server.state import ServerState
+from medgemma_edge.server.studies import create_result, get_result, get_study, list_studies, study_preview
 
 KIOSK = Path(__file__).parent / "kiosk"
 _ASSET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a file name in kiosk/, nothing that walks out of it
@@ -37,16 +39,23 @@ KIOSK_HEADERS = {
 }
 
 
-def build_app(backend, config: ServerConfig | None = None) -> Starlette:
+def build_app(backend, config: ServerConfig | None = None, node=None) -> Starlette:
     """The server for `backend` (a Backend, or a zero-argument callable returning one: it is then
     loaded on the worker while the port already answers). Serve it with uvicorn, or with
-    `medgemma_edge.server.serve` / `ServerThread`."""
+    `medgemma_edge.server.serve` / `ServerThread`. node: a NodeConfig (node/config.py) to run the
+    DICOM node beside it (its spool is opened now; it listens while the app runs)."""
     config = (config or ServerConfig()).check()
-    state = ServerState(backend, config)
+    state = ServerState(backend, config, node)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        state.start()
+        try:
+            state.start()
+        except MedGemmaEdgeError as err:  # the DICOM port cannot be had: one line, the server stops
+            if state.on_load_failure is None:  # an app's ServerThread: it says the server did not start
+                raise
+            state.load_failure = err  # `serve` stops and raises it: one line, exit 2
+            state.on_load_failure()
         try:
             yield
         finally:
@@ -59,6 +68,11 @@ def build_app(backend, config: ServerConfig | None = None) -> Starlette:
         Route("/v1/images", create_image, methods=["POST"]),
         Route("/v1/images/{image_id}", get_image, methods=["GET"]),
         Route("/v1/images/{image_id}/preview.png", get_preview, methods=["GET"]),
+        Route("/v1/studies", list_studies, methods=["GET"]),
+        Route("/v1/studies/{study_uid}", get_study, methods=["GET"]),
+        Route("/v1/studies/{study_uid}/preview.png", study_preview, methods=["GET"]),
+        Route("/v1/results", create_result, methods=["POST"]),
+        Route("/v1/results/{result_id}", get_result, methods=["GET"]),
         Route("/", kiosk_page, methods=["GET"]),
         Route("/kiosk/{asset}", kiosk_asset, methods=["GET"]),
     ]
@@ -79,7 +93,8 @@ async def health(request):
     state = request.app.state.medgemma
     backend = state.backend
     return JSONResponse({"status": state.status, "queue": state.worker.waiting,
-                         "model": getattr(backend, "model_id", None), "notice": getattr(backend, "notice", None)})
+                         "model": getattr(backend, "model_id", None), "notice": getattr(backend, "notice", None),
+                         "node": state.node is not None})
 
 
 async def models(request):

@@ -67,6 +67,12 @@ class LocalBackend:
                            max_slices=options.get("max_slices", DEFAULT_MAX_SLICES),
                            fit=options.get("fit"))
 
+    def prepare_steps(self, messages, options, should_pause=None):
+        """`prepare` in bounded steps, for the worker's background lane (runtime/prepare_steps.py)."""
+        return self.model.prepare_steps(messages, window=options.get("window"),
+                                        max_slices=options.get("max_slices", DEFAULT_MAX_SLICES),
+                                        fit=options.get("fit"), should_pause=should_pause)
+
 
 def prompt_char_bound(model) -> int | None:
     """The most characters of prompt text that could fit `model`'s context; None when the context

@@ -13,6 +13,13 @@ An answer holding `box_2d` about the request's one picture (not a series) also g
 message (streamed: on the final chunk's delta), each box also in pixels of the picture as sent
 (runtime/boxes.py). OpenAI's clients keep such unknown fields (`model_extra`).
 
+About a study of the DICOM node (server/studies.py): a study the chat names that the node lacks is
+pulled from its --dicomweb server first; while the answer encodes images still missing, the stream
+sends chunks with an empty delta and `medgemma_edge.progress` {"done", "total"} before the first
+token (a plain answer just waits). The question and answer are kept (RecentAnswers) for POST
+/v1/results; with `"medgemma_edge": {"store_result": true}` the answer is queued as a draft SR at
+once, and `medgemma_edge.result` (on the last chunk when streamed) is the draft's status.
+
 Size: every body is bounded by --max-body-mb (middleware.BodyLimit), an allowance sized for
 images. A chat's text gets no share of it: the body's bytes outside its image data: URLs must fit
 `max_text_mb` (413), and its text — every turn, with what tools add to the system turn — at most
@@ -24,12 +31,15 @@ from __future__ import annotations
 
 import json
 import secrets
+import threading
 import time
 
+import anyio.to_thread
 from starlette.responses import JSONResponse
 
 from medgemma_edge.server.errors import ApiError, as_api_error, error_body, response_for
 from medgemma_edge.server.http import read_json, watch_disconnect
+from medgemma_edge.server.studies import Answer, Progress, check_store, prefetch, question_text, store, study_run
 from medgemma_edge.server.translate import chat_request
 from medgemma_edge.server.worker import DONE
 
@@ -41,15 +51,17 @@ async def chat_completions(request):
     server = request.app.state.medgemma
     try:
         body = await read_json(request)
-        chat = chat_request(body, server.uploads, max_images=server.config.max_images,
-                            max_tokens=server.config.max_tokens)
         backend = server.require_backend()
+        await prefetch(body, server.node)
+        chat = chat_request(body, server.uploads, max_images=server.config.max_images,
+                            max_tokens=server.config.max_tokens, node=server.node)
         check_text_size(chat, len(await request.body()), server.config, backend)
-        job = server.submit(lambda cancelled: backend.chat(chat.messages, chat.options, cancelled))
+        check_store(chat, server.node)
+        job = _submit(server, backend, chat)
     except Exception as err:
         return response_for(err)
     watcher = watch_disconnect(request, server.worker, job)
-    meta = _Meta(backend.model_id, getattr(backend, "notice", None))
+    meta = _Meta(backend.model_id, getattr(backend, "notice", None), _after(server, chat))
     streaming = False  # once the EventStream owns the job, it closes it
     try:
         first = await job.next()
@@ -65,6 +77,48 @@ async def chat_completions(request):
     finally:
         if not streaming:
             _close(server, job, watcher)
+
+
+def _submit(server, backend, chat):
+    if not chat.studies:
+        return server.submit(lambda cancelled: backend.chat(chat.messages, chat.options, cancelled))
+    node = server.node
+    for uid in dict.fromkeys(chat.studies):
+        node.event("asked", uid, key_id=server.key_id)
+    submitted, jobs = threading.Event(), []
+
+    def push(item):  # on the worker, while the answer encodes
+        if submitted.wait(5):
+            jobs[0].push(item)
+
+    jobs.append(server.submit(study_run(backend, chat, node, push)))
+    submitted.set()
+    return jobs[0]
+
+
+def _after(server, chat):
+    """What runs once a chat about a study is answered: keep it for POST /v1/results, and with
+    store_result queue the draft; the extras it adds to the answer's medgemma_edge."""
+    if not chat.studies:
+        return None
+    study_uid = chat.studies[0] if len(set(chat.studies)) == 1 else None
+
+    async def after(completion_id: str, content: str) -> dict:
+        for uid in dict.fromkeys(chat.studies):
+            server.node.answered(uid)
+        if study_uid is None:
+            return {}
+        answer = Answer(question_text(chat.messages), content, study_uid)
+        server.answers.add(completion_id, answer)
+        if not chat.store_result:
+            return {}
+        try:
+            return {"result": await anyio.to_thread.run_sync(store, server, server.node, answer)}
+        except Exception as err:  # the answer stands; the draft's failure is said beside it
+            api = as_api_error(err)
+            return {"result": {"id": None, "state": "failed", "attempts": 0, "error": api.message}}
+
+    return after
 
 
 def check_text_size(chat, body_bytes: int, config, backend) -> None:
@@ -87,9 +141,15 @@ def _text_chars(content) -> int:
 
 
 class _Meta:
-    def __init__(self, model_id: str, notice: str | None):
+    def __init__(self, model_id: str, notice: str | None, after=None):
         self.id, self.created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
-        self.model, self.notice = model_id, notice
+        self.model, self.notice, self.after = model_id, notice, after
+
+    async def finished(self, content: str | None) -> dict:
+        """The extras `after` adds once the answer is whole (None: a tool call, nothing to keep)."""
+        if self.after is None or content is None:
+            return {}
+        return await self.after(self.id, content)
 
     def extras(self, last) -> dict:
         stats = last.stats.as_dict() if last.stats is not None else None
@@ -125,9 +185,10 @@ def _as_call(tools, text: str, finish_reason: str):
 async def _joined(job, item, meta: _Meta, tools=None) -> dict:
     pieces, last = [], None
     while item is not DONE:
-        pieces.append(item.text)
-        if item.finish_reason is not None:
-            last = item
+        if not isinstance(item, Progress):
+            pieces.append(item.text)
+            if item.finish_reason is not None:
+                last = item
         item = await job.next()
     if last is None:
         raise ApiError(503, "the answer was cancelled before it finished")
@@ -138,17 +199,24 @@ async def _joined(job, item, meta: _Meta, tools=None) -> dict:
     boxes = _boxes(last) if call is None else None
     if boxes:
         message["boxes"] = boxes
+    extras = {**meta.extras(last), **await meta.finished(content if call is None else None)}
     return {"id": meta.id, "object": "chat.completion", "created": meta.created, "model": meta.model,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage(last), "medgemma_edge": meta.extras(last)}
+            "usage": usage(last), "medgemma_edge": extras}
 
 
 async def _events(job, item, meta: _Meta, include_usage: bool, tools=None):
     extra = {"usage": None} if include_usage else {}
     yield meta.chunk({"role": "assistant", "content": ""}, **extra)
     last, held = None, None if tools is None else ""  # held: text kept back while it may be a call
+    sent = []
     try:
         while item is not DONE:
+            if isinstance(item, Progress):
+                yield meta.chunk({}, medgemma_edge={"progress": {"done": item.done, "total": item.total}}, **extra)
+                item = await job.next()
+                continue
+            sent.append(item.text)
             if held is not None and item.text:
                 held += item.text
                 if held.lstrip() and not held.lstrip().startswith("{"):  # a plain answer: stream it
@@ -171,7 +239,8 @@ async def _events(job, item, meta: _Meta, include_usage: bool, tools=None):
         delta = {"content": held} if call is None else {"tool_calls": [{"index": 0, **call}]}
         yield meta.chunk(delta, **extra)
     boxes = _boxes(last) if call is None else None
-    yield meta.chunk({"boxes": boxes} if boxes else {}, finish_reason, medgemma_edge=meta.extras(last), **extra)
+    extras = {**meta.extras(last), **await meta.finished("".join(sent) if call is None else None)}
+    yield meta.chunk({"boxes": boxes} if boxes else {}, finish_reason, medgemma_edge=extras, **extra)
     if include_usage:
         yield sse({"id": meta.id, "object": "chat.completion.chunk", "created": meta.created, "model": meta.model,
                    "choices": [], "usage": usage(last)})

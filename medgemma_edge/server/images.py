@@ -28,6 +28,7 @@ from medgemma_edge.server.errors import INTERNAL, ApiError, response_for
 from medgemma_edge.server.http import read_json
 from medgemma_edge.server.translate import decode_data_url, image_options, is_dicom
 from medgemma_edge.server.uploads import Upload
+from medgemma_edge.server.worker import Cancelled
 
 log = logging.getLogger("medgemma_edge.server")
 _ID = re.compile(r"[0-9a-f]{32}")
@@ -59,10 +60,7 @@ async def create_image(request):
     except Exception as err:
         return response_for(err)
     upload = server.uploads.add(pictures, options.get("fit"))
-    try:
-        server.submit(_encoder(backend, upload), background=True)
-    except ApiError:  # the queue filled meanwhile: the chat will encode it
-        upload.status = "ready"
+    server.worker.submit_steps(*_encoder(backend, upload))  # the background lane: never refused
     return JSONResponse(upload.created())
 
 
@@ -101,17 +99,22 @@ def decode(blobs: list[tuple[str, bytes]], options: dict) -> list[Picture]:
 def preview_png(upload: Upload, image_size: int, fit: str | None) -> bytes:
     """PNG of what the model sees: the one view, or a labelled contact sheet of a series."""
     if upload.preview is None:
-        pixels = [p.pixels for p in upload.pictures]
-        kwargs = {"fit": fit} if fit else {}
-        if len(pixels) == 1:
-            sheet = model_view(pixels, image_size, threads=1, **kwargs)[0]
-        else:
-            views = model_view(pixels, min(image_size, SHEET_TILE), threads=1, **kwargs)
-            sheet = contact_sheet(views, [p.label for p in upload.pictures])
-        out = io.BytesIO()
-        Image.fromarray(np.ascontiguousarray(sheet)).save(out, format="PNG")
-        upload.preview = out.getvalue()
+        upload.preview = sheet_png(upload.pictures, image_size, fit)
     return upload.preview
+
+
+def sheet_png(pictures: list[Picture], image_size: int, fit: str | None) -> bytes:
+    """The one picture's model view, or a labelled contact sheet of several, as PNG bytes."""
+    pixels = [p.pixels for p in pictures]
+    kwargs = {"fit": fit} if fit else {}
+    if len(pixels) == 1:
+        sheet = model_view(pixels, image_size, threads=1, **kwargs)[0]
+    else:
+        views = model_view(pixels, min(image_size, SHEET_TILE), threads=1, **kwargs)
+        sheet = contact_sheet(views, [p.label for p in pictures])
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(sheet)).save(out, format="PNG")
+    return out.getvalue()
 
 
 def _upload(request):
@@ -125,21 +128,28 @@ def _missing():
 
 
 def _encoder(backend, upload):
-    """The background job: encode the upload's pictures into the image cache, record the outcome."""
+    """The background task (the worker's lane): encode the upload's pictures into the image cache,
+    step by step where the backend can (a question then waits one encode at most, not a whole
+    series); record the outcome. (make_steps, on_step, on_done) for `Worker.submit_steps`."""
     messages = [{"role": "user", "content": [{"type": "image", "image": list(upload.pictures)}]}]
     options = {"fit": upload.fit} if upload.fit else {}
 
-    def run(cancelled):
-        try:
-            backend.prepare(messages, options)
+    def make_steps(should_pause):
+        if hasattr(backend, "prepare_steps"):
+            return backend.prepare_steps(messages, options, should_pause)
+        backend.prepare(messages, options)  # no model here (upstream): one step
+        return ()
+
+    def on_done(err):
+        if err is None or isinstance(err, Cancelled):  # cancelled (shutdown): the chat would encode it
             upload.status = "ready"
-        except MedGemmaEdgeError as err:
+        elif isinstance(err, MedGemmaEdgeError):
             upload.status, upload.error = "error", str(err)
-        except Exception as err:
+        else:
             log.error("encoding an upload failed: %s", type(err).__name__)
             upload.status, upload.error = "error", INTERNAL
 
-    return run
+    return make_steps, None, on_done
 
 
 async def _from_form(request, max_files: int):

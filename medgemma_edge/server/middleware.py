@@ -8,6 +8,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 import time
 
 from medgemma_edge.server.errors import INTERNAL, error_body
@@ -33,6 +34,14 @@ async def drain(receive, limit: int = DRAIN_BYTES) -> None:
         if message["type"] != "http.request" or not message.get("more_body"):
             return
         seen += len(message.get("body", b""))
+
+
+_STUDY_PATH = re.compile(r"^(/v1/studies/)[^/]+")
+
+
+def logged_path(path: str) -> str:
+    """The path as the log shows it: a study UID (it can identify a patient's study) left out."""
+    return _STUDY_PATH.sub(r"\1UID", path)
 
 
 class AccessLog:
@@ -61,7 +70,8 @@ class AccessLog:
             if status is None:
                 await send_error(send_logged, 500, INTERNAL)
         finally:
-            log.info("%s %s %s %.3fs", scope["method"], scope["path"], status or "-", time.perf_counter() - t0)
+            log.info("%s %s %s %.3fs", scope["method"], logged_path(scope["path"]), status or "-",
+                     time.perf_counter() - t0)
 
 
 class HostCheck:

@@ -46,13 +46,18 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(backend, config: ServerConfig | None = None) -> None:
+def serve(backend, config: ServerConfig | None = None, node=None) -> None:
     """Serve `backend` until interrupted (Ctrl-C / SIGTERM stop it cleanly). `backend` may be a
     loader (build_app): the port answers at once (/health "loading", chat 503) while it loads; if
-    loading fails, the server stops and the loader's error is raised here."""
+    loading fails, the server stops and the loader's error is raised here. node: a NodeConfig, to
+    run the DICOM node beside it (build_app); a DICOM port that cannot be had stops it the same way."""
     config = (config or ServerConfig()).check()
     sock = listening_socket(config.host, config.port)
-    app = build_app(backend, config)
+    try:
+        app = build_app(backend, config, node)
+    except BaseException:
+        sock.close()
+        raise
     server = uvicorn.Server(_uvicorn_config(app, config, logging_config()))
     state = app.state.medgemma
     state.on_load_failure = lambda: setattr(server, "should_exit", True)

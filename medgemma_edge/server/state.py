@@ -1,4 +1,5 @@
-"""What the routes share: the backend (or its loader), the model worker, the uploads, the limits."""
+"""What the routes share: the backend (or its loader), the model worker, the uploads, the limits,
+and the DICOM node when `serve --dicom-port` runs one (its answers kept for POST /v1/results)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import logging
 
 from medgemma_edge.runtime.errors import MedGemmaEdgeError
 from medgemma_edge.server.config import ServerConfig
+from medgemma_edge.node.audit import key_id
 from medgemma_edge.server.errors import INTERNAL, ApiError
+from medgemma_edge.server.studies import Previews, RecentAnswers
 from medgemma_edge.server.uploads import UploadStore
 from medgemma_edge.server.worker import Job, QueueFull, Worker
 
@@ -14,7 +17,7 @@ log = logging.getLogger("medgemma_edge.server")
 
 
 class ServerState:
-    def __init__(self, backend, config: ServerConfig):
+    def __init__(self, backend, config: ServerConfig, node_config=None):
         self.config = config
         # A zero-argument callable is a loader, run on the worker so the port answers (503,
         # /health "loading") while a large bundle loads.
@@ -25,13 +28,25 @@ class ServerState:
         self.on_load_failure = None  # callable(): `serve` stops the server then (one line, exit 2)
         self.worker = Worker(config.max_queue)
         self.uploads = UploadStore(config.uploads_kept, int(config.uploads_mb * (1 << 20)))
+        self.node = None  # the DICOM node (node/node.py); its spool is opened now, it listens at start()
+        if node_config is not None:
+            from medgemma_edge.node.node import Node
+
+            self.node = Node(node_config, self)
+        self.answers = RecentAnswers()
+        self.previews = Previews()
+        self.key_id = key_id(config.api_key)  # what the audit writes for the key, never the key
 
     def start(self) -> None:
         self.worker.start()
         if self.loader is not None and self.backend is None:
             self.worker.submit(self._load, background=True)
+        if self.node is not None:  # receives now; prepares once the model is loaded (Node.tick)
+            self.node.start()
 
     def stop(self) -> None:
+        if self.node is not None:
+            self.node.stop()
         self.worker.stop()
 
     def _load(self, cancelled) -> None:

@@ -1,8 +1,14 @@
 """OpenAI's chat request in, the runtime's messages and options out (runtime/chat.py's format).
 
 Everything a client can get wrong is caught here with a 400 naming the field, before the request
-takes a place in the model's queue. Images arrive as data: URLs (PNG, JPEG, DICOM) or as
-`medgemma-edge:image/<id>` (an upload); the server never fetches a URL.
+takes a place in the model's queue. Images arrive as data: URLs (PNG, JPEG, DICOM), as
+`medgemma-edge:image/<id>` (an upload), or, with a DICOM node, as `medgemma-edge:study/<UID>` /
+`medgemma-edge:series/<UID>` and Google's `image_dicom` part (the node's files; server/studies.py
+pulls what it lacks from its --dicomweb server first); the server never fetches a URL itself.
+
+A chat with no system message and no preset gets the model card's default system prompt
+(runtime.presets.card_system: images or text), the one rule `ask` and the node use, so a question
+about a study the node prepared starts at the saved prefix.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from dataclasses import dataclass, field
 from medgemma_edge.runtime.dicom.windows import parse_window
 from medgemma_edge.runtime.errors import InputError
 from medgemma_edge.runtime.preprocess import FITS
+from medgemma_edge.runtime.presets import card_system
 from medgemma_edge.runtime.sources import is_dicom_path
+from medgemma_edge.node.studies import SERIES, STUDY
 from medgemma_edge.server.errors import ApiError
 from medgemma_edge.server.tools import Tools, call_text, parse_tools, response_schema, result_text
 from medgemma_edge.server.uploads import UPLOAD_SCHEME
@@ -39,6 +47,8 @@ class ChatRequest:
     image_bytes: int = 0  # length of the body's image data: URLs (the rest is text: MAX_TEXT_MB)
     uploads: list[str] = field(default_factory=list)
     tools: Tools | None = None  # the answer may be a tool call (server/tools.py)
+    studies: list[str] = field(default_factory=list)  # UIDs of the node's studies the chat names
+    store_result: bool = False  # the answer goes to the PACS as a draft (medgemma_edge.store_result)
 
 
 def decode_data_url(url, param: str) -> tuple[str, bytes]:
@@ -90,8 +100,9 @@ def image_options(fields: dict, where: str = "") -> dict:
     return out
 
 
-def chat_request(body, uploads, *, max_images: int, max_tokens: int) -> ChatRequest:
-    """Check an OpenAI chat.completions body and translate it; ApiError(400) for the first fault."""
+def chat_request(body, uploads, *, max_images: int, max_tokens: int, node=None) -> ChatRequest:
+    """Check an OpenAI chat.completions body and translate it; ApiError(400) for the first fault.
+    node: the DICOM node whose studies the chat may name (None: the server has none)."""
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object with 'messages'")
     for name in _UNSUPPORTED:
@@ -100,6 +111,8 @@ def chat_request(body, uploads, *, max_images: int, max_tokens: int) -> ChatRequ
     if body.get("n") not in (None, 1):
         raise ApiError(400, "n must be 1: this server gives one answer per request", "n")
     request = ChatRequest(messages=[], options=_options(body, max_tokens))
+    request.store_result = _flag((body.get("medgemma_edge") or {}).get("store_result", False),
+                                 "medgemma_edge.store_result")
     request.stream = _flag(body.get("stream", False), "stream")
     stream_options = body.get("stream_options") or {}
     if not isinstance(stream_options, dict):
@@ -124,7 +137,9 @@ def chat_request(body, uploads, *, max_images: int, max_tokens: int) -> ChatRequ
                 if isinstance(call, dict) and isinstance(call.get("function"), dict):
                     call_names[call.get("id")] = call["function"].get("name")
             message = {**message, "content": call_text(message["tool_calls"], f"messages[{i}]")}
-        request.messages.append(_message(message, i, uploads, request, fits))
+        request.messages.append(_message(message, i, uploads, request, fits, node))
+    if request.studies and "max_slices" not in request.options:  # as the node prepared them
+        request.options["max_slices"] = node.config.max_slices
     _structure(body, request)
     if request.images > max_images:
         raise ApiError(400, f"too many images: {request.images} (this server takes at most {max_images} per "
@@ -158,13 +173,17 @@ def _structure(body: dict, request: ChatRequest) -> None:
     messages = request.messages
     has_system = bool(messages) and messages[0]["role"] == "system"
     extra = request.tools.prompt() if request.tools is not None else None
-    if not has_system and (chosen.system or extra):
-        messages.insert(0, {"role": "system", "content": chosen.system or ""})
-        has_system = True
+    if not has_system:
+        messages.insert(0, {"role": "system", "content": chosen.system or card_system(_has_images(messages))})
     if extra:
         content = messages[0]["content"]
         messages[0] = {"role": "system", "content": (content + "\n\n" + extra).strip() if isinstance(content, str)
                        else [*content, {"type": "text", "text": extra}]}
+
+
+def _has_images(messages: list[dict]) -> bool:
+    return any(isinstance(m["content"], list) and any(i.get("type") == "image" for i in m["content"])
+               for m in messages)
 
 
 def _names_limit(body: dict) -> bool:
@@ -196,12 +215,12 @@ def _options(body: dict, max_tokens: int) -> dict:
     extras = body.get("medgemma_edge")
     if extras is not None:
         if not isinstance(extras, dict):
-            raise ApiError(400, "medgemma_edge must be an object {think, window, fit, max_slices, top_k}",
-                           "medgemma_edge")
-        unknown = set(extras) - {"think", "window", "fit", "max_slices", "top_k"}
+            raise ApiError(400, "medgemma_edge must be an object {think, window, fit, max_slices, top_k, "
+                                "store_result}", "medgemma_edge")
+        unknown = set(extras) - {"think", "window", "fit", "max_slices", "top_k", "store_result"}
         if unknown:
             raise ApiError(400, f"medgemma_edge.{sorted(unknown)[0][:40]} is not an option — use think, window, fit, "
-                                "max_slices or top_k", "medgemma_edge")
+                                "max_slices, top_k or store_result", "medgemma_edge")
         options.update(image_options(extras, "medgemma_edge."))
         if extras.get("think") is not None:
             options["think"] = _flag(extras["think"], "medgemma_edge.think")
@@ -210,7 +229,7 @@ def _options(body: dict, max_tokens: int) -> dict:
     return options
 
 
-def _message(message, i: int, uploads, request: ChatRequest, fits: set) -> dict:
+def _message(message, i: int, uploads, request: ChatRequest, fits: set, node=None) -> dict:
     where = f"messages[{i}]"
     if not isinstance(message, dict):
         raise ApiError(400, f"{where} must be an object {{role, content}}", where)
@@ -238,6 +257,9 @@ def _message(message, i: int, uploads, request: ChatRequest, fits: set) -> dict:
             if isinstance(url, str) and url.startswith(UPLOAD_SCHEME):
                 items.append(_upload_item(url, uploads, param, request, fits))
                 continue
+            if isinstance(url, str) and url.startswith((STUDY, SERIES)):
+                items += _study_items(url, node, param, request)
+                continue
             mime, data = decode_data_url(url, f"{param}.image_url.url")
             request.images += 1
             request.image_bytes += len(url)
@@ -248,6 +270,8 @@ def _message(message, i: int, uploads, request: ChatRequest, fits: set) -> dict:
                 series.append(data)
             else:
                 items.append({"type": "image", "image": data})
+        elif kind == "image_dicom":
+            items += _image_dicom_items(part, node, param, request)
         else:
             raise ApiError(400, f"{param} must be {{\"type\": \"text\"}} or {{\"type\": \"image_url\"}}", param)
     if series:
@@ -268,6 +292,53 @@ def _upload_item(url: str, uploads, param: str, request: ChatRequest, fits: set)
     if upload.fit is not None:
         fits.add(upload.fit)
     return {"type": "image", "image": list(upload.pictures)}
+
+
+def _study_items(url: str, node, param: str, request: ChatRequest) -> list[dict]:
+    """The node's image items for `medgemma-edge:study/UID` or `…:series/UID` (not counted against
+    max_images: they are the node's files, not the body's)."""
+    if node is None:
+        raise ApiError(400, f"{param}: this server has no DICOM node (start it with --dicom-port) — send the "
+                            "images themselves", param)
+    series = url.startswith(SERIES)
+    uid = url[len(SERIES if series else STUDY):]
+    try:
+        study_uid, items = node.study_items(None if series else uid, uid if series else None)
+    except InputError as err:
+        raise ApiError(400, f"{param}: {err}", param) from None
+    request.studies.append(study_uid)
+    return items
+
+
+def _image_dicom_items(part: dict, node, param: str, request: ChatRequest) -> list[dict]:
+    """Google's `image_dicom` part: every URI on the node's --dicomweb server (pulled into the spool
+    before translation); a study or series URI is its series, instance URIs of one series one item."""
+    from medgemma_edge.node.dicomweb import image_dicom_sources
+
+    if node is None or not node.config.dicomweb:
+        raise ApiError(400, f"{param}: image_dicom needs a DICOM node with a DICOMweb server (serve --dicom-port "
+                            "PORT --dicomweb URL)", param)
+    try:
+        sources = image_dicom_sources(part, node.config.dicomweb, f"{param}.image_dicom")
+        items, instances = [], {}
+        for study_uid, series_uid, sop_uid in sources:
+            if sop_uid is None:
+                uid, found = node.study_items(study_uid if series_uid is None else None, series_uid)
+                request.studies.append(uid)
+                items += found
+                continue
+            inst = node.spool.get(sop_uid)
+            if inst is None:
+                raise InputError(f"{param}: the instance is not on this node")
+            if series_uid not in instances:
+                instances[series_uid] = []
+                items.append({"type": "image", "image": instances[series_uid]})
+                request.studies.append(inst.study_uid)
+            instances[series_uid].append(str(inst.path))
+    except InputError as err:
+        message = str(err) if str(err).startswith(param) else f"{param}: {err}"
+        raise ApiError(400, message, param) from None
+    return items
 
 
 def _integer(value, param: str, *, least: int | None) -> int:

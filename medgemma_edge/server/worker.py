@@ -4,6 +4,15 @@ The model answers one caller at a time anyway (`Model` holds a lock); a queue in
 the server say "busy, come back in N s" (429) instead of parking threads on that lock. A job's
 results cross to the event loop through an asyncio queue; `cancel()` (a client went away) drops a
 waiting job at once and stops a running one at its next item.
+
+Background lane (`submit_steps`): long work that can be cut into steps (preparing a study,
+runtime/prepare_steps.py) runs one step at a time, and only while no job waits: a question
+arriving meanwhile waits for the current step, never the whole task. A step that says
+interleave=False (the model holds a half-built state) is followed by the task's next step before
+any job; the task's `should_pause()` (a job waits) asks it to reach a step that says True. Lane
+tasks run in submission order, one at a time, and do not count against --max-queue; their
+outcome goes to `on_done(error)` (None at the end, `Cancelled` when cancelled or stopped), never
+out of the worker.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 log = logging.getLogger("medgemma_edge.server")
 DONE = object()  # the last item of every job
@@ -23,6 +32,10 @@ STOP_WAIT_S = 10.0  # how long shutdown waits for a running job to notice its ca
 
 class QueueFull(Exception):
     """More requests wait than --max-queue allows."""
+
+
+class Cancelled(Exception):
+    """A background task was cancelled, or the worker stopped, before the task's end."""
 
 
 class Job:
@@ -56,10 +69,27 @@ class Job:
         return item
 
 
+class Task:
+    """A background task on the lane: `make_steps(should_pause)` gives its step iterator (made at
+    its first step, on the worker thread); `on_step(step)` after each step, `on_done(error)` once."""
+
+    def __init__(self, make_steps: Callable[[Callable[[], bool]], Iterable], on_step=None, on_done=None):
+        self.make_steps, self.on_step, self.on_done = make_steps, on_step, on_done
+        self._cancel = threading.Event()
+        self.steps: Iterator | None = None
+        self.started = False  # the worker took it up (set under the worker's lock)
+        self.interleave = True  # its last step left the model free for others
+        self.done = False
+
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+
 class Worker:
     def __init__(self, max_queue: int):
         self.max_queue = max_queue
         self._pending: collections.deque[Job] = collections.deque()
+        self._lane: collections.deque[Task] = collections.deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -78,8 +108,32 @@ class Worker:
             self._cond.notify()
         return job
 
-    def cancel(self, job: Job) -> None:
+    def submit_steps(self, make_steps, on_step=None, on_done=None) -> Task:
+        """Queue a background task on the lane (module docstring); from any thread. Never refused:
+        on a stopped worker its on_done gets Cancelled at once."""
+        task = Task(make_steps, on_step, on_done)
+        with self._cond:
+            stopping = self._stopping
+            if not stopping:
+                self._lane.append(task)
+                self._cond.notify()
+        if stopping:
+            self._report(task, Cancelled())
+        return task
+
+    def cancel(self, job: Job | Task) -> None:
+        """Cancel a job or a lane task: dropped at once if it has not started, else stopped at its
+        next item or step."""
         job._cancel.set()
+        if isinstance(job, Task):
+            with self._cond:
+                unstarted = not job.started and job in self._lane
+                if unstarted:
+                    self._lane.remove(job)
+                self._cond.notify()
+            if unstarted:
+                self._report(job, Cancelled())
+            return
         with self._cond:
             if job in self._pending:  # never started: free its place now
                 self._pending.remove(job)
@@ -95,7 +149,13 @@ class Worker:
 
     @property
     def busy(self) -> bool:
+        """A request is answered or waits (background tasks yield to requests: not counted)."""
         return self.running is not None or bool(self._pending)
+
+    @property
+    def background(self) -> int:
+        """Lane tasks not finished."""
+        return len(self._lane)
 
     def retry_after(self) -> int:
         """Seconds until a place in the queue is likely free: one job's usual duration."""
@@ -108,26 +168,43 @@ class Worker:
         self._thread.start()
 
     def stop(self) -> None:
+        """Cancel everything; a task in the middle of its steps is closed by the worker thread after
+        its current step (its generator runs there)."""
         with self._cond:
             self._stopping = True
             pending, self._pending = list(self._pending), collections.deque()
+            unstarted = [t for t in self._lane if not t.started]
+            for task in self._lane:
+                task._cancel.set()
+            self._lane = collections.deque(t for t in self._lane if t.started)
             if self.running is not None:
                 self.running._cancel.set()
             self._cond.notify_all()
         for job in pending:
             job._cancel.set()
             job.push(DONE)
+        for task in unstarted:
+            self._report(task, Cancelled())
         if self._thread is not None:
             self._thread.join(STOP_WAIT_S)
 
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._pending and not self._stopping:
+                while not self._pending and not self._lane and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
-                    return
-                job = self.running = self._pending.popleft()
+                    break
+                task = self._lane[0] if self._lane else None
+                job = None
+                if self._pending and (task is None or task.interleave or task.cancelled()):
+                    job, task = self._pending.popleft(), None
+                    self.running = job
+                elif task is not None:
+                    task.started = True
+            if task is not None:
+                self._step(task)
+                continue
             t0 = time.perf_counter()
             try:
                 self._run(job)
@@ -135,6 +212,48 @@ class Worker:
                 self._mean_s = 0.8 * self._mean_s + 0.2 * (time.perf_counter() - t0)
                 with self._cond:
                     self.running = None
+        for task in list(self._lane):  # stopping: the started task, whose generator lives here
+            self._finish(task, Cancelled())
+
+    def _step(self, task: Task) -> None:
+        """One step of the lane's first task; its end, failure or cancellation finishes it."""
+        if task.cancelled():
+            self._finish(task, Cancelled())
+            return
+        try:
+            if task.steps is None:
+                task.steps = iter(task.make_steps(lambda: bool(self._pending)))
+            step = next(task.steps)
+            task.interleave = getattr(step, "interleave", True) is not False
+            if task.on_step is not None:
+                task.on_step(step)
+        except StopIteration:
+            self._finish(task, None)
+        except BaseException as err:  # the task's outcome, never the worker's end
+            self._finish(task, err)
+
+    def _finish(self, task: Task, error: BaseException | None) -> None:
+        close = getattr(task.steps, "close", None)
+        if close is not None:  # a paused preparation lets go of its partial state now
+            try:
+                close()
+            except Exception as err:
+                log.error("closing a background task failed: %s", type(err).__name__)
+        with self._cond:
+            if task in self._lane:
+                self._lane.remove(task)
+        self._report(task, error)
+
+    @staticmethod
+    def _report(task: Task, error: BaseException | None) -> None:
+        if task.done:
+            return
+        task.done = True
+        if task.on_done is not None:
+            try:
+                task.on_done(error)
+            except Exception as err:
+                log.error("a background task's on_done failed: %s", type(err).__name__)
 
     @staticmethod
     def _run(job: Job) -> None:

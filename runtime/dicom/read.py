@@ -90,9 +90,11 @@ class _Stream:
 _quiet_lock = threading.Lock()
 _quiet_depth = 0  # nested/concurrent readers: the outermost one restores the loggers
 _quiet_saved: dict[logging.Logger, bool] = {}
+_quiet_filters: list = []  # the warning filters to restore when the last reader leaves
 # pydicom and its decoder plugins log through child loggers too ("pydicom.pixels.decoders.base");
 # a child's records reach the root handlers even when the parent is disabled, so each is.
-_QUIET_LOGGERS = ("pydicom", "pylibjpeg", "openjpeg", "_openjpeg", "libjpeg", "rle")
+# highdicom (the node's draft reports) logs the UIDs of the headers it copies at INFO.
+_QUIET_LOGGERS = ("pydicom", "pylibjpeg", "openjpeg", "_openjpeg", "libjpeg", "rle", "highdicom")
 
 
 def _library_loggers() -> list[logging.Logger]:
@@ -103,17 +105,20 @@ def _library_loggers() -> list[logging.Logger]:
 @contextlib.contextmanager
 def quiet_pydicom():
     """No pydicom warning or log record escapes while reading: they may quote patient values."""
-    global _quiet_depth
+    global _quiet_depth, _quiet_filters
+    # One depth count for every thread (the node reads headers on several): the outermost entry
+    # silences, the last exit restores. warnings.catch_warnings() per call would not do: it saves
+    # and restores the process-wide filter list, so overlapping threads undo each other's silence.
     with _quiet_lock:
         if _quiet_depth == 0:
             for logger in _library_loggers():
                 _quiet_saved[logger] = logger.disabled
                 logger.disabled = True
+            _quiet_filters = warnings.filters[:]
+            warnings.simplefilter("ignore")
         _quiet_depth += 1
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
+        yield
     finally:
         with _quiet_lock:
             _quiet_depth -= 1
@@ -121,6 +126,8 @@ def quiet_pydicom():
                 for logger, was in _quiet_saved.items():
                     logger.disabled = was
                 _quiet_saved.clear()
+                warnings.filters[:] = _quiet_filters
+                getattr(warnings, "_filters_mutated", lambda: None)()  # what catch_warnings calls on exit
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-// The kiosk page: upload an image to POST /v1/images, show what the model sees, stream the answer
-// from POST /v1/chat/completions. Plain browser JavaScript, no build step, nothing fetched from
-// outside this server. The HTTP API is the one in README.md's "## Server" section.
+// The kiosk page: upload an image to POST /v1/images (or pick a study from the worklist:
+// worklist.js), show what the model sees, stream the answer from POST /v1/chat/completions.
+// Plain browser JavaScript, no build step, nothing fetched from outside this server. The HTTP API
+// is the one in docs/server.md.
 "use strict";
 
 (() => {
@@ -16,6 +17,7 @@
     modelId: null,
     ready: false, // the server has a model: asking and uploading are allowed
     image: null, // the POST /v1/images answer of the current upload
+    study: null, // or a study of the worklist: {url, caption} (worklist.js)
     files: [], // kept so a new CT window can re-upload them
     upload: 0, // bumped per upload, so a slow older upload cannot overwrite a newer one
     previewUrl: null,
@@ -149,6 +151,8 @@
     }
     const seq = ++state.upload;
     state.files = files;
+    state.study = null;
+    if (kiosk.onImage) kiosk.onImage();
     clearError();
     setImageStatus(`Uploading ${files.length === 1 ? files[0].name : files.length + " files"}…`);
     const form = new FormData();
@@ -172,12 +176,16 @@
     // fetched (not <img src>) so the API key travels with it
     const blob = await (await api(image.preview)).blob();
     if (seq !== state.upload) return;
+    showPreviewBlob(blob, describeImage(image));
+  }
+
+  function showPreviewBlob(blob, caption) {
     if (state.previewUrl) URL.revokeObjectURL(state.previewUrl);
     state.previewUrl = URL.createObjectURL(blob);
     const img = $("preview-img");
-    img.alt = "What the model sees: " + describeImage(image);
+    img.alt = "What the model sees: " + caption;
     img.src = state.previewUrl;
-    $("preview-caption").textContent = "What the model sees: " + describeImage(image);
+    $("preview-caption").textContent = "What the model sees: " + caption;
     $("preview").hidden = false;
     $("clear-image").hidden = false;
   }
@@ -205,6 +213,8 @@
   function clearImage() {
     state.upload++;
     state.image = null;
+    state.study = null;
+    if (kiosk.onImage) kiosk.onImage();
     state.files = [];
     if (state.previewUrl) URL.revokeObjectURL(state.previewUrl);
     state.previewUrl = null;
@@ -283,7 +293,8 @@
 
   async function ask(question) {
     const content = [];
-    if (state.image) content.push({ type: "image_url", image_url: { url: state.image.url } });
+    const url = state.study ? state.study.url : state.image && state.image.url;
+    if (url) content.push({ type: "image_url", image_url: { url } });
     content.push({ type: "text", text: question });
     const maxTokens = parseInt($("max-tokens").value, 10);
     const request = {
@@ -303,7 +314,9 @@
     state.controller = new AbortController();
     setBusy(true);
     answer.scrollIntoView({ block: "nearest" }); // on a phone the answer is below the fold
-    const result = { pieces: 0, finish: null, usage: null, stats: null };
+    const result = { pieces: 0, finish: null, usage: null, stats: null, id: null };
+    const study = state.study;
+    if (kiosk.onAsk) kiosk.onAsk();
     try {
       const response = await api("/v1/chat/completions", {
         method: "POST",
@@ -313,6 +326,7 @@
       });
       await readEvents(response.body, (chunk) => {
         if (chunk.error) throw new Error("Error: " + (chunk.error.message || "the answer failed"));
+        result.id = chunk.id || result.id;
         for (const choice of chunk.choices || []) {
           const text = (choice.delta || {}).content;
           if (text) {
@@ -326,9 +340,13 @@
         if (extra) {
           showNotice(extra.notice);
           if (extra.stats) result.stats = extra.stats;
+          if (extra.progress) { // a study not prepared yet: its images are encoded first
+            $("stats").textContent = `Preparing the images: ${extra.progress.done} of ${extra.progress.total}…`;
+          }
         }
       });
       $("stats").textContent = describeStats(result);
+      if (study && result.id && kiosk.onAnswer) kiosk.onAnswer(result.id);
     } catch (err) {
       if (err.name === "AbortError") {
         $("stats").textContent = "Stopped.";
@@ -405,6 +423,11 @@
 
     loadModel();
   }
+
+  // What worklist.js uses (loaded after this file).
+  const kiosk = { api, state, showError, clearError, setImageStatus, showPreviewBlob, clearImage,
+    onImage: null, onAsk: null, onAnswer: null };
+  window.MedGemmaKiosk = kiosk;
 
   init();
 })();
