@@ -32,14 +32,9 @@ def load_prompts() -> list[dict]:
 
 def render_exchanges(chat_template: str, prompts: list[dict], bos: str = "<bos>") -> list[str]:
     """Each exchange as the model sees it: user turn, then the model's answer."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from medgemma_edge.runtime.chat_template import compile_template
 
-    def raise_exception(msg):
-        raise ValueError(msg)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    tpl = env.from_string(chat_template)
+    tpl = compile_template(chat_template)  # the runtime's sandbox, as transformers renders it
     return [tpl.render(messages=[{"role": "user", "content": p["user"]},
                                  {"role": "assistant", "content": p["answer"]}],
                        bos_token=bos, add_generation_prompt=False) for p in prompts]

@@ -20,7 +20,7 @@ from medgemma_edge.runtime.manifest import read_manifest, write_manifest
 DEMO_NOTICE = ("DEMO MODEL: Gemma 3 270M base with a random vision tower, not MedGemma; "
                "its answers, and anything it says about images, mean nothing. "
                "Export your MedGemma checkpoint and pass -m BUNDLE.")
-DEMO_RECIPE = "2"  # bump when the demo checkpoint or its export changes, so cached demos rebuild
+DEMO_RECIPE = "4"  # bump when the demo checkpoint or its export changes, so cached demos rebuild
 DEMO_QUANT, DEMO_VISION_QUANT = "q8_0", "f16"
 
 

@@ -1,5 +1,9 @@
 """Gemma 3 chat format without jinja: messages → prompt text with image slots, and replies back.
 
+A bundle's prompts are rendered by its own chat template (runtime/chat_template.py, into the same
+parts); `prompt_parts` here is the fallback for a bundle without one, kept in step with the
+checkpoint's template (tests/test_chat_template.py).
+
 Renders exactly what the checkpoint's chat template plus transformers' Gemma3Processor produce:
 `<bos><start_of_turn>user\n{system}\n\n{user}<end_of_turn>\n<start_of_turn>model\n`, text items
 trimmed, every image as `\n\n<start_of_image>` + 256 × `<image_soft_token>` + `<end_of_image>\n\n`.
@@ -165,7 +169,9 @@ STRUCTURAL = (BOS, START_TURN, END_TURN, START_IMAGE, IMAGE_SOFT, END_IMAGE, "<e
 def tokenize_prompt(parts: list[str], tokenize) -> list[int]:
     """Token ids of prompt parts; `tokenize(text, special=bool)` is the bundle's tokenizer. Text
     between markers is tokenized as one run (as a tokenizer splitting at special tokens would),
-    with special tokens off; each marker must be one token of the vocabulary."""
+    with special tokens off; each structural marker must be one token of the vocabulary. Another
+    marker (a spelling a bundle's chat template emitted, such as `<unused5>`) is its token when
+    the vocabulary holds it as one special token, and text otherwise."""
     structural = {}
     for spelled in STRUCTURAL:
         found = tokenize(spelled, special=True)
@@ -178,11 +184,28 @@ def tokenize_prompt(parts: list[str], tokenize) -> list[int]:
         if not isinstance(part, Marker):
             text += part
             continue
-        if part not in marker_ids:
+        if part in marker_ids:
+            tok = marker_ids[part]
+        elif part in STRUCTURAL:
             raise BundleError(f"the bundle's tokenizer has no {part} token — export the bundle again")
-        ids += _text_ids(text, tokenize, structural) + [marker_ids[part]]
+        else:
+            tok = marker_ids[part] = _special_id(part, tokenize)
+        if tok is None:
+            text += part  # not a special token of this vocabulary: the template's own text
+            continue
+        ids += _text_ids(text, tokenize, structural) + [tok]
         text = ""
     return ids + _text_ids(text, tokenize, structural)
+
+
+def _special_id(spelled: str, tokenize) -> int | None:
+    """The id of `spelled` if the vocabulary holds it as one special token (one token with special
+    parsing on, not that token without it; a token plain text also yields stays in the text run,
+    tokenized with its neighbours as a whole-prompt tokenizer would)."""
+    found = tokenize(spelled, special=True)
+    if len(found) == 1 and tokenize(spelled, special=False) != found:
+        return found[0]
+    return None
 
 
 def _text_ids(text: str, tokenize, structural: dict[int, str]) -> list[int]:

@@ -144,7 +144,13 @@ SCHEMA = {
 }
 
 
-def _check_shape(manifest, name: str) -> None:
+def check_manifest(manifest, name: str, *, in_memory: bool = False) -> None:
+    """The shape checks of read_manifest, for a manifest built in memory (runtime/gguf_check.py):
+    there, files are listed by absolute path (they stay where the user keeps them)."""
+    _check_shape(manifest, name, in_memory=in_memory)
+
+
+def _check_shape(manifest, name: str, in_memory: bool = False) -> None:
     if not isinstance(manifest, dict):
         raise BundleError(f"{MANIFEST_NAME} in {name} is not a JSON object — export the bundle again")
     version = manifest.get("format_version")
@@ -166,7 +172,7 @@ def _check_shape(manifest, name: str) -> None:
     roles = []
     for f in manifest["files"]:
         p = PurePosixPath(f["path"])
-        if p.is_absolute() or ".." in p.parts or not f["path"] or f["role"] not in allowed or "\x00" in f["path"]:
+        if (p.is_absolute() and not in_memory) or ".." in p.parts or not f["path"] or f["role"] not in allowed or "\x00" in f["path"]:
             raise BundleError(f"{MANIFEST_NAME} in {name} names {f['path']!r} as {f['role']!r}; only "
                               f"{'/'.join(allowed)} files inside the bundle are allowed — export the bundle again")
         if f["role"] == "vision" and not f.get("quant"):  # runtime/vision_choice chooses by it
@@ -190,18 +196,41 @@ def verify_bundle(bundle_dir, *, hashes: bool = True, remember: Path | None = No
     earlier successful check is not hashed again: the first load of a bundle pays the hash, every
     later one is instant, and a file changed since (copied again, edited) is hashed anew."""
     bundle = Path(bundle_dir)
-    manifest = read_manifest(bundle)
+    return verify_files(bundle, read_manifest(bundle), hashes=hashes, remember=remember)
+
+
+def _stamp_key(path: Path) -> tuple[str, list]:
+    st = path.stat()
+    return str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def remembered_sha256(path: Path, remember: Path | None) -> str:
+    """sha256 of a file, taken from `remember` where an earlier hash of this very file (same size,
+    mtime, inode) is recorded, else computed and recorded there."""
+    path = Path(path)
+    key, stamp = _stamp_key(path)
+    known = read_record(remember) if remember else {}
+    if isinstance(known.get(key), list) and known[key][:3] == stamp and len(known[key]) == 4:
+        return known[key][3]
+    digest = sha256_file(path)
+    if remember:
+        write_record(remember, {**known, key: stamp + [digest]})
+    return digest
+
+
+def verify_files(bundle: Path, manifest: dict, *, hashes: bool = True, remember: Path | None = None) -> dict:
+    """verify_bundle for a manifest already read (files listed relative to `bundle`, or absolute)."""
     known = read_record(remember) if remember else {}
     verified = {}
     for f in manifest["files"]:
         path = bundle / f["path"]
         if not path.is_file():
             raise BundleError(f"bundle file {f['path']} is missing — copy the whole bundle folder again")
-        st = path.stat()
-        if st.st_size != f["size"]:
-            raise BundleError(f"bundle file {f['path']} has {st.st_size} bytes, the manifest says {f['size']} "
+        key, stamp = _stamp_key(path)
+        if stamp[0] != f["size"]:
+            raise BundleError(f"bundle file {f['path']} has {stamp[0]} bytes, the manifest says {f['size']} "
                               "— the copy is incomplete; copy it again")
-        key, stamp = str(path.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino, f["sha256"]]
+        stamp = stamp + [f["sha256"]]
         if not hashes or known.get(key) == stamp:
             continue
         if sha256_file(path) != f["sha256"]:

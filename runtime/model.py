@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from medgemma_edge.runtime import chat as chatfmt
+from medgemma_edge.runtime.chat_template import ChatTemplate
 from medgemma_edge.runtime import constrain
 from medgemma_edge.runtime import generate as gen
 from medgemma_edge.runtime import prefill
@@ -37,8 +39,12 @@ REFIT_TOKENS = 16  # decode steps between looks at the other programs' CPU use
 
 def load(bundle_dir, device: str = "auto", threads: int | None = None, context: int | None = None,
          fit: str = DEFAULT_FIT, image_cache_dir=None, image_cache_mb: float = DEFAULT_DISK_MB,
-         vision: str = "auto", repack: bool = False, lora=()) -> "Model":
+         vision: str = "auto", repack: bool = False, lora=(), mmproj=None) -> "Model":
     """Read and check the bundle's manifest, then build the backend it names.
+
+    bundle_dir: a bundle folder (`medgemma-edge export` or `import`), or a GGUF people already have:
+    a text .gguf with `mmproj` its projector .gguf (text only without it), or "ollama:NAME[:TAG]";
+    those are checked and described in memory as `import` would (runtime/gguf_import.py).
 
     threads: one value for every pool (llama.cpp, the vision encoder, preprocessing, DICOM);
     default the physical cores.
@@ -56,7 +62,7 @@ def load(bundle_dir, device: str = "auto", threads: int | None = None, context: 
     lora: llama.cpp LoRA files (`export SRC --adapter DIR --lora-out FILE`) applied to the text model
     at load; each must be made from this bundle's base checkpoint (GGUF bundles only).
     """
-    from medgemma_edge.runtime.manifest import verify_bundle
+    from medgemma_edge.runtime.gguf_import import open_model_files
 
     if device not in ("auto", "cpu", "cuda"):
         raise InputError(f"unknown device {device!r:.40} — use auto, cpu or cuda")
@@ -71,13 +77,14 @@ def load(bundle_dir, device: str = "auto", threads: int | None = None, context: 
         raise InputError("lora must be a LoRA file path or a list of them")
     if not isinstance(bundle_dir, (str, os.PathLike)):
         raise InputError(f"bundle_dir must be a folder path, got {type(bundle_dir).__name__}")
-    bundle = Path(bundle_dir)
+    if mmproj is not None and not isinstance(mmproj, (str, os.PathLike)):
+        raise InputError(f"mmproj must be a .gguf file path, got {type(mmproj).__name__}")
     # BundleError: missing, unreadable, incomplete or damaged copy. Hashed on the first load only.
     try:
         remember = cache_root() / VERIFIED_FILES
     except OSError:  # no writable cache folder: every load hashes
         remember = None
-    manifest = verify_bundle(bundle, remember=remember)
+    bundle, manifest = open_model_files(bundle_dir, mmproj, remember=remember)
     check_backend(bundle, manifest)
     return Model(bundle, manifest, device=device, threads=threads, context=context, fit=fit,
                  image_cache_dir=image_cache_dir, image_cache_mb=image_cache_mb, vision=vision, repack=repack,
@@ -90,6 +97,8 @@ class Model:
                  repack: bool = False, lora=()):
         t0 = time.perf_counter()
         self.bundle, self.manifest, self.fit, self.device = bundle, manifest, fit, device
+        self.in_memory = any(Path(f["path"]).is_absolute() for f in manifest["files"])  # a .gguf opened directly
+        self._manifest_sha = None
         self.threads = resolve_threads(threads)
         text = next(f for f in manifest["files"] if f["role"] == "text")
         self.auto_context = context is None
@@ -124,6 +133,7 @@ class Model:
         image = manifest.get("image") or {}
         self.image_size = int(image.get("size", IMAGE_SIZE))
         self.image_tokens = int(image.get("tokens_per_image", chatfmt.IMAGE_TOKENS))
+        self.template = ChatTemplate.from_manifest(manifest)  # the bundle's chat template (runtime/chat_template.py)
         self.image_token_id = (manifest.get("special_tokens") or {}).get("image_soft_token")  # None: text-only
         self.demo_notice = manifest.get("demo_notice")
         self.image_cache = None
@@ -169,8 +179,29 @@ class Model:
     # -- images --------------------------------------------------------------------------------
     def require_vision(self) -> None:
         if self.vision_path is None:
-            raise InputError(self.no_vision or "this bundle is text-only and cannot take images — "
-                             "ask without --image, or export a multimodal checkpoint")
+            raise InputError(self.no_vision or self._text_only())
+
+    def _text_only(self) -> str:
+        source = self.manifest.get("source") or {}
+        if source.get("kind") != "imported":
+            return "this bundle is text-only and cannot take images — ask without --image, or export a multimodal checkpoint"
+        from medgemma_edge.runtime.gguf_check import ADD_MMPROJ
+
+        if (self.bundle / "manifest.json").is_file():
+            return (f"this bundle was imported without a vision projector and cannot take images — import "
+                    f"{source.get('path_name')} again with --mmproj, or ask without --image")
+        return f"{source.get('path_name')} has no vision — {ADD_MMPROJ}"
+
+    @property
+    def manifest_sha256(self) -> str:
+        """The manifest's sha256 (it pins every file's): manifest.json's bytes, or for a GGUF opened
+        directly the canonical JSON of its in-memory manifest."""
+        if self._manifest_sha is None:
+            path = self.bundle / "manifest.json"
+            data = path.read_bytes() if path.is_file() and not self.in_memory else \
+                json.dumps(self.manifest, sort_keys=True).encode()
+            self._manifest_sha = hashlib.sha256(data).hexdigest()
+        return self._manifest_sha
 
     def load_vision(self):
         """The vision encoder, opened now (it is otherwise opened by the first image not in the cache)."""

@@ -1,9 +1,10 @@
 """Getting a chat's prompt into the KV cache with as little work as possible.
 
-Four steps, each named: render (messages → token ids with image slots, and the 896² views that
-fill them), reuse (keep what the cache already holds of this prompt, or restore a saved prefix
-from disk), encode (only the images whose blocks still need evaluating; the embedding cache
-answers the rest), evaluate (the missing positions, images as embedding blocks).
+Four steps, each named: render (messages → token ids with image slots, by the bundle's chat
+template (runtime/chat_template.py), and the 896² views that fill them), reuse (keep what the
+cache already holds of this prompt, or restore a saved prefix from disk), encode (only the images
+whose blocks still need evaluating; the embedding cache answers the rest), evaluate (the missing
+positions, images as embedding blocks).
 
 Persistent prefixes: a clinician asks about a study minutes or days after it was prepared. The
 expensive part of that first question is everything up to the end of the study's images (system
@@ -61,7 +62,7 @@ def render(model, messages, *, think: bool, window, max_slices, fit, stats: Stat
         views = list(model_view([s.pixels for s in slots], model.image_size, fit or model.fit,
                                 threads=model.threads))
     stats.preprocess_ms = round((time.perf_counter() - t0) * 1000, 2)
-    parts = chatfmt.prompt_parts(expanded, image_tokens=model.image_tokens, think=think)
+    parts = model.template.parts(expanded, image_tokens=model.image_tokens, think=think)  # the bundle's template
     ids = chatfmt.tokenize_prompt(parts, model.engine.tokenize)
     runs = _image_runs(ids, model.image_token_id) if model.image_token_id is not None else []
     if len(runs) != len(views) or any(e - s != model.image_tokens for s, e in runs):

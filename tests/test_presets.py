@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from medgemma_edge.cli import main
-from medgemma_edge.runtime import chat as chatfmt
+from medgemma_edge.runtime.chat_template import ChatTemplate
 from medgemma_edge.runtime.errors import InputError
 from medgemma_edge.runtime.presets import PRESETS, apply, get_preset
 from medgemma_edge.structured import schema_names
@@ -77,8 +77,8 @@ def test_ask_with_a_preset_puts_its_system_prompt_in_the_prompt(monkeypatch):
     from medgemma_edge.demo import demo_bundle
 
     prompts = []
-    render = chatfmt.prompt_parts
-    monkeypatch.setattr(chatfmt, "prompt_parts", lambda *a, **k: prompts.append(render(*a, **k)) or prompts[-1])
+    render = ChatTemplate.parts  # every prompt is rendered by the bundle's template (runtime/chat_template.py)
+    monkeypatch.setattr(ChatTemplate, "parts", lambda *a, **k: prompts.append(render(*a, **k)) or prompts[-1])
     out = CliRunner().invoke(main, ["ask", "-m", str(demo_bundle(progress=lambda *_: None)), "--threads", "2",
                                     "--preset", "dermatology", "--max-tokens", "2", "Is this mole worrying?"])
     prompt = "".join(prompts[-1])

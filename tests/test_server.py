@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from medgemma_edge.runtime import chat as chatfmt
+from medgemma_edge.runtime.chat_template import ChatTemplate
 from medgemma_edge.runtime.reply import Response, Stats
 from medgemma_edge.server import ServerConfig, ServerThread, build_app
 from medgemma_edge.server.backend import LocalBackend
@@ -108,8 +108,8 @@ def test_plain_and_streamed_answers_agree(client, kind):
 
 def test_series_parts_become_one_volume_with_slice_labels(client, tmp_path, monkeypatch):
     prompts = []
-    render = chatfmt.prompt_parts
-    monkeypatch.setattr(chatfmt, "prompt_parts", lambda *a, **k: prompts.append(render(*a, **k)) or prompts[-1])
+    render = ChatTemplate.parts  # every prompt is rendered by the bundle's template (runtime/chat_template.py)
+    monkeypatch.setattr(ChatTemplate, "parts", lambda *a, **k: prompts.append(render(*a, **k)) or prompts[-1])
     reply = client.chat.completions.create(model="any", max_tokens=2, messages=_ask(
         *map(_dicom_url, _series(tmp_path)), text="Any bleed?"))
     assert reply.model_extra["medgemma_edge"]["stats"]["images"] == 3

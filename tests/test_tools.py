@@ -10,6 +10,7 @@ import openai
 import pytest
 
 from medgemma_edge.runtime import chat as chatfmt
+from medgemma_edge.runtime.chat_template import ChatTemplate
 from medgemma_edge.server import ServerConfig, ServerThread, build_app
 from medgemma_edge.server.backend import LocalBackend
 from medgemma_edge.structured import load_schema
@@ -86,8 +87,8 @@ def test_auto_answers_either_text_or_a_valid_call(client):
 
 def test_tool_results_and_calls_are_rendered_into_the_prompt(client, monkeypatch):
     prompts = []
-    render = chatfmt.prompt_parts
-    monkeypatch.setattr(chatfmt, "prompt_parts", lambda *a, **k: prompts.append(render(*a, **k)) or prompts[-1])
+    render = ChatTemplate.parts  # every prompt is rendered by the bundle's template (runtime/chat_template.py)
+    monkeypatch.setattr(ChatTemplate, "parts", lambda *a, **k: prompts.append(render(*a, **k)) or prompts[-1])
     history = ASK + [
         {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
             "name": "lookup_lab", "arguments": '{"test": "hemoglobin", "unit": "g/dL", "days_back": 7}'}}]},
@@ -104,8 +105,8 @@ def test_tool_results_and_calls_are_rendered_into_the_prompt(client, monkeypatch
 
 def test_the_tool_list_goes_into_the_system_turn(client, monkeypatch):
     prompts = []
-    render = chatfmt.prompt_parts
-    monkeypatch.setattr(chatfmt, "prompt_parts", lambda *a, **k: prompts.append(render(*a, **k)) or prompts[-1])
+    render = ChatTemplate.parts  # every prompt is rendered by the bundle's template (runtime/chat_template.py)
+    monkeypatch.setattr(ChatTemplate, "parts", lambda *a, **k: prompts.append(render(*a, **k)) or prompts[-1])
     client.chat.completions.create(model="any", messages=[{"role": "system", "content": "Be brief."}, *ASK],
                                    tools=[LAB, DOSE], tool_choice="required", max_tokens=2)
     prompt = "".join(prompts[-1])
@@ -154,8 +155,8 @@ def test_bad_tool_and_format_requests_are_400s(server, body, param):
 
 def test_a_preset_sets_system_prompt_length_and_schema(client, monkeypatch):
     prompts = []
-    render = chatfmt.prompt_parts
-    monkeypatch.setattr(chatfmt, "prompt_parts", lambda *a, **k: prompts.append(render(*a, **k)) or prompts[-1])
+    render = ChatTemplate.parts  # every prompt is rendered by the bundle's template (runtime/chat_template.py)
+    monkeypatch.setattr(ChatTemplate, "parts", lambda *a, **k: prompts.append(render(*a, **k)) or prompts[-1])
     # no max_tokens: the preset's answer length, room for the whole JSON
     reply = client.chat.completions.create(model="any", messages=[{"role": "user", "content": "Hb 10.1 g/dL (12-16)"}],
                                            extra_body={"preset": "lab-report"})

@@ -10,6 +10,7 @@ from medgemma_edge.cli.demo import demo
 from medgemma_edge.cli.encode import encode
 from medgemma_edge.cli.export import export_cmd, verify_cmd
 from medgemma_edge.cli.images import preprocess, preview
+from medgemma_edge.cli.imports import import_cmd
 from medgemma_edge.cli.presets import presets_cmd
 from medgemma_edge.cli.serve import serve
 from medgemma_edge.runtime import __version__
@@ -33,5 +34,5 @@ def main():
     """Offline MedGemma: export a checkpoint to a bundle, then ask it about images and DICOM."""
 
 
-for command in (demo, ask, encode, export_cmd, verify_cmd, preprocess, preview, presets_cmd, serve):
+for command in (demo, ask, encode, export_cmd, import_cmd, verify_cmd, preprocess, preview, presets_cmd, serve):
     main.add_command(command)

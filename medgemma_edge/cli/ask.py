@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from medgemma_edge.cli.model_option import model_options
+
 from medgemma_edge.runtime.dicom.windows import WINDOW_HELP
 from medgemma_edge.runtime.errors import InputError
 from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
@@ -19,9 +21,7 @@ from medgemma_edge.runtime.presets import card_system
 
 @click.command()
 @click.argument("prompt")
-@click.option("-m", "--model", "bundle", type=click.Path(path_type=Path), default=None,
-              envvar="MEDGEMMA_EDGE_MODEL", show_envvar=True,
-              help="bundle folder made by `medgemma-edge export`")
+@model_options
 @click.option("--image", "images", multiple=True,
               help="picture, DICOM file or DICOM series folder; repeat for several")
 @click.option("--preset", default=None,
@@ -65,7 +65,7 @@ from medgemma_edge.runtime.presets import card_system
                    "(holds data derived from patient images; off by default)")
 @click.option("--image-cache-mb", type=click.FloatRange(min=1), default=DEFAULT_DISK_MB, show_default=True,
               help="size limit of the --image-cache folder; least recently used images go first")
-def ask(prompt, bundle, images, preset, system, think, json_schema, max_tokens, temperature, top_p, top_k, seed, stats,
+def ask(prompt, bundle, mmproj, images, preset, system, think, json_schema, max_tokens, temperature, top_p, top_k, seed, stats,
         window, max_slices, budget, fit, context, threads, device, vision, repack, image_cache, image_cache_mb, loras):
     """Ask PROMPT, about the given images if any; the answer streams to stdout."""
     from medgemma_edge.runtime.constrain import schema_to_gbnf
@@ -81,7 +81,7 @@ def ask(prompt, bundle, images, preset, system, think, json_schema, max_tokens, 
            max_tokens=chosen.max_new_tokens, json_schema=chosen.json_schema, temperature=temperature,
            top_p=top_p, top_k=top_k, seed=seed, stats=stats, window=window, max_slices=max_slices, fit=fit,
            context=context, threads=threads, device=device, image_cache=image_cache, image_cache_mb=image_cache_mb,
-           budget=budget, vision=vision, repack=repack, lora=loras)
+           budget=budget, vision=vision, repack=repack, lora=loras, mmproj=mmproj)
 
 
 def _fit_budget(model, images, budget, window, fit, max_slices) -> list:
@@ -105,13 +105,13 @@ def _fit_budget(model, images, budget, window, fit, max_slices) -> list:
 def answer(bundle, prompt, images=(), *, system=None, think=False, max_tokens=DEFAULT_MAX_NEW_TOKENS,
            temperature=0.0, top_p=1.0, top_k=0, seed=None, stats=False, window=None, max_slices=DEFAULT_MAX_SLICES,
            fit=None, context=None, threads=None, device="auto", image_cache=None, image_cache_mb=DEFAULT_DISK_MB, budget=None, vision="auto",
-           repack=False, json_schema=None, lora=()) -> None:
+           repack=False, json_schema=None, lora=(), mmproj=None) -> None:
     """Load `bundle`, stream the answer to `prompt` to stdout; what `ask` and `demo` run."""
     import medgemma_edge
 
     model = medgemma_edge.load(bundle, device=device, threads=threads, context=context, fit=fit,
                                image_cache_dir=image_cache, image_cache_mb=image_cache_mb, vision=vision,
-                               repack=repack, lora=lora)
+                               repack=repack, lora=lora, mmproj=mmproj)
     if model.demo_notice:  # on stdout, so it travels with the answer wherever it is piped
         click.echo(f"[{model.demo_notice}]")
     sources = _fit_budget(model, images, budget, window, fit, max_slices) if budget is not None else images
@@ -134,3 +134,7 @@ def answer(bundle, prompt, images=(), *, system=None, think=False, max_tokens=DE
         shown = {"finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
                  "completion_tokens": r.completion_tokens, **r.stats.as_dict()}
         click.echo("stats " + json.dumps(shown), err=True)
+        from medgemma_edge.runtime.gguf_check import imported, no_quality_line
+
+        if imported(model.manifest):
+            click.echo(no_quality_line(model.manifest), err=True)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from medgemma_edge.cli.model_option import model_options
+
 from medgemma_edge.runtime.dicom.windows import WINDOW_HELP
 from medgemma_edge.runtime.embed_cache import DEFAULT_DISK_MB
 from medgemma_edge.runtime.errors import InputError, MedGemmaEdgeError
@@ -34,8 +36,7 @@ def read_worklist(path: Path) -> list[str]:
 
 @click.command()
 @click.argument("paths", nargs=-1, required=True)
-@click.option("-m", "--model", "bundle", type=click.Path(path_type=Path), default=None,
-              envvar="MEDGEMMA_EDGE_MODEL", show_envvar=True, help="bundle folder made by `medgemma-edge export`")
+@model_options
 @click.option("--image-cache", "image_cache", type=click.Path(file_okay=False, path_type=Path), required=True,
               envvar="MEDGEMMA_EDGE_IMAGE_CACHE", show_envvar=True,
               help="where the prepared studies are kept (holds data derived from patient images)")
@@ -49,7 +50,7 @@ def read_worklist(path: Path) -> list[str]:
 @click.option("--vision", default="auto", show_default=True,
               help="vision file to run, as in `ask`: auto trusts the fidelity the export measured on its own "
                    "machine (`medgemma-edge verify` names it)")
-def encode(paths, bundle, image_cache, image_cache_mb, system, window, max_slices, fit, threads, vision):
+def encode(paths, bundle, mmproj, image_cache, image_cache_mb, system, window, max_slices, fit, threads, vision):
     """Prepare PATHS (pictures, DICOM files, series folders, or worklists: .txt files with one
     path a line) so that `ask` with the same --image-cache and system prompt starts at the
     question. Already prepared studies are skipped; a bad file is reported and the batch goes on."""
@@ -61,7 +62,7 @@ def encode(paths, bundle, image_cache, image_cache_mb, system, window, max_slice
     for p in paths:
         items += read_worklist(Path(p)) if Path(p).suffix.lower() in WORKLIST_SUFFIXES else [p]
     model = medgemma_edge.load(bundle, threads=threads, image_cache_dir=image_cache, image_cache_mb=image_cache_mb,
-                               vision=vision)
+                               vision=vision, mmproj=mmproj)
     done = skipped = failed = 0
     t_all = time.perf_counter()
     for i, path in enumerate(items, 1):

@@ -115,6 +115,10 @@ def verify_cmd(bundle):
     total = sum(f["size"] for f in manifest["files"])
     click.echo(f"ok: {len(manifest['files'])} files, {_mb(total)}, match {bundle}/manifest.json")
     _say_where_measured(manifest)
+    from medgemma_edge.runtime.gguf_check import no_quality_line
+
+    if line := no_quality_line(manifest):
+        click.echo(line)
 
 
 def _say_where_measured(manifest: dict) -> None:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from medgemma_edge.cli.model_option import model_options
+
 from medgemma_edge.extras import require_extra
 from medgemma_edge.node.config import NodeConfig
 from medgemma_edge.runtime.errors import InputError
@@ -21,8 +23,7 @@ NODE = NodeConfig(port=0)  # the node's defaults (node/config.py imports neither
 
 
 @click.command()
-@click.option("-m", "--model", "bundle", type=click.Path(path_type=Path), default=None,
-              envvar="MEDGEMMA_EDGE_MODEL", show_envvar=True, help="bundle folder made by `medgemma-edge export`")
+@model_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="address to listen on; anything but loopback needs --api-key-file")
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULTS["port"], show_default=True)
@@ -78,7 +79,7 @@ NODE = NodeConfig(port=0)  # the node's defaults (node/config.py imports neither
               help="the PACS's DICOMweb root: pull studies not in the spool, and STOW-RS drafts without --results-to")
 @click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="append one JSON line per node event (no patient values) to this file")
-def serve(bundle, host, port, api_key_file, max_queue, max_body_mb, max_images, image_cache, cors_origin,
+def serve(bundle, mmproj, host, port, api_key_file, max_queue, max_body_mb, max_images, image_cache, cors_origin,
           allow_hosts, upstream, upstream_key_file, upstream_model, upstream_kind, threads, context, device,
           dicom_port, dicom_ae, dicom_allow, spool, spool_gb, stable_s, prepare, max_slices, results_to, dicomweb,
           audit_log):
@@ -105,7 +106,8 @@ def serve(bundle, host, port, api_key_file, max_queue, max_body_mb, max_images, 
             image_cache = node.spool_dir / "image-cache"
     upstream_key = read_api_key(upstream_key_file) if upstream_key_file else None
     backend = make_backend(bundle, upstream, threads=threads, context=context, device=device, image_cache=image_cache,
-                           upstream_key=upstream_key, upstream_model=upstream_model, upstream_kind=upstream_kind)
+                           upstream_key=upstream_key, upstream_model=upstream_model, upstream_kind=upstream_kind,
+                           mmproj=mmproj)
     from medgemma_edge.server.runner import serve as run
 
     run(backend, config, node=node)
@@ -123,7 +125,7 @@ def node_config(port, host, ae, allow, spool, spool_gb, stable_s, prepare, max_s
 
 
 def make_backend(bundle, upstream, *, threads=None, context=None, device="auto", image_cache=None,
-                 upstream_key=None, upstream_model=None, upstream_kind="auto"):
+                 upstream_key=None, upstream_model=None, upstream_kind="auto", mmproj=None):
     """The upstream engine, or a loader of the local model. The bundle's manifest and files (names,
     sizes) are checked now, so a bad bundle stops with one line before the port opens; the model
     itself (hashes, weights) loads on the server's worker once the port answers."""
@@ -133,16 +135,16 @@ def make_backend(bundle, upstream, *, threads=None, context=None, device="auto",
         return UpstreamBackend(upstream, api_key=upstream_key, model=upstream_model, bundle=bundle, threads=threads,
                                kind=upstream_kind)
     from medgemma_edge.runtime.engines import check_backend
-    from medgemma_edge.runtime.manifest import verify_bundle
+    from medgemma_edge.runtime.gguf_import import open_model_files
 
-    check_backend(Path(bundle), verify_bundle(bundle, hashes=False))
+    check_backend(*open_model_files(bundle, mmproj, hashes=False))
 
     def load():
         import medgemma_edge
         from medgemma_edge.server.backend import LocalBackend
 
         model = medgemma_edge.load(bundle, device=device, threads=threads, context=context,
-                                   image_cache_dir=image_cache)
+                                   image_cache_dir=image_cache, mmproj=mmproj)
         if model.demo_notice:
             click.echo(f"[{model.demo_notice}]", err=True)
         return LocalBackend(model)

@@ -14,7 +14,6 @@ drafts (`store_result`). Errors a client can act on are InputError, one line, no
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 
@@ -214,10 +213,9 @@ class Node:
         """The sha256 of the bundle's manifest (which pins every file's sha256), once known."""
         if self._model_sha is None:
             model = model or getattr(getattr(self.state, "backend", None), "model", None)
-            bundle = getattr(model, "bundle", None)
             try:
-                self._model_sha = hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
-            except (OSError, TypeError):
+                self._model_sha = model.manifest_sha256
+            except (OSError, AttributeError):
                 return None
         return self._model_sha
 

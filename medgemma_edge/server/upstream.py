@@ -29,7 +29,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 from cachetools import LRUCache
 
@@ -213,6 +212,6 @@ def _url_bytes(encoded: list) -> int:
 
 
 def _manifest_image_size(bundle) -> int:
-    from medgemma_edge.runtime.manifest import read_manifest
+    from medgemma_edge.runtime.gguf_import import open_model_files
 
-    return int((read_manifest(Path(bundle)).get("image") or {}).get("size", IMAGE_SIZE))
+    return int((open_model_files(bundle, hashes=False)[1].get("image") or {}).get("size", IMAGE_SIZE))

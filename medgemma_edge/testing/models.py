@@ -20,7 +20,7 @@ from medgemma_edge.testing.tokenizer_gguf import (BOS_ID, END_OF_IMAGE_ID, EOS_I
                                    START_OF_IMAGE_ID, build_tokenizer)
 
 # Bump a model's entry when its recipe changes, so caches everywhere rebuild it (and only it).
-RECIPES = {"gemma3-tokenizer": "2", "tiny": "2", "gemma3-270m": "2", "demo-checkpoint": "3"}
+RECIPES = {"gemma3-tokenizer": "4", "tiny": "4", "gemma3-270m": "4", "demo-checkpoint": "5"}
 SEED = 1234
 
 # Widths are multiples of 256 so llama.cpp's K-quants (256-value super-blocks) apply to every row.

@@ -16,7 +16,9 @@ START_OF_TURN_ID, END_OF_TURN_ID = 105, 106
 START_OF_IMAGE_ID, END_OF_IMAGE_ID, IMAGE_SOFT_TOKEN_ID = 255999, 256000, 262144
 
 # Written for this project; renders the Gemma turn format with the system message folded into the
-# first user turn, images as <start_of_image> (the processor expands each into 256 soft tokens).
+# first user turn, images as <start_of_image> (the processor expands each into 256 soft tokens),
+# and refuses what Gemma 3's and MedGemma's own template refuses: roles that do not alternate
+# user/assistant, content that is neither text nor a list of items.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{%- if messages[0]['role'] == 'system' -%}"
@@ -31,11 +33,14 @@ CHAT_TEMPLATE = (
     "{%- set loop_messages = messages -%}"
     "{%- endif -%}"
     "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 is even) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
     "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
     "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
     "{%- if message['content'] is string -%}"
     "{{ message['content'] | trim }}"
-    "{%- else -%}"
+    "{%- elif message['content'] is iterable -%}"
     "{%- for item in message['content'] -%}"
     "{%- if item['type'] == 'image' -%}"
     "{{ '<start_of_image>' }}"
@@ -43,6 +48,8 @@ CHAT_TEMPLATE = (
     "{{ item['text'] | trim }}"
     "{%- endif -%}"
     "{%- endfor -%}"
+    "{%- else -%}"
+    "{{ raise_exception('Invalid content type') }}"
     "{%- endif -%}"
     "{{ '<end_of_turn>\n' }}"
     "{%- endfor -%}"
