@@ -17,7 +17,7 @@ whatever count the budget keeps, so its cached embedding serves every later plan
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from medgemma_edge.runtime.cache import read_record, write_record
@@ -77,8 +77,13 @@ class SlicePlan:
 
 
 def plan_slices(model, src, budget_s: float, *, window=None, fit=None,
-                max_slices: int = DEFAULT_MAX_SLICES) -> SlicePlan:
-    """The slices of `src` (a series) that fit `budget_s` seconds of image encoding, decoded."""
+                max_slices: int = DEFAULT_MAX_SLICES, level: int | None = None) -> SlicePlan:
+    """The slices of `src` (a series) that fit `budget_s` seconds of image encoding, decoded; for
+    a whole-slide image (level: its --level), its tissue patches (`plan_patches`)."""
+    from medgemma_edge.runtime.wsi import slide_path
+
+    if slide_path(src) is not None:
+        return plan_patches(model, src, budget_s, fit=fit, max_slices=max_slices, level=level)
     from medgemma_edge.runtime.dicom.series import select_indices  # pydicom: only for a series
     from medgemma_edge.runtime.embed_cache import pixel_digest
     from medgemma_edge.runtime.preprocess import model_view
@@ -104,3 +109,31 @@ def plan_slices(model, src, budget_s: float, *, window=None, fit=None,
     count, kept, missing = best
     return SlicePlan(count, len(views), missing, missing * per_image, per_image,
                      as_slices([pictures[i] for i in kept]))
+
+
+def plan_patches(model, src, budget_s: float, *, fit=None, max_slices: int = DEFAULT_MAX_SLICES,
+                 level: int | None = None) -> SlicePlan:
+    """The tissue patches of the slide `src` that fit `budget_s` seconds: as many as the budget
+    pays for at this machine's speed (at most the usual cap), sampled as without a budget. Unlike a
+    series, patches are not decoded beyond those kept (a slide can hold thousands), so patches in
+    the image cache are counted in `to_encode` only after the choice: the count is conservative."""
+    from medgemma_edge.runtime.embed_cache import pixel_digest
+    from medgemma_edge.runtime.preprocess import model_view
+    from medgemma_edge.runtime.wsi import patch_cap, plan_slide, read_patches
+    from medgemma_edge.runtime.wsi.tissue import sample_patches
+
+    if not budget_s > 0:
+        raise InputError("--budget must be a positive number of seconds")
+    plan = plan_slide(src, max_slices=max_slices, level=level)
+    per_image = model.encode_speed.seconds()
+    if per_image is None:  # time one patch: the first sampled one
+        first = model_view(read_patches(replace(plan, sampled=plan.sampled[:1])), model.image_size,
+                           fit or model.fit, threads=model.threads)
+        model.image_embeddings(first[0])
+        per_image = model.encode_speed.seconds() or 60.0
+    count = max(1, min(patch_cap(max_slices), len(plan.tissue), int(budget_s // per_image)))
+    plan = replace(plan, sampled=sample_patches(plan.tissue, count))
+    pictures = read_patches(plan)
+    views = model_view(pictures, model.image_size, fit or model.fit, threads=model.threads)
+    missing = sum(model.image_cache is None or model.image_cache.get(pixel_digest(v))[0] is None for v in views)
+    return SlicePlan(len(pictures), len(plan.tissue), missing, missing * per_image, per_image, pictures)

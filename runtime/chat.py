@@ -86,7 +86,8 @@ def image_sources(messages) -> list:
 
 
 def expand_images(messages, load_pictures) -> tuple[list[dict], list[ImageSlot]]:
-    """Decode every image item; a DICOM series becomes its slices, each followed by its label."""
+    """Decode every image item; a DICOM series (or a PDF) becomes its slices (pages), each followed
+    by its label (and a page's text)."""
     out, slots = [], []
     for msg in check_messages(messages):
         if msg.get("role") == "system" or isinstance(msg.get("content"), str):
@@ -103,8 +104,10 @@ def expand_images(messages, load_pictures) -> tuple[list[dict], list[ImageSlot]]
             for pic in load_pictures(src):
                 slots.append(ImageSlot(source=src, pixels=pic.pixels))
                 items.append({"type": "image"})
-                if pic.label:
-                    items.append({"type": "text", "text": pic.label})
+                # One item: the template joins items with nothing between them.
+                said = "\n\n".join(t for t in (pic.label, pic.text) if t)
+                if said:
+                    items.append({"type": "text", "text": said})
         out.append({**msg, "content": items})
     return out, slots
 

@@ -18,6 +18,7 @@ class Picture:
     pixels: np.ndarray  # (H, W, 3) uint8 RGB
     label: str | None = None  # text that follows the image in the prompt, e.g. "SLICE 3"
     window: str | None = None  # the CT window it was made with (preset name or HU ranges); None: not windowed CT
+    text: str | None = None  # a PDF page's text layer, given after the label ("[PAGE 2 TEXT]\n…"; runtime/pdf.py)
 
 
 def as_slices(pictures: list[Picture]) -> list[Picture]:

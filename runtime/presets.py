@@ -1,6 +1,10 @@
 """Named presets for the model card's tasks: system prompt, answer length, thinking, and for
 localization the shipped JSON schema of the answer.
 
+`longitudinal-cxr` (a prior X-ray beside the current one) follows Google's notebook instead
+(notebooks/cxr_longitudinal_comparison_with_hugging_face.ipynb): no system prompt, 600 tokens,
+and its prompt as the default question (`ask --preset longitudinal-cxr --image NOW --prior THEN`).
+
 System prompts follow the card's guidance ("You are an expert radiologist." for image tasks, "You
 are a helpful medical assistant." for text); the card evaluated single-turn, greedy answers.
 Thinking (MedGemma 1.5 / 27B) is on for text questions, where the 1.5 release reports it helps,
@@ -17,16 +21,22 @@ from medgemma_edge.runtime.errors import InputError
 
 RADIOLOGIST = "You are an expert radiologist."  # the model card's system prompt for image tasks
 ASSISTANT = "You are a helpful medical assistant."  # ... and for text tasks
+# Google's longitudinal CXR notebook's prompt, verbatim (medgemma_edge/longitudinal.py cites it).
+LONGITUDINAL_CXR = ("Provide a comparison of these two images and include details from\n"
+                    "the image which students should take note of when reading longitudinal CXR\n")
+
+LAB_REPORT = "Read every test result of this lab report."  # lab-report's question when PROMPT is left out
 
 
 @dataclass(frozen=True)
 class Preset:
     name: str
     task: str  # one line for `medgemma-edge presets`
-    system: str
+    system: str | None  # None: none of its own (with a prior image: no system prompt at all)
     max_new_tokens: int
     think: bool = False
     json_schema: str | None = None  # a shipped schema's name (medgemma_edge/schemas/NAME.json)
+    question: str | None = None  # what `ask` asks when no PROMPT is given
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -38,10 +48,15 @@ PRESETS = {p.name: p for p in (
            json_schema="cxr_findings"),
     Preset("localize", "boxes around what is asked for (box_2d JSON, MedGemma 1.5)", RADIOLOGIST, 256,
            json_schema="box_2d"),
+    Preset("longitudinal-cxr", "a prior chest X-ray beside the current one (ask --prior; Google's notebook)",
+           None, 600, question=LONGITUDINAL_CXR),
     Preset("ct-series", "a question about a CT or MR series (DICOM folder)", RADIOLOGIST, 512),
     Preset("dermatology", "a skin photograph", "You are an expert dermatologist.", 384),
     Preset("pathology", "a histopathology patch", "You are an expert pathologist.", 384),
-    Preset("lab-report", "a lab report (text or photo) as JSON", ASSISTANT, 1024, json_schema="lab_report"),
+    Preset("pathology-slide", "a whole slide's patches (ask --image slide.svs; Google's notebook: no system "
+           "prompt, the question first)", None, 500),
+    Preset("lab-report", "a lab report (text, photo or PDF) as JSON", ASSISTANT, 1024, json_schema="lab_report",
+           question=LAB_REPORT),
     Preset("text-qa", "a medical question in text (thinks first)", ASSISTANT, 1024, think=True),
 )}
 

@@ -12,6 +12,7 @@ from medgemma_edge.cli.model_option import model_options
 
 from medgemma_edge.runtime.dicom.windows import WINDOW_HELP
 from medgemma_edge.runtime.errors import InputError
+from medgemma_edge.runtime.pdf import DEFAULT_DPI, DEFAULT_MAX_PAGES, MAX_DPI, MIN_DPI, TEXT_HELP, TEXT_MODES, PdfOptions
 from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
 from medgemma_edge.runtime.embed_cache import DEFAULT_DISK_MB
 from medgemma_edge.runtime.generate import DEFAULT_MAX_NEW_TOKENS
@@ -20,10 +21,14 @@ from medgemma_edge.runtime.presets import card_system
 
 
 @click.command()
-@click.argument("prompt")
+@click.argument("prompt", required=False)
 @model_options
 @click.option("--image", "images", multiple=True,
-              help="picture, DICOM file or DICOM series folder; repeat for several")
+              help="picture, DICOM file or series folder, whole-slide image (docs/wsi.md) or PDF (docs/documents.md); "
+                   "repeat for several")
+@click.option("--prior", default=None,
+              help="an earlier X-ray beside the one --image gives (one picture each): Google's longitudinal "
+                   "CXR layout, prior then current then PROMPT, no system prompt unless --system")
 @click.option("--preset", default=None,
               help="a task's system prompt, length, thinking and schema (list: `medgemma-edge presets`); "
                    "options given here override it")
@@ -41,7 +46,14 @@ from medgemma_edge.runtime.presets import card_system
 @click.option("--stats", is_flag=True, help="print per-stage timings to stderr")
 @click.option("--window", default=None, help=WINDOW_HELP)
 @click.option("--max-slices", type=click.IntRange(min=1), default=DEFAULT_MAX_SLICES, show_default=True,
-              help="most slices taken from a CT/MR series (fewer is faster on a CPU)")
+              help="most slices taken from a CT/MR series, or patches from a whole-slide image (at most 125; fewer is faster on a CPU)")
+@click.option("--level", type=click.IntRange(min=0), default=None,
+              help="whole-slide image: the pyramid level patches are cut from (default: the one nearest 10X, 1 µm/px)")
+@click.option("--pdf-dpi", type=click.FloatRange(MIN_DPI, MAX_DPI), default=DEFAULT_DPI, show_default=True,
+              help="resolution a PDF's pages are rendered at (96: a Letter/A4 page's long side just above the model's 896)")
+@click.option("--pdf-text", type=click.Choice(TEXT_MODES), default="auto", show_default=True, help=TEXT_HELP)
+@click.option("--pdf-max-pages", type=click.IntRange(min=1), default=DEFAULT_MAX_PAGES, show_default=True,
+              help="most pages of a PDF (each is one image); a longer PDF is refused, not cut")
 @click.option("--budget", type=click.FloatRange(min=0, min_open=True), default=None,
               help="seconds of image encoding a CT/MR series may take: fewer slices (same sampling rule) "
                    "at this machine's measured speed; slices in the image cache cost nothing")
@@ -65,13 +77,16 @@ from medgemma_edge.runtime.presets import card_system
                    "(holds data derived from patient images; off by default)")
 @click.option("--image-cache-mb", type=click.FloatRange(min=1), default=DEFAULT_DISK_MB, show_default=True,
               help="size limit of the --image-cache folder; least recently used images go first")
-def ask(prompt, bundle, mmproj, images, preset, system, think, json_schema, max_tokens, temperature, top_p, top_k, seed, stats,
-        window, max_slices, budget, fit, context, threads, device, vision, repack, image_cache, image_cache_mb, loras):
-    """Ask PROMPT, about the given images if any; the answer streams to stdout."""
+def ask(prompt, bundle, mmproj, images, prior, preset, system, think, json_schema, max_tokens, temperature, top_p, top_k, seed, stats,
+        window, max_slices, budget, fit, context, threads, device, vision, repack, image_cache, image_cache_mb, loras,
+        pdf_dpi, pdf_text, pdf_max_pages, level):
+    """Ask PROMPT, about the given images if any; the answer streams to stdout. PROMPT may be left
+    out with a preset that has a question of its own (longitudinal-cxr, lab-report)."""
     from medgemma_edge.runtime.constrain import schema_to_gbnf
     from medgemma_edge.structured import resolve_options
 
     chosen = resolve_options(preset, system=system, think=think, max_new_tokens=max_tokens, json_schema=json_schema)
+    prompt, images, prior = _question(prompt, preset, images, prior, window)
     if chosen.json_schema is not None:
         schema_to_gbnf(chosen.json_schema)  # a schema the grammar cannot take is refused before the model loads
     if bundle is None:
@@ -81,7 +96,26 @@ def ask(prompt, bundle, mmproj, images, preset, system, think, json_schema, max_
            max_tokens=chosen.max_new_tokens, json_schema=chosen.json_schema, temperature=temperature,
            top_p=top_p, top_k=top_k, seed=seed, stats=stats, window=window, max_slices=max_slices, fit=fit,
            context=context, threads=threads, device=device, image_cache=image_cache, image_cache_mb=image_cache_mb,
-           budget=budget, vision=vision, repack=repack, lora=loras, mmproj=mmproj)
+           budget=budget, vision=vision, repack=repack, lora=loras, mmproj=mmproj, prior=prior,
+           pdf=PdfOptions(pdf_dpi, pdf_text, pdf_max_pages), level=level)
+
+
+def _question(prompt, preset, images, prior, window) -> tuple:
+    """(PROMPT or the preset's own question, images, prior); with --prior, the one --image and the
+    prior each decoded here as the one picture it must be."""
+    from medgemma_edge.runtime.presets import get_preset
+
+    if prompt is None:
+        prompt = get_preset(preset).question if preset is not None else None
+        if prompt is None:
+            raise InputError("no question given — pass PROMPT (or a preset with its own: longitudinal-cxr, lab-report)")
+    if prior is not None:
+        from medgemma_edge.longitudinal import one_picture
+
+        if len(images) != 1:
+            raise InputError(f"--prior needs exactly one --image (the current X-ray), got {len(images)}")
+        images, prior = [one_picture(images[0], "--image", window=window)], one_picture(prior, "--prior", window=window)
+    return prompt, images, prior
 
 
 def _fit_budget(model, images, budget, window, fit, max_slices) -> list:
@@ -102,11 +136,47 @@ def _fit_budget(model, images, budget, window, fit, max_slices) -> list:
     return fitted
 
 
+def _slides(model, images, *, level, max_slices, budget, fit) -> tuple[list, bool]:
+    """`images` with each whole-slide image replaced by its sampled tissue patches (one line on
+    stderr each), and whether there was one."""
+    from medgemma_edge.runtime.budget import plan_slices
+    from medgemma_edge.runtime.wsi import plan_slide, read_patches, slide_path
+
+    out, found = [], False
+    for src in images:
+        if slide_path(src) is None:
+            out.append(src)
+            continue
+        found = True
+        if budget is not None:
+            plan = plan_slices(model, src, budget, fit=fit, max_slices=max_slices, level=level)
+            click.echo(plan.describe(budget).replace("slices", "patches"), err=True)
+            out.append(plan.pictures)
+        else:
+            plan = plan_slide(src, max_slices=max_slices, level=level)
+            click.echo(plan.describe(), err=True)
+            out.append(read_patches(plan))
+    return out, found
+
+
+def _items(src, pdf) -> list[dict]:
+    """The content items of one --image: a PDF is read here, with the --pdf options (its pages, or
+    with --pdf-text only its text); anything else is decoded by the model as it is."""
+    from medgemma_edge.runtime.sources import is_pdf
+
+    if pdf is not None and is_pdf(src):
+        from medgemma_edge.runtime.pdf import pdf_content
+
+        return pdf_content(src, pdf)
+    return [{"type": "image", "image": src}]
+
+
 def answer(bundle, prompt, images=(), *, system=None, think=False, max_tokens=DEFAULT_MAX_NEW_TOKENS,
            temperature=0.0, top_p=1.0, top_k=0, seed=None, stats=False, window=None, max_slices=DEFAULT_MAX_SLICES,
            fit=None, context=None, threads=None, device="auto", image_cache=None, image_cache_mb=DEFAULT_DISK_MB, budget=None, vision="auto",
-           repack=False, json_schema=None, lora=(), mmproj=None) -> None:
-    """Load `bundle`, stream the answer to `prompt` to stdout; what `ask` and `demo` run."""
+           repack=False, json_schema=None, lora=(), mmproj=None, prior=None, pdf=None, level=None) -> None:
+    """Load `bundle`, stream the answer to `prompt` to stdout; what `ask` and `demo` run. With
+    `prior`: Google's longitudinal layout (medgemma_edge/longitudinal.py), a system prompt only if given."""
     import medgemma_edge
 
     model = medgemma_edge.load(bundle, device=device, threads=threads, context=context, fit=fit,
@@ -114,10 +184,20 @@ def answer(bundle, prompt, images=(), *, system=None, think=False, max_tokens=DE
                                repack=repack, lora=lora, mmproj=mmproj)
     if model.demo_notice:  # on stdout, so it travels with the answer wherever it is piped
         click.echo(f"[{model.demo_notice}]")
-    sources = _fit_budget(model, images, budget, window, fit, max_slices) if budget is not None else images
-    content = [{"type": "image", "image": src} for src in sources] + [{"type": "text", "text": prompt}]
-    messages = [{"role": "system", "content": system or card_system(bool(images))},
+    sources, slide = _slides(model, images, level=level, max_slices=max_slices, budget=budget, fit=fit)
+    sources = _fit_budget(model, sources, budget, window, fit, max_slices) if budget is not None else sources
+    content = [item for src in sources for item in _items(src, pdf)] + [{"type": "text", "text": prompt}]
+    if slide:  # Google's notebook: the question, then the patches
+        content = content[-1:] + content[:-1]
+    has_images = any(item["type"] == "image" for item in content)
+    messages = [{"role": "system", "content": system or card_system(has_images)},
                 {"role": "user", "content": content}]
+    if slide and system is None:  # ... and no system prompt
+        messages = messages[1:]
+    if prior is not None:
+        from medgemma_edge.longitudinal import longitudinal_messages
+
+        messages = longitudinal_messages(sources[0], prior, prompt, system=system)
     model.on_image_encoded = lambda done, total, s: click.echo(f"encoded {done}/{total} images ({s:.0f} s)", err=True)
     for r in model.stream(messages, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                           seed=seed, think=think, window=window, max_slices=max_slices, json_schema=json_schema):

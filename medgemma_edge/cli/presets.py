@@ -20,4 +20,7 @@ def presets_cmd(as_json):
         extras = [f"max {p.max_new_tokens} tokens"] + (["thinks"] if p.think else []) + (
             [f"schema {p.json_schema}"] if p.json_schema else [])
         click.echo(f"{p.name:<13} {p.task}")
-        click.echo(f"{'':<13} system: {p.system!r}; {', '.join(extras)}")
+        system = repr(p.system) if p.system is not None else "none of its own"
+        click.echo(f"{'':<13} system: {system}; {', '.join(extras)}")
+        if p.question:
+            click.echo(f"{'':<13} question (when no PROMPT is given): {p.question!r}")

@@ -8,7 +8,8 @@ pulls what it lacks from its --dicomweb server first); the server never fetches 
 
 A chat with no system message and no preset gets the model card's default system prompt
 (runtime.presets.card_system: images or text), the one rule `ask` and the node use, so a question
-about a study the node prepared starts at the saved prefix.
+about a study the node prepared starts at the saved prefix. A chat with a prior X-ray part (server/prior.py)
+gets none: Google's longitudinal layout has no system prompt.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from medgemma_edge.runtime.presets import card_system
 from medgemma_edge.runtime.sources import is_dicom_path
 from medgemma_edge.node.studies import SERIES, STUDY
 from medgemma_edge.server.errors import ApiError
+from medgemma_edge.server.prior import place_prior, prior_flag, take_prior
 from medgemma_edge.server.tools import Tools, call_text, parse_tools, response_schema, result_text
 from medgemma_edge.server.uploads import UPLOAD_SCHEME
 from medgemma_edge.structured import resolve_options
@@ -49,6 +51,7 @@ class ChatRequest:
     tools: Tools | None = None  # the answer may be a tool call (server/tools.py)
     studies: list[str] = field(default_factory=list)  # UIDs of the node's studies the chat names
     store_result: bool = False  # the answer goes to the PACS as a draft (medgemma_edge.store_result)
+    prior: str | None = None  # the param of the part flagged as a prior X-ray (server/prior.py)
 
 
 def decode_data_url(url, param: str) -> tuple[str, bytes]:
@@ -173,8 +176,9 @@ def _structure(body: dict, request: ChatRequest) -> None:
     messages = request.messages
     has_system = bool(messages) and messages[0]["role"] == "system"
     extra = request.tools.prompt() if request.tools is not None else None
-    if not has_system:
-        messages.insert(0, {"role": "system", "content": chosen.system or card_system(_has_images(messages))})
+    system = chosen.system or (None if request.prior else card_system(_has_images(messages)))
+    if not has_system and (system is not None or extra):  # a prior: Google's layout has no system prompt
+        messages.insert(0, {"role": "system", "content": system or ""})
     if extra:
         content = messages[0]["content"]
         messages[0] = {"role": "system", "content": (content + "\n\n" + extra).strip() if isinstance(content, str)
@@ -243,7 +247,7 @@ def _message(message, i: int, uploads, request: ChatRequest, fits: set, node=Non
         return {"role": role, "content": content}
     if not isinstance(content, list):
         raise ApiError(400, f"{where}.content must be text or a list of parts", f"{where}.content")
-    items, series, series_at = [], [], None
+    items, series, series_at, prior = [], [], None, None
     for j, part in enumerate(content):
         param = f"{where}.content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
@@ -254,28 +258,32 @@ def _message(message, i: int, uploads, request: ChatRequest, fits: set, node=Non
         elif kind == "image_url":
             image = part.get("image_url")
             url = image.get("url") if isinstance(image, dict) else image
+            prior_at = len(items) if prior_flag(part, param) else None
             if isinstance(url, str) and url.startswith(UPLOAD_SCHEME):
                 items.append(_upload_item(url, uploads, param, request, fits))
-                continue
-            if isinstance(url, str) and url.startswith((STUDY, SERIES)):
+            elif isinstance(url, str) and url.startswith((STUDY, SERIES)):
                 items += _study_items(url, node, param, request)
-                continue
-            mime, data = decode_data_url(url, f"{param}.image_url.url")
-            request.images += 1
-            request.image_bytes += len(url)
-            if is_dicom(mime, data):  # every DICOM part of a message is one series, at the first one's place
-                if series_at is None:
-                    series_at = len(items)
-                    items.append(None)
-                series.append(data)
             else:
-                items.append({"type": "image", "image": data})
+                mime, data = decode_data_url(url, f"{param}.image_url.url")
+                request.images += 1
+                request.image_bytes += len(url)
+                if is_dicom(mime, data) and prior_at is None:  # a message's DICOM parts: one series, at the first
+                    if series_at is None:
+                        series_at = len(items)
+                        items.append(None)
+                    series.append(data)
+                else:
+                    items.append({"type": "image", "image": data})
+            if prior_at is not None:
+                prior = take_prior(items, prior_at, param, request)
         elif kind == "image_dicom":
             items += _image_dicom_items(part, node, param, request)
         else:
             raise ApiError(400, f"{param} must be {{\"type\": \"text\"}} or {{\"type\": \"image_url\"}}", param)
     if series:
         items[series_at] = {"type": "image", "image": series[0] if len(series) == 1 else series}
+    if prior is not None:
+        items = place_prior(items, prior, where, role)
     return {"role": role, "content": items}
 
 

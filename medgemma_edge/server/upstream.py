@@ -140,7 +140,9 @@ class UpstreamBackend:
                 return found
         pictures = load_pictures(src, window=window, max_slices=max_slices)
         views = model_view(pictures, self.image_size, fit, threads=self.threads)  # (N, S, S, 3)
-        encoded = [(png_data_url(view), pic.label, pic.pixels.shape[:2]) for view, pic in zip(views, pictures)]
+        # A PDF page's text goes with its label, as runtime/chat.expand_images gives it to our own model.
+        said = ["\n\n".join(t for t in (pic.label, pic.text) if t) or None for pic in pictures]
+        encoded = [(png_data_url(view), text, pic.pixels.shape[:2]) for view, text, pic in zip(views, said, pictures)]
         if key is not None and _url_bytes(encoded) <= self._encoded.maxsize:  # larger: used once, not kept
             with self._lock:
                 self._encoded[key] = encoded

@@ -163,7 +163,7 @@ def source_key(src, options: tuple) -> str | None:
         if isinstance(item, (bytes, bytearray, memoryview)):
             data = bytes(item)
         elif isinstance(item, Picture):
-            data = repr((item.pixels.shape, item.label)).encode() + np.ascontiguousarray(item.pixels).tobytes()
+            data = repr((item.pixels.shape, item.label, item.text)).encode() + np.ascontiguousarray(item.pixels).tobytes()
         else:
             return None
         h.update(len(data).to_bytes(8, "little"))
