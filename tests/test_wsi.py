@@ -266,3 +266,18 @@ def test_an_uploaded_slide_is_read_through_a_private_file_and_gone_after(slide40
     Image.fromarray(array).save(tmp_path / "plain.tif")
     assert np.array_equal(load_pictures((tmp_path / "plain.tif").read_bytes())[0].pixels, array)
     assert list((tmp_path / "tmp").iterdir()) == [], "the upload's temporary file was left behind"
+
+
+def test_encode_takes_level_for_a_slide_that_names_no_scale(tiny_bundle_f32, tmp_path):
+    """A slide with neither µm/px nor objective power: `encode` refuses it in one line, and with
+    --level prepares what `ask --level` then finds in the cache."""
+    bare = str(_slide(tmp_path / "bare.tif", description=False))
+    cache = str(tmp_path / "cache")
+    common = ["-m", str(tiny_bundle_f32), "--image-cache", cache, "--max-slices", "2", "--threads", "2"]
+    out = CliRunner().invoke(main, ["encode", bare, *common])
+    assert out.exit_code == 2 and "--level" in out.output, out.output
+    out = CliRunner().invoke(main, ["encode", bare, *common, "--level", "1"])
+    assert out.exit_code == 0 and "2 picture(s) prepared" in out.output, out.output
+    out = CliRunner().invoke(main, ["ask", "Describe.", "--image", bare, *common, "--level", "1", "--max-tokens", "1",
+                                    "--stats"])
+    assert out.exit_code == 0 and '"images_from_cache": 2' in out.stderr, out.stderr[-1000:]

@@ -50,7 +50,10 @@ def read_worklist(path: Path) -> list[str]:
 @click.option("--vision", default="auto", show_default=True,
               help="vision file to run, as in `ask`: auto trusts the fidelity the export measured on its own "
                    "machine (`medgemma-edge verify` names it)")
-def encode(paths, bundle, mmproj, image_cache, image_cache_mb, system, window, max_slices, fit, threads, vision):
+@click.option("--level", type=click.IntRange(min=0), default=None,
+              help="whole-slide images: the pyramid level patches are cut from, as in `ask` (default: nearest 10X)")
+def encode(paths, bundle, mmproj, image_cache, image_cache_mb, system, window, max_slices, fit, threads, vision,
+           level):
     """Prepare PATHS (pictures, DICOM files, series folders, or worklists: .txt files with one
     path a line) so that `ask` with the same --image-cache and system prompt starts at the
     question. Already prepared studies are skipped; a bad file is reported and the batch goes on."""
@@ -66,10 +69,11 @@ def encode(paths, bundle, mmproj, image_cache, image_cache_mb, system, window, m
     done = skipped = failed = 0
     t_all = time.perf_counter()
     for i, path in enumerate(items, 1):
-        messages = [{"role": "system", "content": system},
-                    {"role": "user", "content": [{"type": "image", "image": path}]}]
         t0 = time.perf_counter()
         try:
+            source = _slide_patches(path, level, max_slices)
+            messages = [{"role": "system", "content": system},
+                        {"role": "user", "content": [{"type": "image", "image": source}]}]
             stats = model.prepare(messages, window=window, max_slices=max_slices, fit=fit)
         except MedGemmaEdgeError as err:
             failed += 1
@@ -87,3 +91,12 @@ def encode(paths, bundle, mmproj, image_cache, image_cache_mb, system, window, m
                f"({time.perf_counter() - t_all:.1f} s)")
     if failed:
         sys.exit(2)
+
+
+def _slide_patches(path, level, max_slices):
+    """A whole-slide image's patches cut at --level (read here, as `ask` reads them); any other path as it is."""
+    if level is None:
+        return path
+    from medgemma_edge.runtime.wsi import load_slide, slide_path
+
+    return load_slide(path, max_slices=max_slices, level=level) if slide_path(path) is not None else path
