@@ -101,11 +101,10 @@ def special_tokens(text: GGUFInfo) -> dict:
     return out
 
 
-def gguf_manifest(text: Path, mmproj: Path | None = None, *, origin: str = "GGUF", sha256=sha256_file,
-                  paths=None) -> dict:
-    """The manifest describing `text` (+ `mmproj`), every check done first. `paths(role, path)`
-    gives the path a file is listed under (default: its absolute path, for an in-memory bundle);
-    `sha256(path)` hashes a file (a caller may remember hashes)."""
+def gguf_manifest(text: Path, mmproj: Path | None = None, *, origin: str = "GGUF", sha256=sha256_file) -> dict:
+    """The manifest describing `text` (+ `mmproj`), every check done first; files listed by absolute
+    path (an in-memory bundle; `import` lists its own copies instead). `sha256(path)` hashes a file
+    (a caller may remember hashes)."""
     text, mmproj = Path(text), (Path(mmproj) if mmproj is not None else None)
     if mmproj is not None and mmproj.resolve() == text.resolve():
         raise InputError(f"{text.name} is given as both the model and --mmproj — give the projector file as --mmproj")
@@ -113,10 +112,9 @@ def gguf_manifest(text: Path, mmproj: Path | None = None, *, origin: str = "GGUF
     image, minfo = None, None
     if mmproj is not None:
         minfo, image = projector_info(mmproj, tinfo)
-    paths = paths or (lambda role, p: str(p.resolve()))
-    files = [{"role": "text", "path": paths("text", text), "size": text.stat().st_size, "sha256": sha256(text)}]
+    files = [{"role": "text", "path": str(text.resolve()), "size": text.stat().st_size, "sha256": sha256(text)}]
     if mmproj is not None:
-        files.append({"role": "vision", "path": paths("vision", mmproj), "size": mmproj.stat().st_size,
+        files.append({"role": "vision", "path": str(mmproj.resolve()), "size": mmproj.stat().st_size,
                       "sha256": sha256(mmproj), "quant": minfo.quant, "fidelity": None})
     tokens = tinfo.get("tokenizer.ggml.tokens")
     embd = tinfo.tensors["token_embd.weight"]

@@ -94,7 +94,7 @@ def import_gguf(source, out, *, mmproj=None, quant: str | None = None, copy: boo
     """Write bundle OUT for SOURCE's GGUFs; every check runs before anything is written."""
     found = find_source(source, mmproj, quant)
     out = Path(out)
-    gguf_manifest(found.text, found.mmproj, origin=found.origin, sha256=lambda p: UNHASHED)  # checks only
+    manifest = gguf_manifest(found.text, found.mmproj, origin=found.origin, sha256=lambda p: UNHASHED)  # checks
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out} exists and is not an empty folder — choose a new folder for the bundle")
     names = _names(found)
@@ -109,9 +109,9 @@ def import_gguf(source, out, *, mmproj=None, quant: str | None = None, copy: boo
                 placed.append(out / name)
         if progress:
             progress("hashing the files for the manifest")
-        text = out / names[0]
-        manifest = gguf_manifest(text, out / names[1] if names[1] else None, origin=found.origin,
-                                 sha256=lambda p: remembered_sha256(p, remember), paths=lambda role, p: p.name)
+        for entry, name in zip(manifest["files"], names):  # text first, then the projector, as placed
+            entry["path"], entry["sha256"] = name, remembered_sha256(out / name, remember)
+        manifest["source"]["path_name"] = names[0]
         write_manifest(out, manifest)
     except BaseException:
         for p in placed:

@@ -187,7 +187,7 @@ class Model:
             return "this bundle is text-only and cannot take images — ask without --image, or export a multimodal checkpoint"
         from medgemma_edge.runtime.gguf_check import ADD_MMPROJ
 
-        if (self.bundle / "manifest.json").is_file():
+        if not self.in_memory:
             return (f"this bundle was imported without a vision projector and cannot take images — import "
                     f"{source.get('path_name')} again with --mmproj, or ask without --image")
         return f"{source.get('path_name')} has no vision — {ADD_MMPROJ}"
