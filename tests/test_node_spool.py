@@ -13,6 +13,7 @@ import io
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pydicom
@@ -189,26 +190,53 @@ def test_scan_rebuilds_the_index_removes_temp_leftovers_and_leaves_foreign_files
 
 
 def test_concurrent_puts_store_each_instance_once(tmp_path):
-    spool = Spool(tmp_path / "spool", 1 << 30)
+    # A fresh spool each round: the first calls race to scan it, and a scan that ran beside a write
+    # took that write's temp file (FileNotFoundError, ~1 round in 8 before the fix), so 25 rounds.
     payloads = [instance_bytes(k) for k in range(40)]
+    for round_ in range(25):
+        spool = Spool(tmp_path / f"spool{round_}", 1 << 30)
+        errors = []
+
+        def worker(start):
+            try:
+                for k in range(start, start + 40):  # every instance is put by four threads
+                    spool.put(payloads[k % 40])
+            except Exception as err:  # pragma: no cover - reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=worker, args=(s,)) for s in (0, 10, 20, 30)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, f"round {round_}: {errors[:3]}"
+        want = sorted(hashlib.sha256(p).hexdigest() for p in payloads)
+        assert sorted(i.sha256 for i in spool.instances(STUDY_A)) == want
+        assert len(files_in(tmp_path / f"spool{round_}")) == 40 and spool.used_bytes == sum(map(len, payloads))
+
+
+def test_a_scan_waits_for_writes_under_way_and_misses_none(tmp_path):
+    spool = Spool(tmp_path / "spool", 1 << 30)
+    payloads = [instance_bytes(k) for k in range(30)]
     errors = []
 
-    def worker(start):
+    def writer():
         try:
-            for k in range(start, start + 40):  # every instance is put by four threads
-                spool.put(payloads[k % 40])
+            for data in payloads:
+                spool.put(data)
         except Exception as err:  # pragma: no cover - reported below
             errors.append(err)
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in (0, 10, 20, 30)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-    want = sorted(hashlib.sha256(p).hexdigest() for p in payloads)
-    assert sorted(i.sha256 for i in spool.instances(STUDY_A)) == want
-    assert len(files_in(tmp_path / "spool")) == 40 and spool.used_bytes == sum(map(len, payloads))
+    thread = threading.Thread(target=writer)
+    thread.start()
+    scans = 0
+    while thread.is_alive() and scans < 200:
+        spool.scan()  # a restart's rescan, beside a stream of writes
+        scans += 1
+        time.sleep(0.002)  # room for the writer (scans back to back would hold it off)
+    thread.join(60)
+    assert not errors, errors[:3]
+    assert len(spool.instances(STUDY_A)) == 30 and spool.used_bytes == sum(map(len, payloads))
 
 
 def test_prune_by_age_then_size_never_a_pinned_study_and_only_its_own_files(tmp_path):

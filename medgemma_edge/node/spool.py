@@ -23,6 +23,9 @@ Decisions:
 - `scan` (at start) rebuilds the index from the files: leftover temp files of a write cut short
   are removed; a file that does not read as DICOM with its UIDs, or whose name does not match
   them, is left alone (not ours to delete) and not indexed. One process owns a spool folder.
+  Threads: the first call of any method scans once (the others wait for it); a scan waits for
+  the writes under way and holds new ones back, so it never takes a temp file being written nor
+  misses an instance stored while it lists the folders.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class Spool:
         self._writing: set[str] = set()  # SOP UIDs being written: a second put of one waits
         self._pins: Counter[str] = Counter()
         self._scanned = False
+        self._scanning = False  # a scan is listing the folders: puts wait (module docstring)
         self._tmp_names = itertools.count()
 
     # -- reading the index -----------------------------------------------------------------------
@@ -140,7 +144,7 @@ class Spool:
         sop, study = fields["sop_uid"], fields["study_uid"]
         digest = hashlib.sha256(data).hexdigest()
         with self._lock:
-            while sop in self._writing:
+            while self._scanning or sop in self._writing:
                 self._lock.wait()
             old = self._by_sop.get(sop)
             if old is not None and old.sha256 == digest:
@@ -219,6 +223,27 @@ class Spool:
     # -- start -----------------------------------------------------------------------------------
     def scan(self) -> list[Instance]:
         """Rebuild the index from the files (at start); every complete instance, in study order."""
+        self._scan_alone(only_if_needed=False)
+        return [i for uid in self.studies() for i in self.instances(uid)]
+
+    def _scan_alone(self, *, only_if_needed: bool) -> None:
+        """Scan once no other scan and no write is under way, holding new writes back meanwhile."""
+        with self._lock:
+            while self._scanning:
+                self._lock.wait()
+            if only_if_needed and self._scanned:
+                return
+            self._scanning = True
+            while self._writing:
+                self._lock.wait()
+        try:
+            self._scan()
+        finally:
+            with self._lock:
+                self._scanning = False
+                self._lock.notify_all()
+
+    def _scan(self) -> None:
         found: list[Instance] = []
         unreadable = 0
         for folder in sorted(p for p in self.folder.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)):
@@ -249,11 +274,10 @@ class Spool:
         if unreadable:
             LOG.warning("spool: %d files in %s are not instances of this spool; left alone",
                         unreadable, self.folder)
-        return [i for uid in self.studies() for i in self.instances(uid)]
 
     def _ensure_scanned(self) -> None:
         if not self._scanned:
-            self.scan()
+            self._scan_alone(only_if_needed=True)
 
     # -- deleting --------------------------------------------------------------------------------
     @contextlib.contextmanager
