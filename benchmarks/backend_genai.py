@@ -222,7 +222,8 @@ def main(argv=None) -> int:
     if a.compare:
         model, messages = runs["ours"].model, [{"role": "system", "content": SYSTEM_TEXT},
                                                {"role": "user", "content": case.text_prompt()}]
-        ids = [r.token for r in model.stream(messages, max_new_tokens=case.decode_tokens) if r.token is not None]
+        ids = [r.token for r in model.stream(messages, max_new_tokens=case.decode_tokens, repetition_guard=False)
+               if r.token is not None]  # as many as the Generator's, loop or not
         theirs = runs["genai"].last_ids
         n = min(len(ids), len(theirs))  # how many leading ids the two greedy runs share:
         result["ids_agree"] = {"first": next((i for i in range(n) if ids[i] != theirs[i]), n), "of": n,

@@ -70,7 +70,8 @@ class RuntimeBackend(Backend):
                 {"role": "user", "content": [{"type": "image", "image": case.image}]}]
 
     def _chat(self, messages, n: int) -> tuple[str, dict]:
-        reply = self.model.chat(messages, max_new_tokens=n)
+        # n tokens, as the other engines decode (a random-weight checkpoint loops: the guard would stop it)
+        reply = self.model.chat(messages, max_new_tokens=n, repetition_guard=False)
         stats = {k: reply.stats.as_dict().get(k) for k in STAT_KEYS}
         stats["decode_tokens"] = reply.completion_tokens
         stats["finish_reason"] = reply.finish_reason

@@ -38,7 +38,7 @@ def _decode(model, model_mod, adaptive: bool, tokens: int, busy: bool):
         if spinner:
             time.sleep(SETTLE_S)
         model.engine.reset()
-        return model.chat(PROMPT, max_new_tokens=tokens).stats.decode_tok_s
+        return model.chat(PROMPT, max_new_tokens=tokens, repetition_guard=False).stats.decode_tok_s  # all `tokens`
     finally:
         model_mod.threads_beside = real
         if spinner:

@@ -1,5 +1,6 @@
 """The README and docs quote the benchmark report; this renders what they quote, from
-benchmarks/results/results.json, onnx_text.json and node.json, so a number cannot drift from its report.
+benchmarks/results/results.json, onnx_text.json, node.json and kv_cache.json, so a number cannot drift from
+its report.
 
     python -m benchmarks.quotes --check   # exit 1 naming every stale or unknown block
     python -m benchmarks.quotes --write   # rewrite every block from the results
@@ -53,6 +54,13 @@ class Results:
         import json
 
         return json.loads((self.folder / "onnx_text.json").read_text())
+
+    @cached_property
+    def kv(self) -> dict | None:
+        """benchmarks.bench_kv's kv_cache.json; None until it has been run."""
+        from benchmarks.kv_report import read
+
+        return read(self.folder)
 
     @cached_property
     def node(self) -> dict | None:
@@ -189,8 +197,17 @@ def node(res: Results, link: str) -> list[str]:
             f"({', '.join(data['machine'].get('simd', []))}) ([report]({report}))."]
 
 
+def kv_cache(res: Results, link: str) -> list[str]:
+    from benchmarks.kv_report import summary_lines
+
+    if not res.kv:
+        return ["Not measured yet: `python -m benchmarks.bench_kv` measures it and writes "
+                "benchmarks/results/kv_cache.json and KV_CACHE.md."]
+    return summary_lines(res.kv, os.path.join(os.path.dirname(link), "KV_CACHE.md"))
+
+
 BLOCKS = {"machine": machine, "headline": headline, "goals": goals, "vision-encode": vision_encode,
-          "decode": decode, "busy": busy, "onnx-text": onnx_text, "node": node}
+          "decode": decode, "busy": busy, "onnx-text": onnx_text, "node": node, "kv-cache": kv_cache}
 
 
 def render(name: str, res: Results, doc: Path, root: Path) -> str:

@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from benchmarks import kv_report
 from benchmarks.alternate import MIN_ROUNDS, MIN_TOKENS, SPREAD
 from benchmarks.comparisons import context_ratios
 from benchmarks.goals import MET, MISSED, NOISE, Goal, counts, evaluate
@@ -164,7 +165,17 @@ def roofline_lines(r: dict) -> list[str]:
             f"per image -> **encode floor {r['encode_floor_s']} s**"]
 
 
-def markdown(data: dict, goals: list[Goal]) -> str:
+def kv_lines(kv: dict | None) -> list[str]:
+    """The KV cache section: benchmarks/bench_kv.py's own run (kv_cache.json beside results.json)."""
+    from benchmarks.kv_report import summary_lines
+
+    if not kv:
+        return ["Not measured yet: `python -m benchmarks.bench_kv` writes kv_cache.json and KV_CACHE.md here."]
+    return ["f16 (llama.cpp's default, flash attention off) against q8_0 (flash attention on), measured by "
+            "`benchmarks/bench_kv.py` in a run of its own:", "", *summary_lines(kv, "KV_CACHE.md")]
+
+
+def markdown(data: dict, goals: list[Goal], kv: dict | None = None) -> str:
     out = [f"# Benchmark: {data['title']}", "",
            f"One run of `{data['command']}` on {data['date']}, model `{data['model']}` "
            f"({data['model_note']}), {data.get('threads', '?')} thread(s) per backend, "
@@ -173,6 +184,7 @@ def markdown(data: dict, goals: list[Goal]) -> str:
            *(["## Why goals were missed or are within noise (measured in this run)", "", *missed(goals, data), ""]
              if any(g.status in (MISSED, NOISE) for g in goals) else []),
            "## Other comparisons (no goal set)", "", *ratio_table(context_ratios(data)), "",
+           "## KV cache precision (--kv-cache)", "", *kv_lines(kv), "",
            "## Stages per backend", "", *stage_table(data["results"]), "",
            "Text-only entries (no image) show their text prompt's prefill, decode and TTFT. *others' load*: "
            "CPU cores that other processes on the machine used, on average, while that backend ran; above "
@@ -247,7 +259,7 @@ def write(out_dir: Path, data: dict, goals: list[Goal]) -> list[Path]:
     data = portable({**data, "goals": [g.record() for g in goals]})
     paths = [out_dir / "results.json", out_dir / "REPORT.md"]
     paths[0].write_text(json.dumps(data, indent=2) + "\n")
-    paths[1].write_text(markdown(data, goals))
+    paths[1].write_text(markdown(data, goals, kv_report.read(out_dir)))
     if chart(out_dir / "chart.png", goals, data):
         paths.append(out_dir / "chart.png")
     return paths

@@ -57,7 +57,7 @@ def _read_preprocessor(src: Path) -> dict | None:
 def prepare_out(out: Path, overwrite: bool) -> Path:
     """An empty bundle folder; with `overwrite`, the files of a bundle already there are removed
     (only those its manifest lists, and its intermediate folder: nothing else of the user's)."""
-    from medgemma_edge.runtime.manifest import MANIFEST_NAME, read_manifest
+    from medgemma_edge.runtime.manifest import MANIFEST_NAME, listed_files, read_manifest
 
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
@@ -67,7 +67,7 @@ def prepare_out(out: Path, overwrite: bool) -> Path:
             raise ExportError(f"{out} is not empty; choose a new folder or pass --force to replace its bundle")
         if (out / MANIFEST_NAME).is_file():
             try:
-                for f in read_manifest(out)["files"]:
+                for f in listed_files(read_manifest(out)):
                     (out / f["path"]).unlink(missing_ok=True)
             except Exception:  # an unreadable old manifest: leave its files, replace the manifest
                 pass
@@ -207,8 +207,10 @@ def export_gguf(src, out, quant: str = DEFAULT_QUANT, vision_quant=DEFAULT_VISIO
         shutil.rmtree(inter)
 
     manifest = bundle_manifest(plan, out, quant, vision_quants, text_path, vision_paths, vision_reports, report or None)
+    from medgemma_edge.export.probe import add_probe
     from medgemma_edge.runtime.manifest import write_manifest
 
+    add_probe(out, manifest, threads)  # the self-check's reference, measured here (runtime/selfcheck.py)
     write_manifest(out, manifest)
     return ExportResult(out, manifest, time.perf_counter() - t0, peak)
 

@@ -124,8 +124,10 @@ def export_onnx(src, out, quant: str = DEFAULT_QUANT, vision_quant=None, *, qual
 
     manifest = onnx_manifest(plan, out, quant, vision_quants, decoder, embeddings, tokenizer, vision_paths,
                              vision_reports, report or None)
+    from medgemma_edge.export.probe import add_probe
     from medgemma_edge.runtime.manifest import write_manifest
 
+    add_probe(out, manifest, threads)  # the self-check's reference, measured here (runtime/selfcheck.py)
     write_manifest(out, manifest)
     say(f"ONNX bundle written to {out.name} in {time.perf_counter() - t0:.0f} s")
     return ExportResult(out, manifest, time.perf_counter() - t0, peak)

@@ -21,11 +21,13 @@ def read_record(path: Path | None) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def write_record(path: Path, data: dict) -> None:
-    """Replace such a record atomically, best effort: what cannot be written is measured again."""
+def write_record(path: Path, data: dict) -> bool:
+    """Replace such a record atomically, best effort: what cannot be written is measured again.
+    False when it could not be written."""
     try:
         tmp = Path(f"{path}.{os.getpid()}.partial")
         tmp.write_text(json.dumps(data), encoding="utf-8")
         os.replace(tmp, path)
+        return True
     except OSError:
-        pass
+        return False

@@ -204,6 +204,12 @@ class EmbeddingCache:
             with self._mem_lock:
                 self._mem[digest] = emb
 
+    def forget_memory(self) -> None:
+        """Drop the in-memory entries (the model is unloaded: runtime/residency.py); the disk keeps its own."""
+        if self._mem is not None:
+            with self._mem_lock:
+                self._mem.clear()
+
     # -- disk ------------------------------------------------------------------------------------
     def _name(self, digest: str) -> str:
         return f"{_hex_name(digest, 32)}.npy"

@@ -14,6 +14,15 @@ from pathlib import Path
 from medgemma_edge.runtime.errors import BundleError, InputError
 
 BACKENDS = ("gguf", "onnx")
+# llama.cpp's KV cache types offered (--kv-cache); f16 is llama.cpp's own default. q8_0 halves the
+# cache (a prepared study's saved prefix with it) and needs flash attention (llama_engine.py); the
+# measured cost and gain are in benchmarks/results/KV_CACHE.md. ONNX bundles keep their own float32
+# cache and take only the default.
+KV_CACHES = ("f16", "q8_0")
+DEFAULT_KV_CACHE = "f16"
+KV_CACHE_HELP = ("the KV cache's type: q8_0 holds about half the memory, makes a prepared study about half the "
+                 "size on disk and turns on llama.cpp's flash attention; GGUF bundles only (its cost in "
+                 "faithfulness and speed: benchmarks/results/KV_CACHE.md)")
 
 
 @dataclass
@@ -45,10 +54,20 @@ def check_backend(bundle: Path, manifest: dict) -> str:
     return backend
 
 
+def check_kv_cache(kv_cache, backend: str = "gguf") -> None:
+    """InputError, one line, for a KV cache type this backend does not offer."""
+    if kv_cache not in KV_CACHES:
+        raise InputError(f"unknown KV cache type {kv_cache!r:.20} — use one of {', '.join(KV_CACHES)}")
+    if backend == "onnx" and kv_cache != DEFAULT_KV_CACHE:
+        raise InputError(f"--kv-cache {kv_cache} is llama.cpp's; an ONNX bundle keeps its own float32 cache — "
+                         f"leave it at {DEFAULT_KV_CACHE}, or use a GGUF bundle")
+
+
 def open_engine(bundle: Path, manifest: dict, *, device: str, threads: int, n_ctx: int,
-                repack: bool = False) -> Opened:
+                repack: bool = False, kv_cache: str = DEFAULT_KV_CACHE) -> Opened:
     """The text engine for the bundle in `bundle`, as its manifest describes it."""
     backend = check_backend(bundle, manifest)
+    check_kv_cache(kv_cache, backend)
     files = {}
     for f in manifest["files"]:
         files.setdefault(f["role"], []).append(bundle / f["path"])
@@ -57,7 +76,7 @@ def open_engine(bundle: Path, manifest: dict, *, device: str, threads: int, n_ct
 
         layers = gpu_layers(device)
         engine = LlamaEngine(str(files["text"][0]), n_ctx=n_ctx, threads=threads, n_gpu_layers=layers,
-                             repack=repack)
+                             repack=repack, kv_cache=kv_cache)
         return Opened(engine, layers != 0)
     return _open_onnx(bundle, manifest, files, device=device, threads=threads, n_ctx=n_ctx)
 

@@ -1,4 +1,7 @@
-"""Token selection and the decode loop: greedy by default (the model card's advice), sampling on request."""
+"""Token selection and the decode loop: greedy by default (the model card's advice), sampling on request.
+
+Every backend (llama.cpp, onnxruntime) and every kind of answer (plain, thinking, held to a grammar)
+is decoded here, so each gets the stop strings and the repetition guard (runtime/repetition.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from medgemma_edge.runtime.errors import InputError
+from medgemma_edge.runtime.repetition import Loop, RepetitionGuard
 
 DEFAULT_MAX_NEW_TOKENS = 256  # answer length when a caller names none (Model, `ask`, the server)
+CUT = ("length", "repetition")  # finish reasons of an answer cut before the model ended it
 
 
 @dataclass
@@ -21,6 +26,7 @@ class Sampling:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    repetition_guard: bool = True  # stop an answer that loops (runtime/repetition.py), finish_reason "repetition"
 
     def check(self) -> None:
         _kind("max_new_tokens", self.max_new_tokens, int)
@@ -31,6 +37,8 @@ class Sampling:
             _kind("seed", self.seed, int)
         if not all(isinstance(x, str) and x for x in self.stop):
             raise InputError("stop must be a string or a list of non-empty strings")
+        if not isinstance(self.repetition_guard, bool):
+            raise InputError(f"repetition_guard must be True or False, got {type(self.repetition_guard).__name__}")
         if self.max_new_tokens < 1:
             raise InputError("max_new_tokens must be at least 1")
         if self.temperature < 0:
@@ -63,7 +71,9 @@ class Step:
     become a stop string or an unfinished UTF-8 character); the last step has finish_reason set."""
     token: int | None
     text: str
-    finish_reason: str | None = None  # "stop" (end token or stop string) or "length"
+    # "stop" (end token or stop string), "length" (max_new_tokens or the context) or "repetition"
+    finish_reason: str | None = None
+    loop: Loop | None = None  # with "repetition": the loop the answer fell into
 
 
 def pick_token(logits: np.ndarray, s: Sampling, rng: np.random.Generator) -> int:
@@ -124,12 +134,15 @@ def decode(engine, s: Sampling, vocab: Vocabulary, constraint=None) -> Iterator[
 
     Text is held back while it could still be the start of a stop string, so a stop string is
     never shown in part. `constraint` (runtime/constrain.Constraint) keeps the answer inside a
-    grammar; it ends only where the grammar allows an end token.
+    grammar; it ends only where the grammar allows an end token. With `s.repetition_guard` an answer
+    whose last tokens loop stops after the token that completes the rule (runtime/repetition.py),
+    that token shown; before "length" if both fall on the same token.
     """
     rng = np.random.default_rng(s.seed)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out, shown, reason = "", 0, "length"
     hold = max((len(x) for x in s.stop), default=1) - 1
+    guard, loop = RepetitionGuard() if s.repetition_guard else None, None
     for n in range(1, s.max_new_tokens + 1):
         tok = choose_token(engine.logits(), s, rng, constraint)
         if tok in vocab.end_ids or engine.is_end(tok):
@@ -146,8 +159,12 @@ def decode(engine, s: Sampling, vocab: Vocabulary, constraint=None) -> Iterator[
         new = out[shown:max(len(out) - hold, shown)]
         shown += len(new)
         yield Step(tok, new)
+        loop = guard.push(tok) if guard is not None else None
+        if loop is not None:
+            reason = "repetition"
+            break
         if n == s.max_new_tokens or engine.n_past + 1 > engine.n_ctx:
             break  # "length": asked-for tokens or the context is used up
         engine.eval_tokens([tok])
     out += utf8.decode(b"", final=True)
-    yield Step(None, out[shown:], reason)
+    yield Step(None, out[shown:], reason, loop)

@@ -19,6 +19,9 @@ on the exporting machine, whose CPU kind and SIMD flags `export_machine` records
 An ONNX bundle (backend "onnx") also lists its decoder's external weights ("text_data"), the
 embedding table ("embeddings") and the vocabulary-only GGUF ("tokenizer"), and describes the
 decoder graph under "decoder" (export/onnx_decoder.py). Every listed file is hashed by verify.
+"selfcheck" (optional): {"path", "size", "sha256"} of the probe the export measured
+(runtime/selfcheck.py); hashed by verify like the files, but kept out of "files" so that runtimes
+older than it, which refuse unknown roles there, still load the bundle.
 No torch here: the runtime reads it on every load.
 """
 
@@ -139,6 +142,7 @@ SCHEMA = {
     "export_machine": _optional(lambda v: isinstance(v, dict) and isinstance(v.get("cpu_kind"), str)
                                 and isinstance(v.get("cpu_flags"), list)
                                 and all(isinstance(x, str) for x in v["cpu_flags"])),
+    "selfcheck": _optional(lambda v: isinstance(v, dict) and _file_ok({**v, "role": "selfcheck"})),
     "embeddings": _optional(lambda v: isinstance(v, dict) and isinstance(v.get("files"), list)
                             and all(isinstance(f, str) for f in v["files"]) and isinstance(v.get("dtype"), str)),
 }
@@ -185,9 +189,18 @@ def _check_shape(manifest, name: str, in_memory: bool = False) -> None:
     if backend == "onnx" and not (manifest.get("decoder") and manifest.get("embeddings")):
         raise BundleError(f"{MANIFEST_NAME} in {name} is an ONNX bundle without its decoder description "
                           "— export the bundle again")
-    paths = [f["path"] for f in manifest["files"]]
+    probe = manifest.get("selfcheck")
+    if probe and (probe["path"] in ("", ".", "..") or any(c in probe["path"] for c in "/\\\x00")):
+        raise BundleError(f"{MANIFEST_NAME} in {name} names {probe['path']!r} as its selfcheck probe; only a file "
+                          "inside the bundle is allowed — export the bundle again")
+    paths = [f["path"] for f in listed_files(manifest)]
     if len(set(paths)) != len(paths):
         raise BundleError(f"{MANIFEST_NAME} in {name} lists a file twice — export the bundle again")
+
+
+def listed_files(manifest: dict) -> list[dict]:
+    """Every file the manifest pins by size and sha256: "files", and the self-check probe if any."""
+    return manifest["files"] + ([manifest["selfcheck"]] if manifest.get("selfcheck") else [])
 
 
 def verify_bundle(bundle_dir, *, hashes: bool = True, remember: Path | None = None) -> dict:
@@ -222,7 +235,7 @@ def verify_files(bundle: Path, manifest: dict, *, hashes: bool = True, remember:
     """verify_bundle for a manifest already read (files listed relative to `bundle`, or absolute)."""
     known = read_record(remember) if remember else {}
     verified = {}
-    for f in manifest["files"]:
+    for f in listed_files(manifest):
         path = bundle / f["path"]
         if not path.is_file():
             raise BundleError(f"bundle file {f['path']} is missing — copy the whole bundle folder again")

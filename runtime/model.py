@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +21,18 @@ from medgemma_edge.runtime import prefill
 from medgemma_edge.runtime.boxes import answer_boxes
 from medgemma_edge.runtime.budget import EncodeSpeed
 from medgemma_edge.runtime.cache import cache_root
-from medgemma_edge.runtime.engines import check_backend, open_engine
+from medgemma_edge.runtime.engines import DEFAULT_KV_CACHE, check_backend, check_kv_cache, open_engine
 from medgemma_edge.runtime.embed_cache import DEFAULT_DISK_MB, DEFAULT_MEMORY_ITEMS, EmbeddingCache, pixel_digest
 from medgemma_edge.runtime.errors import BundleError, BusyError, InputError
+from medgemma_edge.runtime.json_close import close_cut_answer
 from medgemma_edge.runtime.machine import OthersLoad, resolve_threads, threads_beside
 from medgemma_edge.runtime.memory import peak_rss_mb
 from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
 from medgemma_edge.runtime.prepare_steps import prepare_steps
 from medgemma_edge.runtime.preprocess import DEFAULT_FIT, IMAGE_SIZE
+from medgemma_edge.runtime.progress import finished
 from medgemma_edge.runtime.reply import Reply, Response, Stats
+from medgemma_edge.runtime.residency import reopen, unload
 from medgemma_edge.runtime.vision_choice import choose_vision
 
 AUTO_CONTEXT_START = 4096
@@ -39,7 +43,7 @@ REFIT_TOKENS = 16  # decode steps between looks at the other programs' CPU use
 
 def load(bundle_dir, device: str = "auto", threads: int | None = None, context: int | None = None,
          fit: str = DEFAULT_FIT, image_cache_dir=None, image_cache_mb: float = DEFAULT_DISK_MB,
-         vision: str = "auto", repack: bool = False, lora=(), mmproj=None) -> "Model":
+         vision: str = "auto", repack: bool = False, lora=(), mmproj=None, kv_cache: str = DEFAULT_KV_CACHE) -> "Model":
     """Read and check the bundle's manifest, then build the backend it names.
 
     bundle_dir: a bundle folder (`medgemma-edge export` or `import`), or a GGUF people already have:
@@ -61,6 +65,8 @@ def load(bundle_dir, device: str = "auto", threads: int | None = None, context: 
     longer load (llama_engine.py; both measured in benchmarks/results/REPORT.md).
     lora: llama.cpp LoRA files (`export SRC --adapter DIR --lora-out FILE`) applied to the text model
     at load; each must be made from this bundle's base checkpoint (GGUF bundles only).
+    kv_cache: the KV cache's type, "f16" or "q8_0" (runtime/engines.KV_CACHES; q8_0 turns on llama.cpp's
+    flash attention, GGUF bundles only); a prefix saved with one type is never restored into the other.
     """
     from medgemma_edge.runtime.gguf_import import open_model_files
 
@@ -85,16 +91,16 @@ def load(bundle_dir, device: str = "auto", threads: int | None = None, context: 
     except OSError:  # no writable cache folder: every load hashes
         remember = None
     bundle, manifest = open_model_files(bundle_dir, mmproj, remember=remember)
-    check_backend(bundle, manifest)
+    check_kv_cache(kv_cache, check_backend(bundle, manifest))
     return Model(bundle, manifest, device=device, threads=threads, context=context, fit=fit,
                  image_cache_dir=image_cache_dir, image_cache_mb=image_cache_mb, vision=vision, repack=repack,
-                 lora=lora)
+                 lora=lora, kv_cache=kv_cache)
 
 
 class Model:
     def __init__(self, bundle: Path, manifest: dict, *, device: str, threads, context: int | None, fit: str,
                  image_cache_dir=None, image_cache_mb: float = DEFAULT_DISK_MB, vision: str = "auto",
-                 repack: bool = False, lora=()):
+                 repack: bool = False, lora=(), kv_cache: str = DEFAULT_KV_CACHE):
         t0 = time.perf_counter()
         self.bundle, self.manifest, self.fit, self.device = bundle, manifest, fit, device
         self.in_memory = any(Path(f["path"]).is_absolute() for f in manifest["files"])  # a .gguf opened directly
@@ -102,14 +108,19 @@ class Model:
         self.threads = resolve_threads(threads)
         text = next(f for f in manifest["files"] if f["role"] == "text")
         self.auto_context = context is None
-        opened = open_engine(bundle, manifest, device=device, threads=self.threads,
-                             n_ctx=context or AUTO_CONTEXT_START, repack=repack)
+        # kept: `unload` closes the engine and the next call opens it again the same way (runtime/residency.py)
+        self._open_text = partial(open_engine, bundle, manifest, device=device, threads=self.threads,
+                                  n_ctx=context or AUTO_CONTEXT_START, repack=repack, kv_cache=kv_cache)
+        opened = self._open_text()
         self.engine = opened.engine
+        self.loading = False  # the engine is being opened again after `unload`
+        self.kv_cache = kv_cache  # part of a saved prefix's key (runtime/prefill.prefix_key)
         self.vocab = _vocabulary(self.engine, manifest)
         self.text_id = text.get("sha256") or _file_id(bundle / text["path"])
         if manifest["backend"] == "onnx":  # the graph file is small; its weights live beside it
             self.text_id = hashlib.sha256(" ".join(f["sha256"] for f in manifest["files"] if f["role"] in
                                                    ("text", "text_data", "embeddings")).encode()).hexdigest()
+        self._lora_paths = lora
         self.loras = self._load_loras(lora)
         if self.loras:  # saved prefixes (KV states) of the plain model must not serve the adapted one
             ids = [self.text_id] + [_file_id(Path(p)) for p in lora]
@@ -149,7 +160,6 @@ class Model:
         self._lock = threading.Lock()
         self._holder: int | None = None
         self.busy_wait_s = BUSY_WAIT_S
-        self.on_image_encoded = None  # callable(done, total, seconds): progress through a series
         self.others_load = OthersLoad()  # other programs' CPU use, measured between our steps
         self.load_s = round(time.perf_counter() - t0, 3)
 
@@ -171,10 +181,24 @@ class Model:
                             "ask again later")
         self._holder = threading.get_ident()
         try:
+            if self.engine is None:  # unloaded: opened again first, the caller waits for it
+                reopen(self)
             yield
         finally:
             self._holder = None
             self._lock.release()
+
+    # -- memory --------------------------------------------------------------------------------
+    @property
+    def loaded(self) -> bool:
+        return self.engine is not None
+
+    def unload(self, *, wait: bool = True) -> bool:
+        """Give the model's memory back (runtime/residency.py): the text engine, its KV cache, the
+        vision encoder and the in-memory image cache; the disk image cache stays. The next call that
+        needs the model opens them again and waits for that. wait=False: only if no caller holds the
+        model now. True when it is unloaded."""
+        return unload(self, wait)
 
     # -- images --------------------------------------------------------------------------------
     def require_vision(self) -> None:
@@ -276,26 +300,30 @@ class Model:
     def stream(self, messages, max_new_tokens: int = gen.DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=(), think: bool = False, *,
                window=None, max_slices: int = DEFAULT_MAX_SLICES, fit: str | None = None, json_schema=None,
-               grammar: str | None = None):
+               grammar: str | None = None, repetition_guard: bool = True, progress: bool = False):
         """Answer a chat as it is generated: yields `Response`s (text piece, token id); the last one
-        carries finish_reason, the thought (if the model thought) and the stats.
+        carries finish_reason, the thought (if the model thought) and the stats. progress=True: before
+        the first Response, also `Progress` items: images encoded, prompt evaluated (runtime/progress.py).
 
         json_schema (a dict or its JSON text): the answer is JSON valid for it, unless cut by
-        max_new_tokens; grammar: llama.cpp GBNF text instead (runtime/constrain.py)."""
+        max_new_tokens; grammar: llama.cpp GBNF text instead (runtime/constrain.py).
+        repetition_guard: stop an answer that loops, finish_reason "repetition" (runtime/repetition.py)."""
         if stop is None or isinstance(stop, str):
             stop = () if not stop else (stop,)
         elif not isinstance(stop, (list, tuple)):
             raise InputError("stop must be a string or a list of strings")
-        sampling = gen.Sampling(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop))
+        sampling = gen.Sampling(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop), repetition_guard)
         sampling.check()
         _check_image_options(think, max_slices, fit, window)
         gbnf = constrain.grammar_for(json_schema, grammar, think)
-        return self._stream(messages, sampling, think, dict(window=window, max_slices=max_slices, fit=fit), gbnf)
+        return self._stream(messages, sampling, think, dict(window=window, max_slices=max_slices, fit=fit), gbnf,
+                            progress)
 
-    def _stream(self, messages, sampling: gen.Sampling, think: bool, image_opts: dict, gbnf: str | None = None):
+    def _stream(self, messages, sampling: gen.Sampling, think: bool, image_opts: dict, gbnf: str | None = None,
+                progress: bool = False):
         t0 = time.perf_counter()
         with self._serialized():
-            yield from self._answer(messages, sampling, think, image_opts, t0, gbnf)
+            yield from self._answer(messages, sampling, think, image_opts, t0, gbnf, progress)
 
     def _fit_threads(self) -> None:
         """Run beside what other programs keep busy (runtime/machine.OthersLoad): on a kiosk whose
@@ -303,19 +331,21 @@ class Model:
         self.engine.set_threads(threads_beside(self.others_load.cores(), self.threads))
 
     def _answer(self, messages, sampling: gen.Sampling, think: bool, image_opts: dict, t0: float,
-                gbnf: str | None = None):
+                gbnf: str | None = None, progress: bool = False):
         grammar = constrain.Constraint(constrain.vocab_pointer(self.engine), gbnf) if gbnf else None
         try:
-            yield from self._decode(messages, sampling, think, image_opts, t0, grammar)
+            yield from self._decode(messages, sampling, think, image_opts, t0, grammar, progress)
         finally:
             if grammar is not None:
                 grammar.close()
 
-    def _decode(self, messages, sampling: gen.Sampling, think: bool, image_opts: dict, t0: float, grammar=None):
+    def _decode(self, messages, sampling: gen.Sampling, think: bool, image_opts: dict, t0: float, grammar=None,
+                progress: bool = False):
         stats = Stats(load_s=self.load_s)
         self._fit_threads()
-        prompt = prefill.prefill(self, messages, think=think, stats=stats,
-                                 reserve=min(sampling.max_new_tokens, 1024), **image_opts)
+        steps = prefill.prefill_steps(self, messages, think=think, stats=stats,
+                                      reserve=min(sampling.max_new_tokens, 1024), **image_opts)
+        prompt = (yield from steps) if progress else finished(steps)
         n_prompt = len(prompt.ids)
         thoughts, n_new, t_first, shown = chatfmt.ThoughtFilter(), 0, None, []
         self._fit_threads()
@@ -336,6 +366,8 @@ class Model:
             if n_new > 1:
                 stats.decode_tok_s = round((n_new - 1) / (time.perf_counter() - t_first), 2)
             stats.peak_rss_mb = peak_rss_mb()
+            if step.loop is not None:
+                stats.repetition_period, stats.repetition_tokens = step.loop.period, step.loop.tokens
             # box_2d answers on the picture as given, from the sizes the prompt's one decode found
             boxes = answer_boxes("".join(shown) + text + rest, prompt.sizes, image_opts["fit"] or self.fit)
             yield Response(text + rest, None, n_prompt, n_new, step.finish_reason, thought, stats, boxes)
@@ -343,15 +375,17 @@ class Model:
     def chat(self, messages, max_new_tokens: int = gen.DEFAULT_MAX_NEW_TOKENS, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=(), think: bool = False, *, window=None,
              max_slices: int = DEFAULT_MAX_SLICES, fit: str | None = None, json_schema=None,
-             grammar: str | None = None) -> Reply:
+             grammar: str | None = None, repetition_guard: bool = True) -> Reply:
         """Answer a chat: `stream`, joined."""
         pieces = []
         for r in self.stream(messages, max_new_tokens, temperature, top_p, top_k, seed, stop, think,
                              window=window, max_slices=max_slices, fit=fit, json_schema=json_schema,
-                             grammar=grammar):
+                             grammar=grammar, repetition_guard=repetition_guard):
             pieces.append(r.text)
-        return Reply("".join(pieces), r.thought, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.stats,
-                     r.boxes)
+        text = "".join(pieces)
+        if json_schema is not None and r.finish_reason in gen.CUT:  # closed at its last complete entry
+            text = close_cut_answer(text, json_schema, r.stats)
+        return Reply(text, r.thought, r.finish_reason, r.prompt_tokens, r.completion_tokens, r.stats, r.boxes)
 
 
 def _check_image_options(think, max_slices, fit, window=None) -> None:

@@ -10,9 +10,10 @@ Persistent prefixes: a clinician asks about a study minutes or days after it was
 expensive part of that first question is everything up to the end of the study's images (system
 prompt, images, slice labels): the vision encoder and the image prefill. After evaluating it, the
 sequence state (llama.cpp's KV cache for it) is saved in the image cache's disk folder, keyed by
-the text model's sha256 and the exact prefix (token ids and image digests); a later question,
-in a new process, restores it and evaluates only the question. A prefix saved by another bundle
-or with another system prompt has another key and is never used.
+the text model's sha256, the KV cache type (--kv-cache) and the exact prefix (token ids and image
+digests); a later question, in a new process, restores it and evaluates only the question. A
+prefix saved by another bundle, with another cache type or another system prompt has another key
+and is never used (llama.cpp would refuse a state of another cache type anyway: load_state False).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import numpy as np
 
 from medgemma_edge.runtime import chat as chatfmt
 from medgemma_edge.runtime.embed_cache import pixel_digest
+from medgemma_edge.runtime.engines import DEFAULT_KV_CACHE
 from medgemma_edge.runtime.errors import BundleError
 from medgemma_edge.runtime.preprocess import model_view
+from medgemma_edge.runtime.progress import Meter, finished
 from medgemma_edge.runtime.reply import Stats
 from medgemma_edge.runtime.sources import load_pictures
 
@@ -76,8 +79,11 @@ def render(model, messages, *, think: bool, window, max_slices, fit, stats: Stat
 
 
 def prefix_key(model, keys: list) -> str:
-    """The disk name of an evaluated prefix: this text model and exactly these positions."""
+    """The disk name of an evaluated prefix: this text model, its KV cache type and exactly these
+    positions."""
     h = hashlib.sha256(model.text_id.encode())
+    if model.kv_cache != DEFAULT_KV_CACHE:  # a q8_0 state is never offered to an f16 context, nor back;
+        h.update(f"kv_cache={model.kv_cache}".encode())  # f16 keys stay those saved before the option
     h.update(repr(keys).encode())
     return h.hexdigest()
 
@@ -108,15 +114,18 @@ def reuse(model, prompt: Prompt, stats: Stats) -> int:
     return keep
 
 
-def encode(model, prompt: Prompt, keep: int, stats: Stats) -> dict[int, np.ndarray]:
-    """Embeddings of the images whose blocks start at or after `keep`, by run index."""
+def encode(model, prompt: Prompt, keep: int, stats: Stats):
+    """Embeddings of the images whose blocks start at or after `keep`, by run index: the return value
+    of this generator, which yields Progress ("images") before the first and after each image."""
     t0 = time.perf_counter()
     needed = [i for i, (s, _) in enumerate(prompt.runs) if s >= keep]
     found = {}  # run index → (digest, embeddings, from_cache)
+    meter = Meter("images", len(needed), model.encode_speed.seconds())
+    if needed:
+        yield meter.at(0)
     for done, i in enumerate(needed, 1):
         found[i] = model.embed(prompt.views[i])
-        if model.on_image_encoded is not None and len(needed) > 1:
-            model.on_image_encoded(done, len(needed), time.perf_counter() - t0)
+        yield meter.at(done)
     stats.images = len(prompt.views)
     stats.images_from_cache = len(prompt.views) - len(needed) + sum(hit for _, _, hit in found.values())
     stats.image_encode_s = round(time.perf_counter() - t0, 3)
@@ -143,33 +152,47 @@ def save_prefix(model, prompt: Prompt) -> None:
         cache.put_blob(key, model.engine.save_state())
 
 
-def evaluate(model, prompt: Prompt, keep: int, embeddings: dict, stats: Stats) -> None:
+def evaluate(model, prompt: Prompt, keep: int, embeddings: dict, stats: Stats):
     """Evaluate positions keep.. of the prompt, saving the image prefix to disk when this call
-    evaluated it."""
+    evaluated it. A generator: when image blocks are evaluated, it yields Progress ("prompt",
+    positions of keep.. done) before the first block, after each block and at the end."""
     ids = prompt.ids
     t0 = time.perf_counter()
     pos = keep
+    meter = Meter("prompt", len(ids) - keep) if keep < prompt.image_prefix else None
+    if meter is not None:
+        yield meter.at(0)
     for i, (s, e) in enumerate(prompt.runs):
         if e > pos:
             pos = eval_block(model, prompt, pos, i, embeddings[i])
+            if meter is not None:
+                yield meter.at(pos - keep)
     if keep < prompt.image_prefix:
         save_prefix(model, prompt)
     if pos < len(ids):
         model.engine.eval_tokens(ids[pos:])
+        if meter is not None:
+            yield meter.at(len(ids) - keep)
     dt = time.perf_counter() - t0
     stats.prompt_tokens, stats.reused_tokens = len(ids), keep
     stats.prefill_tok_s = round((len(ids) - keep) / dt, 2) if dt > 0 and len(ids) > keep else None
 
 
-def prefill(model, messages, *, think, window, max_slices, fit, stats: Stats, reserve: int = 1) -> Prompt:
-    """All four steps. (Preparing a study, which stops after the image prefix, is
-    runtime/prepare_steps.py, on the same helpers.)"""
+def prefill_steps(model, messages, *, think, window, max_slices, fit, stats: Stats, reserve: int = 1):
+    """All four steps, as a generator of Progress items (runtime/progress.py) whose return value is
+    the Prompt. (Preparing a study, which stops after the image prefix, is runtime/prepare_steps.py,
+    on the same helpers.)"""
     prompt = render(model, messages, think=think, window=window, max_slices=max_slices, fit=fit, stats=stats)
     model.engine.reserve(len(prompt.ids) + reserve, grow=model.auto_context)
     keep = reuse(model, prompt, stats)
-    embeddings = encode(model, prompt, keep, stats)
-    evaluate(model, prompt, keep, embeddings, stats)
+    embeddings = yield from encode(model, prompt, keep, stats)
+    yield from evaluate(model, prompt, keep, embeddings, stats)
     return prompt
+
+
+def prefill(model, messages, **options) -> Prompt:
+    """`prefill_steps` run to the end, its progress unseen."""
+    return finished(prefill_steps(model, messages, **options))
 
 
 def _image_runs(ids: list[int], image_id: int) -> list[tuple[int, int]]:

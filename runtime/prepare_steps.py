@@ -159,14 +159,11 @@ class _Preparation:
         return PrepareStep("skipped", self.total, self.total, True, self.stats)
 
     def _encode(self, i: int) -> None:
-        model, needed = self.model, self.encoded + len(self.to_encode) + 1
         t0 = time.perf_counter()
-        _, self.embeddings[i], hit = model.embed(self.prompt.views[i])
+        _, self.embeddings[i], hit = self.model.embed(self.prompt.views[i])
         self.encode_s += time.perf_counter() - t0
         self.encoded += 1
         self.stats.images_from_cache += hit  # the same picture twice in one prompt: encoded once
-        if model.on_image_encoded is not None and needed > 1:
-            model.on_image_encoded(self.encoded, needed, self.encode_s)
 
     # -- evaluation -------------------------------------------------------------------------------
     def _resume(self) -> None:

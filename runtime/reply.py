@@ -24,6 +24,13 @@ class Stats:
     ttft_s: float | None = None  # from the call to the first token
     decode_tok_s: float | None = None
     peak_rss_mb: float | None = None
+    # an answer the repetition guard stopped (finish_reason "repetition", runtime/repetition.py):
+    # the period of its loop and how many of its last tokens repeat it; None otherwise
+    repetition_period: int | None = None
+    repetition_tokens: int | None = None
+    # a JSON answer cut by the token limit and closed at its last complete entry: the characters
+    # dropped (runtime/json_close.py); None when not closed
+    json_closed: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -38,7 +45,7 @@ class Response:
     token: int | None  # the token generated at this step (None on the last)
     prompt_tokens: int
     completion_tokens: int  # so far
-    finish_reason: str | None = None  # "stop" or "length", on the last response only
+    finish_reason: str | None = None  # "stop", "length" or "repetition", on the last response only
     thought: str | None = None
     stats: Stats | None = None
     # on the last: the answer's box_2d entries on the original picture, when the chat's images were
@@ -50,7 +57,7 @@ class Response:
 class Reply:
     text: str
     thought: str | None
-    finish_reason: str  # "stop" (end of turn, eos or a stop string) or "length"
+    finish_reason: str  # "stop" (end of turn, eos or a stop string), "length" or "repetition" (a loop)
     prompt_tokens: int
     completion_tokens: int
     stats: Stats = field(default_factory=Stats)

@@ -70,8 +70,8 @@ class Served:
         self.http.close()
         self.thread.stop()
 
-    def send(self, files):
-        run = storescu(files, self.config.port, "MGE")
+    def send(self, files, required=False):
+        run = storescu(files, self.config.port, "MGE", required=required)
         assert run.returncode == 0, run.stderr
 
     def wait(self, uid, states=("ready",), timeout=300) -> dict:
@@ -162,7 +162,9 @@ def test_worklist_preview_and_a_question_that_prepares_the_study_with_progress(m
             elif chunk.choices and chunk.choices[0].delta.content:
                 order.append("text")
         print("progress:", events, "order:", "".join(o[0] for o in order))
-        assert events == [{"done": i, "total": 3} for i in (1, 2, 3)]
+        # images encoded (i of 3, before the first and after each), then the prompt evaluated
+        assert [(e["stage"], e["done"], e["total"]) for e in events[:4]] == [("images", i, 3) for i in range(4)]
+        assert {e["stage"] for e in events[4:]} == {"prompt"} and events[-1]["done"] == events[-1]["total"]
         assert order.index("text") > max(i for i, o in enumerate(order) if o == "progress")
         assert served.http.get(f"/v1/studies/{study}").json()["state"] == "ready", "answered: prepared now"
 
@@ -294,3 +296,37 @@ def test_serve_refuses_a_node_it_cannot_run_before_any_port_opens(tiny_bundle_f3
     print(out.output)
     assert out.exit_code == 2 and says in out.output and len(out.output.strip().splitlines()) == 1
     assert not (tmp_path / "spool").exists(), "refused before the spool was made"
+
+
+def test_a_whole_slide_pushed_to_the_node_is_prepared_and_asked_as_its_patches(model, tmp_path):
+    """A DICOM WSI (two levels, one instance each) sent with storescu: the series is a slide, the
+    node prepares its tissue patches, a question naming the series gets them, and they are the
+    patches the same files give from a folder of their own (pixel-equal)."""
+    import numpy as np
+
+    from medgemma_edge.runtime.sources import load_pictures
+    from tests.wsi_helpers import block_mean, patch_level_image, write_dicom_wsi
+
+    level0 = patch_level_image(2000, 1900, seed=3)
+    files = write_dicom_wsi(tmp_path / "wsi", [level0, block_mean(level0, 4)], mpp=1.0)
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    study, series = ds.StudyInstanceUID, ds.SeriesInstanceUID
+    expected = load_pictures(str(files[0]))
+    with Served(model, tmp_path) as served:
+        served.send(files, required=True)
+        row = served.wait(study, ("ready", "failed"))
+        print(row)
+        assert row["state"] == "ready", row
+        assert row["modalities"] == ["SM"] and row["instances"] == 2
+        _, items = served.node.study_items(None, series)
+        got = load_pictures(items[0]["image"])
+        assert len(got) == len(expected) >= 1
+        worst = max(int(np.abs(a.pixels.astype(int) - b.pixels).max()) for a, b in zip(got, expected))
+        print(f"{len(got)} patches, worst difference against the original files: {worst}")
+        assert worst == 0
+        r = served.ask(f"medgemma-edge:series/{series}", "Describe the tissue.")
+        assert r.status_code == 200, r.text
+        stats = r.json()["medgemma_edge"]["stats"]
+        assert stats["images"] == len(expected) and stats["images_from_cache"] == len(expected), stats
+        png = served.http.get(f"/v1/studies/{study}/preview.png")
+        assert png.status_code == 200 and png.content.startswith(b"\x89PNG")

@@ -45,7 +45,9 @@ def test_manifest_lists_every_file_with_its_role(onnx_bundles):
     d = m["decoder"]
     assert d["layers"] == 6 and d["kv_heads"] == 2 and d["head_dim"] == 64 and d["hidden"] == 256
     assert d["sliding_window"] == 320 and d["quant"] == "fp32"
-    assert sorted(p.name for p in res.bundle.iterdir()) == sorted([p for _, p in roles] + ["manifest.json"]), \
+    assert m["selfcheck"]["path"] == "selfcheck.json"  # the self-check's probe, hashed by verify too
+    assert sorted(p.name for p in res.bundle.iterdir()) == sorted([p for _, p in roles] + ["manifest.json",
+                                                                                       "selfcheck.json"]), \
         "the bundle holds its listed files and nothing else (no intermediate folder)"
 
 

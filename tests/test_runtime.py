@@ -174,7 +174,8 @@ def test_a_flipped_byte_is_caught_at_load_and_the_hash_is_paid_once(tiny_bundle_
     medgemma_edge.load(bundle, threads=2, context=256)
     first = len(hashed)
     medgemma_edge.load(bundle, threads=2, context=256)
-    assert first == 2 and len(hashed) == first, hashed  # text + vision once, then nothing
+    # text, vision and the self-check's probe (runtime/selfcheck.py) once, then nothing
+    assert first == 3 and "selfcheck.json" in hashed and len(hashed) == first, hashed
     text = next(p for p in bundle.iterdir() if p.suffix == ".gguf" and "mmproj" not in p.name)
     data = bytearray(text.read_bytes())
     data[len(data) // 2] ^= 0x01

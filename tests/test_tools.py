@@ -135,6 +135,28 @@ def test_response_format_json_schema_validates(client):
     assert isinstance(json.loads(obj.choices[0].message.content), dict)
 
 
+def test_a_json_answer_cut_by_max_tokens_comes_back_closed_unless_streamed(client):
+    """Not streamed: the cut answer is closed after its last complete test (runtime/json_close.py),
+    validates, and says finish_reason length and json_closed; streamed: the pieces as generated."""
+    from medgemma_edge.structured import load_schema
+
+    schema = load_schema("lab_report")
+    body = dict(model="any", max_tokens=40, temperature=0, messages=[
+        {"role": "user", "content": "Hemoglobin 10.1 g/dL (12.0-16.0) low. Sodium 139 mmol/L (135-145). "
+                                    "Potassium 5.9 mmol/L (3.5-5.1) high. Give every result."}],
+                response_format={"type": "json_schema", "json_schema": {"name": "lab_report", "schema": schema}})
+    reply = client.chat.completions.create(**body)
+    content, extra = reply.choices[0].message.content, reply.model_extra["medgemma_edge"]
+    print(reply.choices[0].finish_reason, extra["stats"]["json_closed"], content)
+    assert reply.choices[0].finish_reason == "length" and reply.usage.completion_tokens == 40
+    jsonschema.validate(json.loads(content), schema)
+    assert extra["stats"]["json_closed"] >= 0
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**body, stream=True)
+                       if c.choices)
+    assert content.startswith(streamed[:len(streamed) - extra["stats"]["json_closed"]].rstrip())
+    assert streamed != content  # streamed pieces are not closed
+
+
 @pytest.mark.parametrize("body,param", [
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0]"),
     ({"tools": [LAB], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),

@@ -145,6 +145,40 @@ def test_dicom_wsi_file_and_folder(tmp_path):
     assert slide_path(ct) is None and load_pictures(ct)[0].pixels.ndim == 3  # X-ray/CT path unchanged
 
 
+@pytest.fixture(scope="module")
+def known_levels():
+    level0 = patch_level_image(5376, 1792, seed=3)  # 2 x 6 strides: tissue, glass, black (0, 5)
+    return level0, block_mean(level0, 4)
+
+
+@pytest.mark.parametrize("jpeg2000", [False, True], ids=["uncompressed", "jpeg2000-lossless"])
+def test_dicom_wsi_written_by_wsidicom(tmp_path, known_levels, jpeg2000):
+    """Issue #24: a DICOM WSI that a WSI library wrote (wsidicom's own writer and metadata model,
+    not our pydicom helper) opens through OpenSlide; plan and patches as for the reference."""
+    from tests.wsidicom_helpers import write_dicom_wsi_with_wsidicom
+
+    level0 = known_levels[0]
+    t0 = time.perf_counter()
+    paths = write_dicom_wsi_with_wsidicom(tmp_path / "wsi", list(known_levels), mpp=1.0, jpeg2000=jpeg2000)
+    print(f"wsidicom wrote {[p.stat().st_size for p in paths]} bytes in {time.perf_counter() - t0:.2f} s")
+    assert all(openslide.OpenSlide.detect_format(str(p)) == "dicom" for p in paths)
+    s = openslide.OpenSlide(str(paths[0]))
+    assert s.level_downsamples == (1.0, 4.0) and float(s.properties[openslide.PROPERTY_NAME_MPP_X]) == 1.0
+    plan = plan_slide(str(tmp_path / "wsi"))
+    print(plan.describe())
+    assert (plan.level.index, plan.level.mpp, plan.mask_level, plan.grid) == (0, 1.0, 1, (2, 6))
+    means, tissue = _reference_grid(str(paths[0]), 0, 1, 896 // 4)
+    print(f"tissue {tissue}; worst mean-grey difference {np.nanmax(np.abs(plan.means - means)):.3f}")
+    assert plan.tissue == tissue and np.nanmax(np.abs(plan.means - means)) <= 0.5
+    assert (0, 0) in tissue and (1, 4) in tissue and not {(0, 3), (0, 5), (1, 5)} & set(tissue)  # glass, black
+    pictures = load_pictures(str(tmp_path / "wsi"))
+    assert len(pictures) == len(tissue)
+    worst = max(int(np.abs(p.pixels.astype(int) - level0[r * 896:(r + 1) * 896, c * 896:(c + 1) * 896]).max())
+                for (r, c), p in zip(tissue, pictures))
+    print(f"worst pixel difference against the known image: {worst}")
+    assert worst == 0
+
+
 def test_pictures_stay_pictures(tmp_path):
     array = np.random.default_rng(0).integers(0, 256, (300, 400, 3), np.uint8)
     Image.fromarray(array).save(tmp_path / "a.png")

@@ -3,25 +3,35 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 
 from medgemma_edge.cli.model_option import model_options
+from medgemma_edge.cli.progress import ProgressLines
 
 from medgemma_edge.runtime.dicom.windows import WINDOW_HELP
 from medgemma_edge.runtime.errors import InputError
 from medgemma_edge.runtime.pdf import DEFAULT_DPI, DEFAULT_MAX_PAGES, MAX_DPI, MIN_DPI, TEXT_HELP, TEXT_MODES, PdfOptions
 from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
 from medgemma_edge.runtime.embed_cache import DEFAULT_DISK_MB
+from medgemma_edge.runtime.engines import DEFAULT_KV_CACHE, KV_CACHE_HELP, KV_CACHES
 from medgemma_edge.runtime.generate import DEFAULT_MAX_NEW_TOKENS
 from medgemma_edge.runtime.preprocess import FIT_HELP, FITS
 from medgemma_edge.runtime.presets import card_system
+from medgemma_edge.runtime.progress import Progress
+
+
+# A positional argument with one of these endings is meant as a file, even when it does not exist
+# (then it is refused by name instead of being asked to the model as a question).
+_FILE_ENDINGS = (".pdf", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".svs",
+                 ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide")
 
 
 @click.command()
-@click.argument("prompt", required=False)
+@click.argument("args", nargs=-1, metavar="[FILE]... [PROMPT]")
 @model_options
 @click.option("--image", "images", multiple=True,
               help="picture, DICOM file or series folder, whole-slide image (docs/wsi.md) or PDF (docs/documents.md); "
@@ -43,6 +53,9 @@ from medgemma_edge.runtime.presets import card_system
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--seed", type=int, default=None)
+@click.option("--repetition-guard/--no-repetition-guard", default=True, show_default=True,
+              help="stop an answer that loops (a token 32 times, a phrase 3 times: docs/cli.md); "
+                   "finish_reason repetition")
 @click.option("--stats", is_flag=True, help="print per-stage timings to stderr")
 @click.option("--window", default=None, help=WINDOW_HELP)
 @click.option("--max-slices", type=click.IntRange(min=1), default=DEFAULT_MAX_SLICES, show_default=True,
@@ -69,6 +82,8 @@ from medgemma_edge.runtime.presets import card_system
 @click.option("--repack-weights", "repack", is_flag=True,
               help="faster decode on AVX-512 for a second copy of the text weights in memory and a longer load "
                    "(benchmarks/results/REPORT.md measures both)")
+@click.option("--kv-cache", type=click.Choice(KV_CACHES), default=DEFAULT_KV_CACHE, show_default=True,
+              help=KV_CACHE_HELP)
 @click.option("--lora", "loras", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="llama.cpp LoRA file made for this bundle (export SRC --adapter DIR --lora-out FILE); repeatable")
 @click.option("--image-cache", "image_cache", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -77,14 +92,17 @@ from medgemma_edge.runtime.presets import card_system
                    "(holds data derived from patient images; off by default)")
 @click.option("--image-cache-mb", type=click.FloatRange(min=1), default=DEFAULT_DISK_MB, show_default=True,
               help="size limit of the --image-cache folder; least recently used images go first")
-def ask(prompt, bundle, mmproj, images, prior, preset, system, think, json_schema, max_tokens, temperature, top_p, top_k, seed, stats,
+def ask(args, bundle, mmproj, images, prior, preset, system, think, json_schema, max_tokens, temperature, top_p, top_k, seed, repetition_guard, stats,
         window, max_slices, budget, fit, context, threads, device, vision, repack, image_cache, image_cache_mb, loras,
-        pdf_dpi, pdf_text, pdf_max_pages, level):
-    """Ask PROMPT, about the given images if any; the answer streams to stdout. PROMPT may be left
-    out with a preset that has a question of its own (longitudinal-cxr, lab-report)."""
+        pdf_dpi, pdf_text, pdf_max_pages, level, kv_cache):
+    """Ask PROMPT, about the given images if any; the answer streams to stdout. FILEs before PROMPT are
+    inputs as --image gives them (`ask --preset lab-report report.pdf`). PROMPT may be left out with
+    a preset that has a question of its own (longitudinal-cxr, lab-report)."""
     from medgemma_edge.runtime.constrain import schema_to_gbnf
     from medgemma_edge.structured import resolve_options
 
+    files, prompt = _positional(args)
+    images = (*images, *files)
     chosen = resolve_options(preset, system=system, think=think, max_new_tokens=max_tokens, json_schema=json_schema)
     prompt, images, prior = _question(prompt, preset, images, prior, window)
     if chosen.json_schema is not None:
@@ -94,10 +112,47 @@ def ask(prompt, bundle, mmproj, images, prior, preset, system, think, json_schem
                          "MEDGEMMA_EDGE_MODEL; to try the installation, run `medgemma-edge demo`")
     answer(bundle, prompt, images, system=chosen.system, think=bool(chosen.think),
            max_tokens=chosen.max_new_tokens, json_schema=chosen.json_schema, temperature=temperature,
-           top_p=top_p, top_k=top_k, seed=seed, stats=stats, window=window, max_slices=max_slices, fit=fit,
-           context=context, threads=threads, device=device, image_cache=image_cache, image_cache_mb=image_cache_mb,
+           top_p=top_p, top_k=top_k, seed=seed, repetition_guard=repetition_guard, stats=stats, window=window,
+           max_slices=max_slices, fit=fit, context=context, threads=threads, device=device, image_cache=image_cache,
+           image_cache_mb=image_cache_mb,
            budget=budget, vision=vision, repack=repack, lora=loras, mmproj=mmproj, prior=prior,
-           pdf=PdfOptions(pdf_dpi, pdf_text, pdf_max_pages), level=level)
+           pdf=PdfOptions(pdf_dpi, pdf_text, pdf_max_pages), level=level, kv_cache=kv_cache)
+
+
+def _json_answer(text: str, json_schema, last) -> str:
+    """The whole JSON answer; one cut by --max-tokens (or stopped in a loop) closed at its last complete
+    entry, said on stderr."""
+    from medgemma_edge.runtime.generate import CUT
+
+    if last.finish_reason not in CUT:
+        return text
+    from medgemma_edge.runtime.json_close import close_cut_answer
+
+    why, fix = ("reached --max-tokens", "raise --max-tokens") if last.finish_reason == "length" else \
+        ("was stopped repeating itself", "--no-repetition-guard lets it run on")
+    text = close_cut_answer(text, json_schema, last.stats)
+    if last.stats.json_closed is None:
+        click.echo(f"[the answer {why} and is not complete JSON — {fix}]", err=True)
+    else:
+        click.echo(f"[the answer {why}: closed after its last complete entry "
+                   f"({last.stats.json_closed} characters dropped) — {fix} for all of it]", err=True)
+    return text
+
+
+def _positional(args: tuple[str, ...]) -> tuple[list[str], str | None]:
+    """(input files, PROMPT): every argument naming an existing file or folder, or ending as a file
+    does, is an input; at most one other is the question."""
+    files, words = [], []
+    for arg in args:
+        if os.path.exists(arg):  # False (not an error) for a long question too
+            files.append(arg)
+        elif arg.lower().endswith(_FILE_ENDINGS) and " " not in arg:
+            raise InputError(f"no such file: {arg} — check the path (a question is given in quotes)")
+        else:
+            words.append(arg)
+    if len(words) > 1:
+        raise InputError(f"PROMPT must be one argument, got {len(words)} — put the question in quotes")
+    return files, words[0] if words else None
 
 
 def _question(prompt, preset, images, prior, window) -> tuple:
@@ -172,16 +227,18 @@ def _items(src, pdf) -> list[dict]:
 
 
 def answer(bundle, prompt, images=(), *, system=None, think=False, max_tokens=DEFAULT_MAX_NEW_TOKENS,
-           temperature=0.0, top_p=1.0, top_k=0, seed=None, stats=False, window=None, max_slices=DEFAULT_MAX_SLICES,
+           temperature=0.0, top_p=1.0, top_k=0, seed=None, repetition_guard=True, stats=False, window=None,
+           max_slices=DEFAULT_MAX_SLICES,
            fit=None, context=None, threads=None, device="auto", image_cache=None, image_cache_mb=DEFAULT_DISK_MB, budget=None, vision="auto",
-           repack=False, json_schema=None, lora=(), mmproj=None, prior=None, pdf=None, level=None) -> None:
+           repack=False, json_schema=None, lora=(), mmproj=None, prior=None, pdf=None, level=None,
+           kv_cache=DEFAULT_KV_CACHE) -> None:
     """Load `bundle`, stream the answer to `prompt` to stdout; what `ask` and `demo` run. With
     `prior`: Google's longitudinal layout (medgemma_edge/longitudinal.py), a system prompt only if given."""
     import medgemma_edge
 
     model = medgemma_edge.load(bundle, device=device, threads=threads, context=context, fit=fit,
                                image_cache_dir=image_cache, image_cache_mb=image_cache_mb, vision=vision,
-                               repack=repack, lora=lora, mmproj=mmproj)
+                               repack=repack, lora=lora, mmproj=mmproj, kv_cache=kv_cache)
     if model.demo_notice:  # on stdout, so it travels with the answer wherever it is piped
         click.echo(f"[{model.demo_notice}]")
     sources, slide = _slides(model, images, level=level, max_slices=max_slices, budget=budget, fit=fit)
@@ -198,12 +255,26 @@ def answer(bundle, prompt, images=(), *, system=None, think=False, max_tokens=DE
         from medgemma_edge.longitudinal import longitudinal_messages
 
         messages = longitudinal_messages(sources[0], prior, prompt, system=system)
-    model.on_image_encoded = lambda done, total, s: click.echo(f"encoded {done}/{total} images ({s:.0f} s)", err=True)
+    bars = ProgressLines()  # before the first token: images encoded, prompt read (stderr)
+    held = []  # a JSON answer is printed whole, closed if the token limit cut it (runtime/json_close.py)
     for r in model.stream(messages, max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                          seed=seed, think=think, window=window, max_slices=max_slices, json_schema=json_schema):
+                          seed=seed, think=think, window=window, max_slices=max_slices, json_schema=json_schema,
+                          repetition_guard=repetition_guard, progress=True):
+        if isinstance(r, Progress):
+            bars.show(r)
+            continue
+        bars.close()
+        if json_schema is not None:
+            held.append(r.text)
+            continue
         click.echo(r.text, nl=False)
         sys.stdout.flush()
+    if json_schema is not None:
+        click.echo(_json_answer("".join(held), json_schema, r), nl=False)
     click.echo()
+    if r.finish_reason == "repetition" and json_schema is None:
+        click.echo(f"[stopped: the answer was repeating {r.stats.repetition_period} tokens over and over — "
+                   "--no-repetition-guard lets it run on]", err=True)
     for box in r.boxes:  # on the one picture asked about, as given (runtime/boxes.py)
         click.echo(box.describe(), err=True)
     if think and r.thought:

@@ -13,6 +13,7 @@ from medgemma_edge.cli.model_option import model_options
 
 from medgemma_edge.runtime.dicom.windows import WINDOW_HELP
 from medgemma_edge.runtime.embed_cache import DEFAULT_DISK_MB
+from medgemma_edge.runtime.engines import DEFAULT_KV_CACHE, KV_CACHE_HELP, KV_CACHES
 from medgemma_edge.runtime.errors import InputError, MedGemmaEdgeError
 from medgemma_edge.runtime.files import shown
 from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
@@ -50,10 +51,12 @@ def read_worklist(path: Path) -> list[str]:
 @click.option("--vision", default="auto", show_default=True,
               help="vision file to run, as in `ask`: auto trusts the fidelity the export measured on its own "
                    "machine (`medgemma-edge verify` names it)")
+@click.option("--kv-cache", type=click.Choice(KV_CACHES), default=DEFAULT_KV_CACHE, show_default=True,
+              help=KV_CACHE_HELP + "; `ask` and `serve` find a study prepared with q8_0 only when given it too")
 @click.option("--level", type=click.IntRange(min=0), default=None,
               help="whole-slide images: the pyramid level patches are cut from, as in `ask` (default: nearest 10X)")
 def encode(paths, bundle, mmproj, image_cache, image_cache_mb, system, window, max_slices, fit, threads, vision,
-           level):
+           kv_cache, level):
     """Prepare PATHS (pictures, DICOM files, series folders, or worklists: .txt files with one
     path a line) so that `ask` with the same --image-cache and system prompt starts at the
     question. Already prepared studies are skipped; a bad file is reported and the batch goes on."""
@@ -65,7 +68,7 @@ def encode(paths, bundle, mmproj, image_cache, image_cache_mb, system, window, m
     for p in paths:
         items += read_worklist(Path(p)) if Path(p).suffix.lower() in WORKLIST_SUFFIXES else [p]
     model = medgemma_edge.load(bundle, threads=threads, image_cache_dir=image_cache, image_cache_mb=image_cache_mb,
-                               vision=vision, mmproj=mmproj)
+                               vision=vision, mmproj=mmproj, kv_cache=kv_cache)
     done = skipped = failed = 0
     t_all = time.perf_counter()
     for i, path in enumerate(items, 1):

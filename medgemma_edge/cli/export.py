@@ -90,6 +90,8 @@ def export_cmd(src, out, fmt, quant, vision_quant, keep_intermediate, no_quality
     click.echo(f"bundle: {res.bundle}")
     for f in res.manifest["files"]:
         click.echo(f"  {f['role']:10s} {f['path']}  {_mb(f['size'])}")
+    if probe := res.manifest.get("selfcheck"):  # what `verify --run` and `serve` compare with
+        click.echo(f"  {'selfcheck':10s} {probe['path']}  {probe['size'] / 1e3:,.0f} KB (the self-check's probe)")
     v = res.manifest["vocab"]
     if v["padded"]:
         click.echo(f"  vocab: {v['tokenizer_entries']} tokenizer entries padded to {v['embedding_rows']} "
@@ -107,18 +109,40 @@ def export_cmd(src, out, fmt, quant, vision_quant, keep_intermediate, no_quality
 
 @click.command("verify")
 @click.argument("bundle", type=click.Path(path_type=str))
-def verify_cmd(bundle):
-    """Check every file of BUNDLE against its manifest (size and sha256)."""
-    from medgemma_edge.runtime.manifest import verify_bundle
+@click.option("--run", "run_probe", is_flag=True,
+              help="also run the self-check: the bundle's built-in picture and prompt on this machine, compared "
+                   "with what the export measured (one image encode); exit 2 naming the damage on a mismatch")
+@click.option("--vision", default="auto", show_default=True,
+              help="with --run: the vision file to check (an encoding the bundle holds; auto: the one this "
+                   "machine runs)")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="with --run (default: physical cores)")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="with --run")
+def verify_cmd(bundle, run_probe, vision, threads, device):
+    """Check every file of BUNDLE against its manifest (size and sha256); with --run, that the model
+    still sees and speaks on this machine as where it was exported (docs/export.md#the-self-check)."""
+    from medgemma_edge.runtime.manifest import listed_files, verify_bundle
 
     manifest = verify_bundle(bundle)
-    total = sum(f["size"] for f in manifest["files"])
-    click.echo(f"ok: {len(manifest['files'])} files, {_mb(total)}, match {bundle}/manifest.json")
+    files = listed_files(manifest)
+    click.echo(f"ok: {len(files)} files, {_mb(sum(f['size'] for f in files))}, match {bundle}/manifest.json")
     _say_where_measured(manifest)
     from medgemma_edge.runtime.gguf_check import no_quality_line
 
     if line := no_quality_line(manifest):
         click.echo(line)
+    if run_probe:
+        self_check(bundle, vision=vision, threads=threads, device=device)
+
+
+def self_check(bundle, **load_options) -> None:
+    """Load BUNDLE, run the self-check and print one line per check; BundleError (exit 2, one line
+    naming the damage) on a failure."""
+    import medgemma_edge
+    from medgemma_edge.runtime.selfcheck import check_or_raise, summary
+
+    say = lambda line: click.echo(f"self-check: {line}")  # noqa: E731
+    say(summary(check_or_raise(medgemma_edge.load(bundle, **load_options), say=say)))
 
 
 def _say_where_measured(manifest: dict) -> None:

@@ -14,6 +14,7 @@ from medgemma_edge.cli.model_option import model_options
 
 from medgemma_edge.extras import require_extra
 from medgemma_edge.node.config import NodeConfig
+from medgemma_edge.runtime.engines import DEFAULT_KV_CACHE, KV_CACHE_HELP, KV_CACHES, check_kv_cache
 from medgemma_edge.runtime.errors import InputError
 
 # The defaults live in medgemma_edge/server/config.py; repeated here as literals so that --help
@@ -29,12 +30,27 @@ NODE = NodeConfig(port=0)  # the node's defaults (node/config.py imports neither
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULTS["port"], show_default=True)
 @click.option("--api-key-file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="file whose first line is the key every client must send as 'Authorization: Bearer KEY'")
+@click.option("--ssl-certfile", type=click.Path(dir_okay=False), default=None,
+              help="serve HTTPS with this PEM certificate (or chain); without it a non-loopback --host warns")
+@click.option("--ssl-keyfile", type=click.Path(dir_okay=False), default=None,
+              help="the certificate's PEM private key, unencrypted (default: inside --ssl-certfile)")
+@click.option("--metrics", is_flag=True, default=False,
+              help="answer GET /metrics in Prometheus' text format (under the same key rules as the rest)")
 @click.option("--max-queue", type=click.IntRange(min=0), default=DEFAULTS["max_queue"], show_default=True,
               help="requests waiting for the model; more get 429 with Retry-After")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=DEFAULTS["max_body_mb"],
               show_default=True, help="largest request body (an 85-slice CT series as base64 is ~60 MB)")
 @click.option("--max-images", type=click.IntRange(min=1), default=DEFAULTS["max_images"], show_default=True,
               help="most images in one request")
+@click.option("--repetition-guard/--no-repetition-guard", default=True, show_default=True,
+              help="stop an answer that loops (finish_reason length, medgemma_edge.finish_reason repetition: "
+                   "docs/server.md); a request may say otherwise. Not with --upstream: that engine decodes")
+@click.option("--self-check/--no-self-check", default=True, show_default=True,
+              help="after loading, run the bundle's built-in picture and prompt and compare with the export's "
+                   "(one image encode); a mismatch stops the server, exit 2 (docs/export.md#the-self-check)")
+@click.option("--idle-unload", type=click.FloatRange(min=0, min_open=True), default=None, metavar="MINUTES",
+              help="give the model's memory back after MINUTES without a request or background work; the next "
+                   "request loads it again and its answer waits (/health: unloaded, loading; docs/server.md)")
 @click.option("--image-cache", type=click.Path(file_okay=False, path_type=Path), default=None,
               envvar="MEDGEMMA_EDGE_IMAGE_CACHE", show_envvar=True,
               help="also keep image embeddings in this folder (patient-derived data; off by default)")
@@ -56,6 +72,8 @@ NODE = NodeConfig(port=0)  # the node's defaults (node/config.py imports neither
 @click.option("--context", type=click.IntRange(min=256), default=None,
               help="context length in tokens (default: grows to what each prompt needs)")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--kv-cache", type=click.Choice(KV_CACHES), default=DEFAULT_KV_CACHE, show_default=True,
+              help=KV_CACHE_HELP)
 @click.option("--dicom-port", type=click.IntRange(0, 65535), default=None,
               help="also run a DICOM node on this port: studies pushed by a PACS or a modality are prepared "
                    "in the background and listed at /v1/studies (docs/node.md)")
@@ -82,7 +100,7 @@ NODE = NodeConfig(port=0)  # the node's defaults (node/config.py imports neither
 def serve(bundle, mmproj, host, port, api_key_file, max_queue, max_body_mb, max_images, image_cache, cors_origin,
           allow_hosts, upstream, upstream_key_file, upstream_model, upstream_kind, threads, context, device,
           dicom_port, dicom_ae, dicom_allow, spool, spool_gb, stable_s, prepare, max_slices, results_to, dicomweb,
-          audit_log):
+          audit_log, ssl_certfile, ssl_keyfile, metrics, repetition_guard, self_check, kv_cache, idle_unload):
     """Serve BUNDLE over HTTP: OpenAI's /v1/chat/completions with images and DICOM, and a kiosk page at /.
 
     The port answers at once; /health says "loading" (and chat answers 503 with Retry-After)
@@ -92,10 +110,16 @@ def serve(bundle, mmproj, host, port, api_key_file, max_queue, max_body_mb, max_
 
     config = ServerConfig(host=host, port=port, api_key=read_api_key(api_key_file) if api_key_file else None,
                           max_queue=max_queue, max_body_mb=max_body_mb, max_images=max_images,
-                          cors_origin=cors_origin, allowed_hosts=allow_hosts).check()  # refused before the port opens
+                          cors_origin=cors_origin, allowed_hosts=allow_hosts, metrics=metrics,
+                          ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                          repetition_guard=repetition_guard,
+                          idle_unload_min=idle_unload).check()  # before the port opens
     if bundle is None and upstream is None:
         raise InputError("no bundle given — pass -m BUNDLE (a folder made by `medgemma-edge export`), set "
                          "MEDGEMMA_EDGE_MODEL, or pass --upstream URL")
+    if idle_unload is not None and upstream is not None:
+        raise InputError("--idle-unload gives the local model's memory back; an --upstream engine manages its own "
+                         "(llama-server: --sleep-idle-seconds) — leave --idle-unload out")
     node = None
     if dicom_port is not None:
         node = node_config(dicom_port, host, dicom_ae, dicom_allow, spool, spool_gb, stable_s, prepare, max_slices,
@@ -107,7 +131,7 @@ def serve(bundle, mmproj, host, port, api_key_file, max_queue, max_body_mb, max_
     upstream_key = read_api_key(upstream_key_file) if upstream_key_file else None
     backend = make_backend(bundle, upstream, threads=threads, context=context, device=device, image_cache=image_cache,
                            upstream_key=upstream_key, upstream_model=upstream_model, upstream_kind=upstream_kind,
-                           mmproj=mmproj)
+                           mmproj=mmproj, self_check=self_check, kv_cache=kv_cache)
     from medgemma_edge.server.runner import serve as run
 
     run(backend, config, node=node)
@@ -125,28 +149,38 @@ def node_config(port, host, ae, allow, spool, spool_gb, stable_s, prepare, max_s
 
 
 def make_backend(bundle, upstream, *, threads=None, context=None, device="auto", image_cache=None,
-                 upstream_key=None, upstream_model=None, upstream_kind="auto", mmproj=None):
+                 upstream_key=None, upstream_model=None, upstream_kind="auto", mmproj=None, self_check=False,
+                 kv_cache=DEFAULT_KV_CACHE):
     """The upstream engine, or a loader of the local model. The bundle's manifest and files (names,
     sizes) are checked now, so a bad bundle stops with one line before the port opens; the model
     itself (hashes, weights) loads on the server's worker once the port answers."""
     if upstream is not None:
         from medgemma_edge.server.upstream import UpstreamBackend
 
+        if kv_cache != DEFAULT_KV_CACHE:
+            raise InputError("--kv-cache sets the local model's cache; an --upstream engine keeps its own "
+                             "(llama-server: --cache-type-k/-v) — leave --kv-cache out")
+
         return UpstreamBackend(upstream, api_key=upstream_key, model=upstream_model, bundle=bundle, threads=threads,
                                kind=upstream_kind)
     from medgemma_edge.runtime.engines import check_backend
     from medgemma_edge.runtime.gguf_import import open_model_files
 
-    check_backend(*open_model_files(bundle, mmproj, hashes=False))
+    check_kv_cache(kv_cache, check_backend(*open_model_files(bundle, mmproj, hashes=False)))
 
     def load():
         import medgemma_edge
         from medgemma_edge.server.backend import LocalBackend
 
         model = medgemma_edge.load(bundle, device=device, threads=threads, context=context,
-                                   image_cache_dir=image_cache, mmproj=mmproj)
+                                   image_cache_dir=image_cache, mmproj=mmproj, kv_cache=kv_cache)
         if model.demo_notice:
             click.echo(f"[{model.demo_notice}]", err=True)
+        if self_check:  # before the first answer: a damaged model never serves (BundleError stops the server)
+            from medgemma_edge.runtime.selfcheck import check_or_raise, summary
+
+            result = check_or_raise(model, say=lambda line: click.echo(f"self-check: {line}", err=True))
+            click.echo(f"self-check: {summary(result)}", err=True)
         return LocalBackend(model)
 
     return load

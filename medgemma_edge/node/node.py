@@ -153,7 +153,7 @@ class Node:
             chosen = [series]
         else:
             chosen = study.readable_series()
-        return study.uid, [{"type": "image", "image": s.paths()} for s in chosen]
+        return study.uid, [{"type": "image", "image": s.source()} for s in chosen]
 
     def _study_of_series(self, series_uid):
         return next((s for s in self.book.studies() if s.find_series(series_uid) is not None), None)

@@ -40,8 +40,8 @@ LOG = logging.getLogger("medgemma_edge.node.scp")
 
 # Storage SOP classes (pynetdicom.sop_class names). Images: the modalities runtime/dicom/series.py
 # reads (MODALITIES, less RT dose and segmentations, which it refuses as not pictures), plain and
-# enhanced/legacy-converted multi-frame alike (frames are slices). Whole-slide microscopy (tiled
-# pyramids) is left out: its frames are tiles, not slices. The rest travel with studies from a
+# enhanced/legacy-converted multi-frame alike (frames are slices), and whole-slide microscopy (each
+# instance one level of a tiled pyramid, read through OpenSlide as a slide, docs/wsi.md). The rest travel with studies from a
 # PACS (reports, dose reports, key objects, presentation states): stored so that a whole-study
 # push succeeds and the worklist lists them as skipped, with the reason.
 IMAGE_CLASSES = (
@@ -63,7 +63,7 @@ IMAGE_CLASSES = (
     "LegacyConvertedEnhancedPETImageStorage", "RTImageStorage",
     "VLEndoscopicImageStorage", "VLMicroscopicImageStorage", "VLSlideCoordinatesMicroscopicImageStorage",
     "VLPhotographicImageStorage", "OphthalmicPhotography8BitImageStorage",
-    "OphthalmicPhotography16BitImageStorage",
+    "OphthalmicPhotography16BitImageStorage", "VLWholeSlideMicroscopyImageStorage",
 )
 COMPANION_CLASSES = (
     "BasicTextSRStorage", "EnhancedSRStorage", "ComprehensiveSRStorage", "Comprehensive3DSRStorage",

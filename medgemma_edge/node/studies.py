@@ -14,7 +14,8 @@ that an authenticated client asked for, kept in memory, and never logged or put 
 `study_messages` is the one chat the node prepares and the server answers about a study: the
 default system prompt for images (runtime.presets.card_system: the one rule `ask` and the server use),
 then one user turn with one image item per readable series (SeriesNumber order, then UID), each
-the list of that series' files. The question, when there is one, follows the images, so the
+the list of that series' files (a whole slide: its first instance, which the slide path opens with
+its other levels: the sampled tissue patches, docs/wsi.md). The question, when there is one, follows the images, so the
 saved prefix (everything up to the end of the last image) is the same for every question.
 """
 
@@ -28,6 +29,7 @@ from medgemma_edge.runtime.presets import card_system
 
 STUDY, SERIES = "medgemma-edge:study/", "medgemma-edge:series/"  # how a chat names them
 STATES = ("receiving", "queued", "preparing", "ready", "failed")
+WSI_CLASS = "1.2.840.10008.5.1.4.1.1.77.1.6"  # VL Whole Slide Microscopy Image Storage
 # Storage classes that hold no picture the model reads (PS3.4 B.5): a class UID, or a family of
 # them (the UID and everything under it), with why; the first match wins.
 _NOT_IMAGES = (
@@ -73,6 +75,16 @@ class Series:
 
     def paths(self) -> list[str]:
         return [str(inst.path) for inst in self.instances]
+
+    @property
+    def is_slide(self) -> bool:
+        """A whole-slide microscopy series: its instances are the levels of one tiled pyramid."""
+        return bool(self.instances) and str(getattr(self.instances[0], "sop_class", "")) == WSI_CLASS
+
+    def source(self) -> str | list[str]:
+        """What the runtime reads: a slide's first instance (OpenSlide finds the other levels in
+        the study's spool folder, runtime/wsi), else the list of the series' files."""
+        return self.paths()[0] if self.is_slide else self.paths()
 
 
 @dataclass
@@ -286,7 +298,7 @@ def _text(value) -> str:
 
 def study_messages(study: Study, question: str | None = None) -> list[dict]:
     """The chat the node prepares for `study` (module docstring); `question` appended if given."""
-    content = [{"type": "image", "image": s.paths()} for s in study.readable_series()]
+    content = [{"type": "image", "image": s.source()} for s in study.readable_series()]
     if question is not None:
         content.append({"type": "text", "text": question})
     return [{"role": "system", "content": card_system(True)}, {"role": "user", "content": content}]

@@ -12,6 +12,7 @@
     images.py     /v1/images uploads: decode, preview (uploads.py: the in-memory store)
     studies.py    the DICOM node's worklist, previews, study questions and drafts (node/)
     worker.py     the single model thread and its bounded queue
+    idle.py       serve --idle-unload: the model's memory given back when idle
     state.py      what the routes share: backend or its loader, worker, uploads, config
     http.py       a request's JSON body (depth-bounded), noticing a client that left
     middleware.py access log, Host check, API key, body limit; errors.py: OpenAI-shaped errors

@@ -83,6 +83,12 @@ def build_app(backend, config: ServerConfig | None = None, node=None) -> Starlet
         middleware.append(Middleware(CORSMiddleware, allow_origins=[config.cors_origin],
                                      allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"]))
     middleware += [Middleware(ApiKey, key=config.api_key), Middleware(BodyLimit, max_bytes=config.max_body_bytes)]
+    if config.metrics:  # under the key rules of every other route (middleware.ApiKey)
+        from medgemma_edge.server.metrics import Metrics, RequestCount, metrics_page
+
+        state.metrics = Metrics(state)
+        routes.append(Route("/metrics", metrics_page, methods=["GET"]))
+        middleware.insert(0, Middleware(RequestCount, metrics=state.metrics, routes=routes))
     app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                     exception_handlers={HTTPException: _http_error})
     app.state.medgemma = state

@@ -4,8 +4,10 @@ Both take a chat in the runtime's own message format (runtime/chat.py: `{"role",
 `{"type": "text"}` and `{"type": "image", "image": SOURCE}` items, SOURCE being anything
 `runtime.sources.load_pictures` reads: bytes of a PNG/JPEG/DICOM file, a list of DICOM bytes
 for a series, or already-decoded `Picture`s) and yield `runtime.reply.Response`s, the last one
-carrying finish_reason and stats. `cancelled()` is polled once per token: when it turns true
-the backend stops and releases the model at once (a client that went away).
+carrying finish_reason and stats; the local model yields `runtime.progress.Progress` items before
+the first token too (images encoded, prompt evaluated; server/chat.py streams them). `cancelled()`
+is polled once per item: when it turns true the backend stops and releases the model at once (a
+client that went away).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ class Backend(Protocol):
 
     def chat(self, messages: list[dict], options: dict, cancelled: Callable[[], bool]) -> Iterator[Response]:
         """options: max_tokens, temperature, top_p, top_k, seed, stop, think, window, max_slices, fit,
-        json_schema (the answer is JSON valid for it) or grammar (GBNF; server/tools.py)."""
+        json_schema (the answer is JSON valid for it) or grammar (GBNF; server/tools.py), repetition_guard
+        (runtime/repetition.py; the local model's decode loop runs it, an upstream engine decodes itself)."""
 
     def prepare(self, messages: list[dict], options: dict) -> None:
         """Do the image work of `messages` now (decode, window, resize, encode into the image
@@ -53,7 +56,8 @@ class LocalBackend:
                                    window=options.get("window"),
                                    max_slices=options.get("max_slices", DEFAULT_MAX_SLICES),
                                    fit=options.get("fit"), json_schema=options.get("json_schema"),
-                                   grammar=options.get("grammar"))
+                                   grammar=options.get("grammar"),
+                                   repetition_guard=options.get("repetition_guard", True), progress=True)
         try:
             for response in stream:
                 yield response

@@ -9,14 +9,26 @@ With `tools` (server/tools.py) an answer that is a call comes back as `tool_call
 "tool_calls"; streamed, a call is held back and sent as one chunk once complete, while a plain
 answer (under tool_choice "auto", one not starting with `{`) streams as usual.
 
+An answer the repetition guard stopped (runtime/repetition.py; on unless `serve
+--no-repetition-guard` or the request's `"medgemma_edge": {"repetition_guard": false}`) says
+finish_reason "length", the one of OpenAI's reasons its clients read as cut short, and
+`medgemma_edge.finish_reason` "repetition"; its stats say the loop's period and length.
+
+A response_format answer cut by max_tokens (or the repetition guard) is closed after its last
+complete entry when not streamed (runtime/json_close.py; `medgemma_edge.stats.json_closed`); a
+streamed one is sent as generated.
+
 An answer holding `box_2d` about the request's one picture (not a series) also gets `boxes` on the
 message (streamed: on the final chunk's delta), each box also in pixels of the picture as sent
 (runtime/boxes.py). OpenAI's clients keep such unknown fields (`model_extra`).
 
+Progress: before the first token of a streamed answer about images, the local model's progress
+(runtime/progress.py: images encoded, prompt evaluated) arrives as chunks with an empty delta and
+`medgemma_edge.progress` {"stage", "done", "total", "elapsed_s", "eta_s"}, which OpenAI's clients
+keep in `model_extra` (docs/server.md#progress); a plain answer just waits.
+
 About a study of the DICOM node (server/studies.py): a study the chat names that the node lacks is
-pulled from its --dicomweb server first; while the answer encodes images still missing, the stream
-sends chunks with an empty delta and `medgemma_edge.progress` {"done", "total"} before the first
-token (a plain answer just waits). The question and answer are kept (RecentAnswers) for POST
+pulled from its --dicomweb server first. The question and answer are kept (RecentAnswers) for POST
 /v1/results; with `"medgemma_edge": {"store_result": true}` the answer is queued as a draft SR at
 once, and `medgemma_edge.result` (on the last chunk when streamed) is the draft's status.
 
@@ -31,18 +43,22 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
 import time
 
 import anyio.to_thread
 from starlette.responses import JSONResponse
 
+from medgemma_edge.runtime.generate import CUT
+from medgemma_edge.runtime.json_close import close_cut_answer
+from medgemma_edge.runtime.progress import Progress
 from medgemma_edge.server.errors import ApiError, as_api_error, error_body, response_for
 from medgemma_edge.server.http import read_json, watch_disconnect
-from medgemma_edge.server.studies import Answer, Progress, check_store, prefetch, question_text, store, study_run
+from medgemma_edge.server.studies import Answer, check_store, prefetch, question_text, store, study_run
 from medgemma_edge.server.translate import chat_request
 from medgemma_edge.server.worker import DONE
 
+# OpenAI's clients know the finish reasons stop, length, tool_calls and content_filter only (module docstring)
+OPENAI_FINISH = {"repetition": "length"}
 SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                (b"x-accel-buffering", b"no")]  # a proxy in front must not hold tokens back
 
@@ -54,14 +70,15 @@ async def chat_completions(request):
         backend = server.require_backend()
         await prefetch(body, server.node)
         chat = chat_request(body, server.uploads, max_images=server.config.max_images,
-                            max_tokens=server.config.max_tokens, node=server.node)
+                            max_tokens=server.config.max_tokens, node=server.node,
+                            repetition_guard=server.config.repetition_guard)
         check_text_size(chat, len(await request.body()), server.config, backend)
         check_store(chat, server.node)
         job = _submit(server, backend, chat)
     except Exception as err:
         return response_for(err)
     watcher = watch_disconnect(request, server.worker, job)
-    meta = _Meta(backend.model_id, getattr(backend, "notice", None), _after(server, chat))
+    meta = _Meta(backend.model_id, getattr(backend, "notice", None), _after(server, chat), server.metrics)
     streaming = False  # once the EventStream owns the job, it closes it
     try:
         first = await job.next()
@@ -71,7 +88,8 @@ async def chat_completions(request):
             streaming = True
             return EventStream(_events(job, first, meta, chat.include_usage, chat.tools),
                                lambda: _close(server, job, watcher))
-        return JSONResponse(await _joined(job, first, meta, chat.tools))
+        schema = chat.options.get("json_schema") if chat.tools is None else None
+        return JSONResponse(await _joined(job, first, meta, chat.tools, schema))
     except Exception as err:
         return response_for(err, server.worker.retry_after())
     finally:
@@ -82,18 +100,9 @@ async def chat_completions(request):
 def _submit(server, backend, chat):
     if not chat.studies:
         return server.submit(lambda cancelled: backend.chat(chat.messages, chat.options, cancelled))
-    node = server.node
     for uid in dict.fromkeys(chat.studies):
-        node.event("asked", uid, key_id=server.key_id)
-    submitted, jobs = threading.Event(), []
-
-    def push(item):  # on the worker, while the answer encodes
-        if submitted.wait(5):
-            jobs[0].push(item)
-
-    jobs.append(server.submit(study_run(backend, chat, node, push)))
-    submitted.set()
-    return jobs[0]
+        server.node.event("asked", uid, key_id=server.key_id)
+    return server.submit(study_run(backend, chat, server.node))
 
 
 def _after(server, chat):
@@ -141,9 +150,14 @@ def _text_chars(content) -> int:
 
 
 class _Meta:
-    def __init__(self, model_id: str, notice: str | None, after=None):
+    def __init__(self, model_id: str, notice: str | None, after=None, metrics=None):
         self.id, self.created = "chatcmpl-" + secrets.token_hex(12), int(time.time())
-        self.model, self.notice, self.after = model_id, notice, after
+        self.model, self.notice, self.after, self.metrics = model_id, notice, after, metrics
+
+    def record(self, last) -> None:
+        """The finished answer's stats into /metrics (server/metrics.py), when it is on."""
+        if self.metrics is not None:
+            self.metrics.record(last)
 
     async def finished(self, content: str | None) -> dict:
         """The extras `after` adds once the answer is whole (None: a tool call, nothing to keep)."""
@@ -153,7 +167,8 @@ class _Meta:
 
     def extras(self, last) -> dict:
         stats = last.stats.as_dict() if last.stats is not None else None
-        return {"stats": stats, "thought": last.thought, "notice": self.notice}
+        ours = {"finish_reason": last.finish_reason} if last.finish_reason in OPENAI_FINISH else {}
+        return {"stats": stats, "thought": last.thought, "notice": self.notice, **ours}
 
     def chunk(self, delta: dict, finish_reason=None, **extra) -> bytes:
         body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
@@ -177,12 +192,12 @@ def _boxes(last) -> list[dict] | None:
 
 
 def _as_call(tools, text: str, finish_reason: str):
-    """(tool_calls entry or None, finish_reason) for a finished answer."""
+    """(tool_calls entry or None, OpenAI's finish_reason) for a finished answer."""
     call = tools.read_call(text) if tools is not None and finish_reason == "stop" else None
-    return call, ("tool_calls" if call is not None else finish_reason)
+    return call, ("tool_calls" if call is not None else OPENAI_FINISH.get(finish_reason, finish_reason))
 
 
-async def _joined(job, item, meta: _Meta, tools=None) -> dict:
+async def _joined(job, item, meta: _Meta, tools=None, schema=None) -> dict:
     pieces, last = [], None
     while item is not DONE:
         if not isinstance(item, Progress):
@@ -192,7 +207,10 @@ async def _joined(job, item, meta: _Meta, tools=None) -> dict:
         item = await job.next()
     if last is None:
         raise ApiError(503, "the answer was cancelled before it finished")
+    meta.record(last)
     content = "".join(pieces)
+    if schema is not None and last.finish_reason in CUT:  # closed at its last complete entry
+        content = close_cut_answer(content, schema, last.stats)
     call, finish_reason = _as_call(tools, content, last.finish_reason)
     message = {"role": "assistant", "content": content} if call is None else {
         "role": "assistant", "content": None, "tool_calls": [call]}
@@ -213,7 +231,7 @@ async def _events(job, item, meta: _Meta, include_usage: bool, tools=None):
     try:
         while item is not DONE:
             if isinstance(item, Progress):
-                yield meta.chunk({}, medgemma_edge={"progress": {"done": item.done, "total": item.total}}, **extra)
+                yield meta.chunk({}, medgemma_edge={"progress": item.as_dict()}, **extra)
                 item = await job.next()
                 continue
             sent.append(item.text)
@@ -233,7 +251,8 @@ async def _events(job, item, meta: _Meta, include_usage: bool, tools=None):
         return
     if last is None:  # cancelled: nobody is reading
         return
-    finish_reason, call = last.finish_reason, None
+    meta.record(last)
+    finish_reason, call = OPENAI_FINISH.get(last.finish_reason, last.finish_reason), None
     if held:
         call, finish_reason = _as_call(tools, held, finish_reason)
         delta = {"content": held} if call is None else {"tool_calls": [{"index": 0, **call}]}

@@ -32,6 +32,9 @@ class ServerConfig:
     max_body_mb: float = MAX_BODY_MB
     max_images: int = MAX_IMAGES
     cors_origin: str | None = None  # no CORS headers at all unless set
+    metrics: bool = False  # GET /metrics, Prometheus' text format (server/metrics.py)
+    ssl_certfile: str | None = None  # HTTPS with this PEM certificate (chain) and ssl_keyfile (runner.py)
+    ssl_keyfile: str | None = None  # None with a certfile: the key is in the certfile
     # Without a key, requests must name this machine in `Host` (localhost, 127.0.0.1, [::1]) or
     # one of these names: a web page elsewhere cannot reach a keyless server by DNS rebinding.
     allowed_hosts: tuple[str, ...] = ()
@@ -39,6 +42,10 @@ class ServerConfig:
     uploads_kept: int = UPLOADS_KEPT
     uploads_mb: float = UPLOADS_MB
     max_tokens: int = MAX_TOKENS
+    # stop looping answers (runtime/repetition.py) unless a request's medgemma_edge.repetition_guard says not
+    repetition_guard: bool = True
+    # give the model's memory back after this many minutes without work; the next request loads it (server/idle.py)
+    idle_unload_min: float | None = None
 
     @property
     def max_body_bytes(self) -> int:
@@ -62,14 +69,21 @@ class ServerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < (0 if name == "max_queue" else 1):
                 raise InputError(f"{name} must be a positive integer, got {value!r:.40}")
+        if not isinstance(self.repetition_guard, bool):
+            raise InputError(f"repetition_guard must be True or False, got {self.repetition_guard!r:.40}")
         if not self.max_body_mb > 0 or not self.uploads_mb > 0 or not self.max_text_mb > 0:
             raise InputError("max_body_mb, max_text_mb and uploads_mb must be positive")
+        idle = self.idle_unload_min
+        if idle is not None and (not isinstance(idle, (int, float)) or isinstance(idle, bool) or not idle > 0):
+            raise InputError(f"idle_unload_min must be a positive number of minutes, got {idle!r:.40}")
         if isinstance(self.allowed_hosts, str):
             raise InputError("allowed_hosts must be a list of host names, not one string")
         for name in self.allowed_hosts:
             if not isinstance(name, str) or not _HOST_NAME.fullmatch(name) or host_name(name) != name:
                 raise InputError(f"--allow-host {str(name)!r:.60} is not a host name — give the name "
                                  "clients put in the URL, lower case, without port (e.g. kiosk.clinic.local)")
+        if self.ssl_keyfile is not None and self.ssl_certfile is None:
+            raise InputError("--ssl-keyfile needs --ssl-certfile: give the certificate the key belongs to")
         if self.api_key is not None and not self.api_key:
             raise InputError("the API key is empty — put the key on the first line of the --api-key-file")
         # Anyone who can reach a non-loopback port could read answers about patients' images.

@@ -4,17 +4,21 @@ that wants the server beside it, on a free loopback port)."""
 from __future__ import annotations
 
 import copy
+import logging
 import socket
+import ssl
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
 from uvicorn.config import LOGGING_CONFIG
 
 from medgemma_edge.runtime.errors import InputError
 from medgemma_edge.server.app import build_app
-from medgemma_edge.server.config import ServerConfig
+from medgemma_edge.server.config import ServerConfig, is_loopback
 
+log = logging.getLogger("medgemma_edge.server")
 START_TIMEOUT_S = 30.0
 
 
@@ -22,7 +26,39 @@ def _uvicorn_config(app, config: ServerConfig, log_config) -> uvicorn.Config:
     # uvicorn's access log prints the query string and client address; ours (middleware.AccessLog)
     # prints method, path and status only.
     return uvicorn.Config(app, host=config.host, port=config.port, access_log=False, log_config=log_config,
-                          lifespan="on", server_header=False, timeout_graceful_shutdown=5)
+                          lifespan="on", server_header=False, timeout_graceful_shutdown=5,
+                          ssl_certfile=config.ssl_certfile, ssl_keyfile=config.ssl_keyfile)
+
+
+def check_tls(config: ServerConfig) -> None:
+    """InputError, one line, when the certificate and key cannot be loaded — before the port opens,
+    not as uvicorn's traceback once it does. An encrypted key is refused rather than prompted for:
+    a service has no terminal to type its password on."""
+    if config.ssl_certfile is None:
+        return
+    for flag, path in (("--ssl-certfile", config.ssl_certfile), ("--ssl-keyfile", config.ssl_keyfile)):
+        if path is not None and not Path(path).is_file():
+            raise InputError(f"{flag} {path}: no such file — give the path of the PEM file (docs/server.md#tls)")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(config.ssl_certfile, config.ssl_keyfile,
+                                                                password=lambda: b"")
+        return
+    except ssl.SSLError as err:
+        why = ("the key is not this certificate's" if err.reason == "KEY_VALUES_MISMATCH"
+               else "not a PEM certificate with its unencrypted PEM key")
+    except OSError as err:  # not readable by this user
+        why = err.strerror or type(err).__name__
+    raise InputError(f"--ssl-certfile {config.ssl_certfile}: cannot load it ({why}) — give the PEM certificate "
+                     "and its unencrypted key (--ssl-keyfile), readable by this user (docs/server.md#tls)")
+
+
+def warn_plain_http(config: ServerConfig) -> None:
+    """One warning when other machines can reach a port that speaks plain HTTP: the key, the
+    questions and the answers cross the network readable by anyone on the way."""
+    if config.ssl_certfile is None and not is_loopback(config.host):
+        log.warning("serving plain HTTP on %s: the API key, questions and answers cross the network "
+                    "unencrypted — pass --ssl-certfile/--ssl-keyfile, or keep a TLS proxy in front "
+                    "(docs/server.md#tls)", config.host)
 
 
 def logging_config() -> dict:
@@ -52,6 +88,7 @@ def serve(backend, config: ServerConfig | None = None, node=None) -> None:
     loading fails, the server stops and the loader's error is raised here. node: a NodeConfig, to
     run the DICOM node beside it (build_app); a DICOM port that cannot be had stops it the same way."""
     config = (config or ServerConfig()).check()
+    check_tls(config)
     sock = listening_socket(config.host, config.port)
     try:
         app = build_app(backend, config, node)
@@ -59,6 +96,7 @@ def serve(backend, config: ServerConfig | None = None, node=None) -> None:
         sock.close()
         raise
     server = uvicorn.Server(_uvicorn_config(app, config, logging_config()))
+    warn_plain_http(config)  # now: uvicorn's config above set up the handler it is printed by
     state = app.state.medgemma
     state.on_load_failure = lambda: setattr(server, "should_exit", True)
     try:

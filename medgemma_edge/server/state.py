@@ -1,5 +1,6 @@
 """What the routes share: the backend (or its loader), the model worker, the uploads, the limits,
-and the DICOM node when `serve --dicom-port` runs one (its answers kept for POST /v1/results)."""
+the DICOM node when `serve --dicom-port` runs one (its answers kept for POST /v1/results), and the
+idle timer of `serve --idle-unload` (server/idle.py)."""
 
 from __future__ import annotations
 
@@ -36,15 +37,23 @@ class ServerState:
         self.answers = RecentAnswers()
         self.previews = Previews()
         self.key_id = key_id(config.api_key)  # what the audit writes for the key, never the key
+        self.metrics = None  # server/metrics.Metrics with serve --metrics
+        self.idle = None  # server/idle.IdleUnload with serve --idle-unload
 
     def start(self) -> None:
         self.worker.start()
+        if self.config.idle_unload_min is not None:
+            from medgemma_edge.server.idle import IdleUnload
+
+            self.idle = IdleUnload(self, self.config.idle_unload_min * 60).start()
         if self.loader is not None and self.backend is None:
             self.worker.submit(self._load, background=True)
         if self.node is not None:  # receives now; prepares once the model is loaded (Node.tick)
             self.node.start()
 
     def stop(self) -> None:
+        if self.idle is not None:
+            self.idle.stop()
         if self.node is not None:
             self.node.stop()
         self.worker.stop()
@@ -68,7 +77,15 @@ class ServerState:
     def status(self) -> str:
         if self.backend is None:
             return "error" if self.load_error else "loading"
+        if not self.model_loaded:  # given back when idle (server/idle.py); the next request opens it again
+            return "loading" if self.backend.model.loading else "unloaded"
         return "busy" if self.worker.busy else "ready"
+
+    @property
+    def model_loaded(self) -> bool:
+        """The model is in memory: loaded, and not unloaded for being idle (an upstream backend: once made)."""
+        model = getattr(self.backend, "model", None)
+        return self.backend is not None and (model is None or model.loaded)
 
     def require_backend(self):
         if self.backend is None:

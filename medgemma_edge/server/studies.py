@@ -11,9 +11,9 @@ carried the server's API key: the middleware has refused every other request alr
 server has one, so "the server has a key" is that test; without a key nobody is authenticated.
 
 A chat naming a study (server/translate.py resolves the parts) runs as `study_run`: the study's
-files stay in the spool while it is answered, and when images are still to be encoded, their
-progress reaches the stream as chunks with an empty delta and `medgemma_edge.progress`
-{"done", "total"} before the first token. The server keeps the question and answer of its last
+files stay in the spool while it is answered; when it was not prepared, its progress (images
+encoded, prompt evaluated) reaches the stream before the first token as any image question's does
+(server/chat.py, docs/server.md#progress). The server keeps the question and answer of its last
 RECENT answers about a study, in memory only, so the kiosk can store one after the fact.
 """
 
@@ -36,13 +36,6 @@ from medgemma_edge.server.http import read_json
 RECENT = 64  # answers about a study kept for POST /v1/results
 PREVIEWS = 8  # study previews kept (patient pixels, in memory only)
 NO_NODE = "this server has no DICOM node — start `medgemma-edge serve` with --dicom-port PORT"
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Images encoded so far for the answer (a study that was not ready)."""
-    done: int
-    total: int
 
 
 @dataclass(frozen=True)
@@ -167,29 +160,23 @@ def question_text(messages: list[dict]) -> str:
     return ""
 
 
-def study_run(backend, chat, node, push):
+def study_run(backend, chat, node):
     """`run(cancelled)` for the worker: the answer, with the named studies' files pinned in the
-    spool and image progress pushed (as Progress) through `push`."""
+    spool while it runs."""
 
     def run(cancelled):
-        return _pinned_with_progress(backend.chat(chat.messages, chat.options, cancelled), node,
-                                     set(chat.studies), getattr(backend, "model", None), push)
+        return _pinned(backend.chat(chat.messages, chat.options, cancelled), node, set(chat.studies))
 
     return run
 
 
-def _pinned_with_progress(items, node, uids, model, push):
+def _pinned(items, node, uids):
     with contextlib.ExitStack() as stack:
         for uid in sorted(uids):
             stack.enter_context(node.spool.pinned(uid))
-        before = getattr(model, "on_image_encoded", None)
-        if model is not None:  # runs on the worker: no other answer holds the model meanwhile
-            model.on_image_encoded = lambda done, total, _s: push(Progress(done, total))
         try:
             yield from items
         finally:
-            if model is not None:
-                model.on_image_encoded = before
             close = getattr(items, "close", None)
             if close is not None:
                 close()
@@ -279,7 +266,7 @@ def study_png(node, study, image_size: int) -> bytes:
         raise InputError("this study holds no series the model reads — GET /v1/studies/UID says why")
     pictures = []
     for s in series:
-        found = load_pictures(s.paths(), max_slices=node.config.max_slices)
+        found = load_pictures(s.source(), max_slices=node.config.max_slices)
         if len(series) > 1:  # say which series each tile is from
             found = [replace(p, label=" ".join(x for x in (f"S{s.number if s.number is not None else '?'}",
                                                             p.label) if x)) for p in found]

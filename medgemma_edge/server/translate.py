@@ -42,7 +42,7 @@ _WHY_DATA = ("send the image itself as a data: URL (data:image/png;base64,…, d
 @dataclass
 class ChatRequest:
     messages: list[dict]  # runtime format: {"type": "image", "image": SOURCE} items
-    options: dict  # Backend.chat options; only those the client set, plus max_tokens
+    options: dict  # Backend.chat options; only those the client set, plus max_tokens and repetition_guard
     stream: bool = False
     include_usage: bool = False
     images: int = 0
@@ -103,9 +103,11 @@ def image_options(fields: dict, where: str = "") -> dict:
     return out
 
 
-def chat_request(body, uploads, *, max_images: int, max_tokens: int, node=None) -> ChatRequest:
+def chat_request(body, uploads, *, max_images: int, max_tokens: int, node=None,
+                 repetition_guard: bool = True) -> ChatRequest:
     """Check an OpenAI chat.completions body and translate it; ApiError(400) for the first fault.
-    node: the DICOM node whose studies the chat may name (None: the server has none)."""
+    node: the DICOM node whose studies the chat may name (None: the server has none).
+    repetition_guard: the server's default, for a request whose medgemma_edge names none."""
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object with 'messages'")
     for name in _UNSUPPORTED:
@@ -114,6 +116,7 @@ def chat_request(body, uploads, *, max_images: int, max_tokens: int, node=None) 
     if body.get("n") not in (None, 1):
         raise ApiError(400, "n must be 1: this server gives one answer per request", "n")
     request = ChatRequest(messages=[], options=_options(body, max_tokens))
+    request.options.setdefault("repetition_guard", repetition_guard)
     request.store_result = _flag((body.get("medgemma_edge") or {}).get("store_result", False),
                                  "medgemma_edge.store_result")
     request.stream = _flag(body.get("stream", False), "stream")
@@ -220,16 +223,18 @@ def _options(body: dict, max_tokens: int) -> dict:
     if extras is not None:
         if not isinstance(extras, dict):
             raise ApiError(400, "medgemma_edge must be an object {think, window, fit, max_slices, top_k, "
-                                "store_result}", "medgemma_edge")
-        unknown = set(extras) - {"think", "window", "fit", "max_slices", "top_k", "store_result"}
+                                "store_result, repetition_guard}", "medgemma_edge")
+        unknown = set(extras) - {"think", "window", "fit", "max_slices", "top_k", "store_result", "repetition_guard"}
         if unknown:
             raise ApiError(400, f"medgemma_edge.{sorted(unknown)[0][:40]} is not an option — use think, window, fit, "
-                                "max_slices, top_k or store_result", "medgemma_edge")
+                                "max_slices, top_k, store_result or repetition_guard", "medgemma_edge")
         options.update(image_options(extras, "medgemma_edge."))
         if extras.get("think") is not None:
             options["think"] = _flag(extras["think"], "medgemma_edge.think")
         if extras.get("top_k") is not None:
             options["top_k"] = _integer(extras["top_k"], "medgemma_edge.top_k", least=0)
+        if extras.get("repetition_guard") is not None:
+            options["repetition_guard"] = _flag(extras["repetition_guard"], "medgemma_edge.repetition_guard")
     return options
 
 

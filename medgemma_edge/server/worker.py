@@ -95,6 +95,7 @@ class Worker:
         self._stopping = False
         self.running: Job | None = None
         self._mean_s = 2.0  # moving mean of a job's duration, for Retry-After
+        self.last_work = time.monotonic()  # when the last job or background step ended (server/idle.py)
 
     # -- event-loop side ---------------------------------------------------------------------
     def submit(self, run, *, background: bool = False) -> Job:
@@ -157,6 +158,11 @@ class Worker:
         """Lane tasks not finished."""
         return len(self._lane)
 
+    @property
+    def idle(self) -> bool:
+        """No job runs or waits and no background task is unfinished."""
+        return not self.busy and not self._lane
+
     def retry_after(self) -> int:
         """Seconds until a place in the queue is likely free: one job's usual duration."""
         return max(1, min(600, math.ceil(self._mean_s)))
@@ -204,6 +210,7 @@ class Worker:
                     task.started = True
             if task is not None:
                 self._step(task)
+                self.last_work = time.monotonic()
                 continue
             t0 = time.perf_counter()
             try:
@@ -212,6 +219,7 @@ class Worker:
                 self._mean_s = 0.8 * self._mean_s + 0.2 * (time.perf_counter() - t0)
                 with self._cond:
                     self.running = None
+                    self.last_work = time.monotonic()
         for task in list(self._lane):  # stopping: the started task, whose generator lives here
             self._finish(task, Cancelled())
 

@@ -109,9 +109,12 @@ class Orthanc:
 
 
 def storescu(files, port: int, aec: str, aet: str = "STORESCU", host: str = "127.0.0.1",
-             check: bool = True) -> subprocess.CompletedProcess:
-    """dcmtk's storescu sending `files` to AE `aec` at host:port (one association)."""
-    cmd = [need("storescu"), "-aet", aet, "-aec", aec, host, str(port), *map(str, files)]
+             check: bool = True, required: bool = False) -> subprocess.CompletedProcess:
+    """dcmtk's storescu sending `files` to AE `aec` at host:port (one association). `required`:
+    propose only the files' own SOP classes (-R; storescu's default list lacks some, e.g. whole-slide
+    microscopy)."""
+    cmd = [need("storescu"), *(["-R"] if required else []), "-aet", aet, "-aec", aec, host, str(port),
+           *map(str, files)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=check)
 
 

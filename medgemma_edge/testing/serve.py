@@ -3,6 +3,7 @@ entry, ready when /health says so, stopped by its pid (SIGTERM, then SIGKILL).""
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import sys
 import time
@@ -24,11 +25,13 @@ def stop_process(proc: subprocess.Popen, wait_s: float = 30.0) -> None:
 
 class ServeProcess:
     """`with ServeProcess(["-m", BUNDLE, "--port", P, …], log) as srv:` — `srv.url`, `srv.proc`,
-    `srv.load_s` (seconds until /health said ready)."""
+    `srv.load_s` (seconds until /health said ready). ca: the CA file that signed the server's
+    certificate, when ARGS serve HTTPS (--ssl-certfile); `srv.verify` is then its SSL context."""
 
-    def __init__(self, args: list[str], log: Path, port: int, ready_s: float = 600.0):
+    def __init__(self, args: list[str], log: Path, port: int, ready_s: float = 600.0, ca: Path | None = None):
         self.args, self.log, self.ready_s = ["serve", *map(str, args)], Path(log), ready_s
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = f"{'https' if ca else 'http'}://127.0.0.1:{port}"
+        self.verify = ssl.create_default_context(cafile=str(ca)) if ca else True
 
     def start(self) -> "ServeProcess":
         import httpx
@@ -41,7 +44,7 @@ class ServeProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"serve exited ({self.proc.returncode}):\n{self.log.read_text()[-3000:]}")
             try:
-                if httpx.get(self.url + "/health", timeout=2).json().get("status") == "ready":
+                if httpx.get(self.url + "/health", timeout=2, verify=self.verify).json().get("status") == "ready":
                     break
             except (httpx.HTTPError, ValueError):
                 pass

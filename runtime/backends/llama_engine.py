@@ -14,6 +14,7 @@ import os
 import numpy as np
 
 from medgemma_edge.runtime.backends.llama_vocab import LlamaTokenizing, init_backend
+from medgemma_edge.runtime.engines import DEFAULT_KV_CACHE, check_kv_cache
 from medgemma_edge.runtime.errors import BundleError, InputError, MedGemmaEdgeError
 from medgemma_edge.runtime.machine import resolve_threads
 
@@ -43,7 +44,13 @@ class LlamaEngine(LlamaTokenizing):
     tokenize / piece / end_ids / is_end: runtime/backends/llama_vocab.LlamaTokenizing."""
 
     def __init__(self, gguf_path: str, *, n_ctx: int = 4096, threads: int | None = None,
-                 n_gpu_layers: int = 0, n_batch: int | None = None, repack: bool = False):
+                 n_gpu_layers: int = 0, n_batch: int | None = None, repack: bool = False,
+                 kv_cache: str = DEFAULT_KV_CACHE, flash_attn: bool | None = None):
+        """kv_cache: the KV cache's type (runtime/engines.KV_CACHES). flash_attn: None turns llama.cpp's
+        flash attention on exactly where the cache type needs it (see _make_context); True / False
+        force it (benchmarks/bench_kv.py separates its effect from the cache type's)."""
+        check_kv_cache(kv_cache)
+        self.kv_cache, self.flash_attn = kv_cache, flash_attn
         llama_cpp = init_backend()
         self._c = llama_cpp
         mparams = llama_cpp.llama_model_default_params()
@@ -63,6 +70,7 @@ class LlamaEngine(LlamaTokenizing):
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self.model)
+        self.n_swa = llama_cpp.llama_model_n_swa(self.model)  # sliding window (Gemma 3: 512 or 1024), 0 if none
         self.n_batch = max(n_batch or default_batch(n_gpu_layers != 0), 256)  # an image fits one micro-batch
         self.ctx = None
         self.loras: list = []  # llama_adapter_lora pointers, set on every context (load_loras)
@@ -77,9 +85,14 @@ class LlamaEngine(LlamaTokenizing):
         cparams.n_ctx = n_ctx
         cparams.n_batch = cparams.n_ubatch = self.n_batch
         cparams.n_threads = cparams.n_threads_batch = self.threads
-        # Off, as in llama-cpp-python's `Llama`: on CPU its f16 accumulation moved Gemma 3 270M's
-        # logits by up to 1.2 against the unfused path, which is the one that matches transformers.
-        cparams.flash_attn_type = c.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # Flash attention off, as in llama-cpp-python's `Llama`: on CPU its f16 accumulation moved
+        # Gemma 3 270M's logits by up to 1.2 against the unfused path, which is the one that matches
+        # transformers. A quantized cache needs it on: llama.cpp stores V transposed without flash
+        # attention and cannot quantize it so (llama_init_from_model refuses). What q8_0 and flash
+        # attention each cost in faithfulness: benchmarks/results/KV_CACHE.md.
+        cparams.type_k = cparams.type_v = getattr(c, f"GGML_TYPE_{self.kv_cache.upper()}")
+        fa = self.kv_cache != "f16" if self.flash_attn is None else self.flash_attn
+        cparams.flash_attn_type = c.LLAMA_FLASH_ATTN_TYPE_ENABLED if fa else c.LLAMA_FLASH_ATTN_TYPE_DISABLED
         cparams.swa_full = True  # keeps sliding-window layers' cache whole, so a prefix can be reused
         self.ctx = c.llama_init_from_model(self.model, cparams)
         if not self.ctx:
@@ -90,6 +103,8 @@ class LlamaEngine(LlamaTokenizing):
         self.active_threads = self.threads
         self.cached: list = []  # one key per evaluated position: a token id or ("img", digest, i)
         self._last_logits: np.ndarray | None = None
+        self._rows: list | None = None  # eval_tokens(rows=True): the logits of each evaluated chunk
+        self._swa_gap = 0  # positions before this lack their sliding-window layers' rows (load_state)
 
     def set_threads(self, n: int) -> None:
         """Threads for the next evaluations (prompt and decode), at most the configured count."""
@@ -181,9 +196,12 @@ class LlamaEngine(LlamaTokenizing):
         """Forget every cached position from `keep` on; return how many are kept."""
         if keep < len(self.cached):
             mem = self._c.llama_get_memory(self.ctx)
-            if not self._c.llama_memory_seq_rm(mem, 0, keep, -1):
+            # a position evaluated after `keep` sees, on sliding-window layers, the n_swa before it:
+            # none of them may be one a restored state left out (load_state), or all must go
+            unsafe = 0 < keep and self._swa_gap > 0 and keep - self.n_swa + 1 < self._swa_gap
+            if unsafe or not self._c.llama_memory_seq_rm(mem, 0, keep, -1):
                 self._c.llama_memory_clear(mem, True)
-                keep = 0
+                keep = self._swa_gap = 0
             del self.cached[keep:]
             self._last_logits = None
         return keep
@@ -207,12 +225,17 @@ class LlamaEngine(LlamaTokenizing):
             return False
         self.cached = list(keys)
         self._last_logits = None
+        # llama.cpp saves a sliding-window layer's last n_swa positions only (state_write_data skips
+        # the cells its window masks): the ones before lack those layers' rows, so the cache may
+        # grow from here, but not be cut back to keep them (truncate)
+        self._swa_gap = max(0, len(keys) - self.n_swa) if self.n_swa else 0
         return True
 
     def reset(self) -> None:
         self._c.llama_memory_clear(self._c.llama_get_memory(self.ctx), True)
         self.cached.clear()
         self._last_logits = None
+        self._swa_gap = 0
 
     def reserve(self, needed: int, *, grow: bool) -> None:
         """Make sure `needed` positions fit the context, growing it when allowed (up to the model's
@@ -224,10 +247,12 @@ class LlamaEngine(LlamaTokenizing):
                          "question, use fewer images or slices" + ("" if grow else ", or raise --context"))
 
     # -- evaluation ----------------------------------------------------------------------------
-    def eval_tokens(self, ids: list[int]) -> None:
-        """Evaluate token ids after the cache; logits of the last one become available."""
+    def eval_tokens(self, ids: list[int], *, rows: bool = False) -> None:
+        """Evaluate token ids after the cache; logits of the last one become available, and with
+        `rows` those of every one (logits_rows: teacher-forced comparisons)."""
         self.reserve(self.n_past + len(ids), grow=False)
         c = self._c
+        self._rows = [] if rows else None
         for start in range(0, len(ids), self.n_batch):
             chunk = ids[start:start + self.n_batch]
             batch = c.llama_batch_init(len(chunk), 0, 1)
@@ -238,8 +263,11 @@ class LlamaEngine(LlamaTokenizing):
                     batch.pos[i] = self.n_past + i
                     batch.n_seq_id[i] = 1
                     batch.seq_id[i][0] = 0
-                    batch.logits[i] = start + i == len(ids) - 1
+                    batch.logits[i] = rows or start + i == len(ids) - 1
                 self._decode(batch)
+                if rows:
+                    ptr = c.llama_get_logits(self.ctx)
+                    self._rows.append(np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_vocab)).copy())
             finally:
                 c.llama_batch_free(batch)
             self.cached.extend(chunk)
@@ -288,6 +316,12 @@ class LlamaEngine(LlamaTokenizing):
             ptr = self._c.llama_get_logits_ith(self.ctx, -1)
             self._last_logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
         return self._last_logits
+
+    def logits_rows(self) -> np.ndarray:
+        """Logits (n, n_vocab) of every token of the last `eval_tokens(ids, rows=True)`, float32."""
+        if not self._rows:
+            raise MedGemmaEdgeError("no logit rows: evaluate with eval_tokens(ids, rows=True) first")
+        return np.concatenate(self._rows)
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

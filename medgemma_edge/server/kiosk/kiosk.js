@@ -6,6 +6,7 @@
 
 (() => {
   const $ = (id) => document.getElementById(id);
+  const progress = window.MedGemmaProgress; // the bar before the first token (progress.js)
   const KEY_STORE = "medgemma-edge.api-key"; // sessionStorage: gone when the tab closes
   const POLL_MS = 500; // how often to ask whether the uploaded image is encoded yet
   const HEALTH_RETRY_MS = 2000; // while the server is still loading the model
@@ -281,6 +282,7 @@
     if (ttft != null) parts.push("first word after " + (ttft < 1 ? `${Math.round(ttft * 1000)} ms` : `${ttft.toFixed(1)} s`));
     if (stats.decode_tok_s != null) parts.push(`${stats.decode_tok_s.toFixed(1)} tokens/s`);
     if (result.finish === "length") parts.push("cut off at the length limit (raise it in Settings)");
+    if (result.finish === "repetition") parts.push("stopped: the answer was repeating itself");
     return parts.join(" · ");
   }
 
@@ -330,6 +332,7 @@
         for (const choice of chunk.choices || []) {
           const text = (choice.delta || {}).content;
           if (text) {
+            progress.hide();
             answer.append(text); // a text node: model output is never parsed as HTML
             result.pieces++;
           }
@@ -340,9 +343,8 @@
         if (extra) {
           showNotice(extra.notice);
           if (extra.stats) result.stats = extra.stats;
-          if (extra.progress) { // a study not prepared yet: its images are encoded first
-            $("stats").textContent = `Preparing the images: ${extra.progress.done} of ${extra.progress.total}…`;
-          }
+          if (extra.finish_reason) result.finish = extra.finish_reason; // "repetition" beside OpenAI's "length"
+          if (extra.progress) progress.show(extra.progress); // images encoded, prompt read: before the answer
         }
       });
       $("stats").textContent = describeStats(result);
@@ -354,6 +356,7 @@
         showError(err);
       }
     } finally {
+      progress.hide();
       state.controller = null;
       setBusy(false);
     }
