@@ -177,12 +177,12 @@ def test_builtin_renderer_is_in_step_with_the_template(template, name, msgs, thi
 
 def _bundle_with(tmp_path, bundle, chat_template, name="custom"):
     """A copy of `bundle` (files hard-linked) whose manifest carries `chat_template`."""
-    from medgemma_edge.runtime.manifest import write_manifest
+    from medgemma_edge.runtime.manifest import listed_files, write_manifest
 
     out = tmp_path / name
     out.mkdir()
     manifest, _ = ref.manifest_files(bundle)
-    for f in manifest["files"]:
+    for f in listed_files(manifest):  # the model files and the self-check's probe
         (out / f["path"]).parent.mkdir(parents=True, exist_ok=True)
         os.link(bundle / f["path"], out / f["path"])
     write_manifest(out, {**manifest, "chat_template": chat_template})
