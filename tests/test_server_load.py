@@ -52,7 +52,7 @@ class SpyBackend(LocalBackend):
         finished = False
         try:
             for response in super().chat(messages, options, cancelled):
-                finished = response.finish_reason is not None
+                finished = getattr(response, "finish_reason", None) is not None  # Progress items have none
                 yield response
         finally:
             self.cut_short += not finished
