@@ -89,6 +89,7 @@ class Backend:
 
 KINDS = {
     "ours": "benchmarks.backend_runtime:RuntimeBackend",
+    "ours-variant": "benchmarks.bench_repack:OursVariant",  # load() options a user cannot pass
     "llama.cpp": "benchmarks.backend_llamacpp:LlamaCppBackend",
     "transformers": "benchmarks.backend_transformers:TransformersBackend",
     "floor": "benchmarks.backend_floor:FloorBackend",

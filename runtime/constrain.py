@@ -121,6 +121,11 @@ class Constraint:
         self._all["id"] = np.arange(self.n_vocab, dtype=np.int32)
         self._one = np.zeros(1, dtype=TOKEN_DATA)
 
+    @property
+    def sampler(self):
+        """llama.cpp's grammar sampler (runtime/drafters.ForcedText probes a clone of it)."""
+        return self._sampler
+
     def _apply(self, cells: np.ndarray) -> None:
         data = ctypes.cast(cells.ctypes.data, ctypes.POINTER(self._c.llama_token_data))
         array = self._c.llama_token_data_array(data=data, size=len(cells), selected=-1, sorted=False)

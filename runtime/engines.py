@@ -64,10 +64,14 @@ def check_kv_cache(kv_cache, backend: str = "gguf") -> None:
 
 
 def open_engine(bundle: Path, manifest: dict, *, device: str, threads: int, n_ctx: int,
-                repack: bool = False, kv_cache: str = DEFAULT_KV_CACHE) -> Opened:
-    """The text engine for the bundle in `bundle`, as its manifest describes it."""
+                repack="auto", kv_cache: str = DEFAULT_KV_CACHE, flash_attn: bool | None = None) -> Opened:
+    """The text engine for the bundle in `bundle`, as its manifest describes it. flash_attn: llama.cpp's
+    (None: where the cache type needs it; speculative decoding asks for it, runtime/spec_choice.py)."""
+    from medgemma_edge.runtime.repack_choice import check_repack, decide  # repack: True, False or "auto"
+
     backend = check_backend(bundle, manifest)
     check_kv_cache(kv_cache, backend)
+    check_repack(repack)
     files = {}
     for f in manifest["files"]:
         files.setdefault(f["role"], []).append(bundle / f["path"])
@@ -75,8 +79,9 @@ def open_engine(bundle: Path, manifest: dict, *, device: str, threads: int, n_ct
         from medgemma_edge.runtime.backends.llama_engine import LlamaEngine
 
         layers = gpu_layers(device)
+        repack, mmap = decide(repack, gpu=layers != 0)
         engine = LlamaEngine(str(files["text"][0]), n_ctx=n_ctx, threads=threads, n_gpu_layers=layers,
-                             repack=repack, kv_cache=kv_cache)
+                             repack=repack, mmap=mmap, kv_cache=kv_cache, flash_attn=flash_attn)
         return Opened(engine, layers != 0)
     return _open_onnx(bundle, manifest, files, device=device, threads=threads, n_ctx=n_ctx)
 

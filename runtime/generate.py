@@ -13,6 +13,7 @@ import numpy as np
 
 from medgemma_edge.runtime.errors import InputError
 from medgemma_edge.runtime.repetition import Loop, RepetitionGuard
+from medgemma_edge.runtime.speculative import sample_with_draft
 
 DEFAULT_MAX_NEW_TOKENS = 256  # answer length when a caller names none (Model, `ask`, the server)
 CUT = ("length", "repetition")  # finish reasons of an answer cut before the model ended it
@@ -129,7 +130,7 @@ def choose_token(logits: np.ndarray, s: Sampling, rng: np.random.Generator, cons
     return pick_token(constraint.mask(logits), s, rng)
 
 
-def decode(engine, s: Sampling, vocab: Vocabulary, constraint=None) -> Iterator[Step]:
+def decode(engine, s: Sampling, vocab: Vocabulary, constraint=None, lookahead=None) -> Iterator[Step]:
     """Generate after the evaluated prompt, one `Step` per token and a last one with the reason.
 
     Text is held back while it could still be the start of a stop string, so a stop string is
@@ -137,14 +138,30 @@ def decode(engine, s: Sampling, vocab: Vocabulary, constraint=None) -> Iterator[
     grammar; it ends only where the grammar allows an end token. With `s.repetition_guard` an answer
     whose last tokens loop stops after the token that completes the rule (runtime/repetition.py),
     that token shown; before "length" if both fall on the same token.
+    `lookahead` (runtime/speculative.Lookahead): tokens guessed and verified in batches; each token
+    is still picked here exactly as without it (sampled ones by `sample_with_draft`), and the
+    unconfirmed guesses leave the cache when the answer ends.
     """
+    try:
+        yield from _decode(engine, s, vocab, constraint, lookahead)
+    finally:
+        if lookahead is not None:
+            lookahead.drop()
+
+
+def _decode(engine, s: Sampling, vocab: Vocabulary, constraint, look) -> Iterator[Step]:
     rng = np.random.default_rng(s.seed)
     utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
     out, shown, reason = "", 0, "length"
     hold = max((len(x) for x in s.stop), default=1) - 1
     guard, loop = RepetitionGuard() if s.repetition_guard else None, None
+    history = list(engine.cached) if look is not None else None  # what drafters read: prompt and answer
     for n in range(1, s.max_new_tokens + 1):
-        tok = choose_token(engine.logits(), s, rng, constraint)
+        guess = look.guess() if look is not None else None
+        if guess is not None and s.temperature > 0 and constraint is None:
+            tok = sample_with_draft(probabilities(look.logits(), s), guess, rng)
+        else:
+            tok = choose_token(look.logits() if look is not None else engine.logits(), s, rng, constraint)
         if tok in vocab.end_ids or engine.is_end(tok):
             reason = "stop"
             break
@@ -163,8 +180,12 @@ def decode(engine, s: Sampling, vocab: Vocabulary, constraint=None) -> Iterator[
         if loop is not None:
             reason = "repetition"
             break
-        if n == s.max_new_tokens or engine.n_past + 1 > engine.n_ctx:
+        if n == s.max_new_tokens or (look or engine).n_past + 1 > engine.n_ctx:
             break  # "length": asked-for tokens or the context is used up
-        engine.eval_tokens([tok])
+        if look is None:
+            engine.eval_tokens([tok])
+        else:
+            history.append(tok)
+            look.advance(tok, history, s.max_new_tokens - n)
     out += utf8.decode(b"", final=True)
     yield Step(None, out[shown:], reason, loop)

@@ -18,6 +18,7 @@ from medgemma_edge.runtime.chat_template import ChatTemplate
 from medgemma_edge.runtime import constrain
 from medgemma_edge.runtime import generate as gen
 from medgemma_edge.runtime import prefill
+from medgemma_edge.runtime import spec_choice
 from medgemma_edge.runtime.boxes import answer_boxes
 from medgemma_edge.runtime.budget import EncodeSpeed
 from medgemma_edge.runtime.cache import cache_root
@@ -43,7 +44,8 @@ REFIT_TOKENS = 16  # decode steps between looks at the other programs' CPU use
 
 def load(bundle_dir, device: str = "auto", threads: int | None = None, context: int | None = None,
          fit: str = DEFAULT_FIT, image_cache_dir=None, image_cache_mb: float = DEFAULT_DISK_MB,
-         vision: str = "auto", repack: bool = False, lora=(), mmproj=None, kv_cache: str = DEFAULT_KV_CACHE) -> "Model":
+         vision: str = "auto", repack="auto", lora=(), mmproj=None, kv_cache: str = DEFAULT_KV_CACHE,
+         speculative: str = "auto", draft_model=None) -> "Model":
     """Read and check the bundle's manifest, then build the backend it names.
 
     bundle_dir: a bundle folder (`medgemma-edge export` or `import`), or a GGUF people already have:
@@ -60,13 +62,15 @@ def load(bundle_dir, device: str = "auto", threads: int | None = None, context: 
     machine, runtime/vision_choice.py) or an encoding the bundle holds ("f16", "onnx-int8", …). A named
     file this CPU cannot run faithfully (onnx-int8-vnni without VNNI) is refused here, InputError; with
     "auto" and no such file, the model loads, answers text, and refuses images with that one line.
-    repack: let llama.cpp keep a repacked copy of the text weights for this CPU's kernels: faster
-    decode where those kernels exist (AVX-512), for a second copy of the weights in memory and a
-    longer load (llama_engine.py; both measured in benchmarks/results/REPORT.md).
+    repack: True: llama.cpp repacks the text weights for this CPU's kernels (faster decode on AVX-512),
+    the file read without mmap (weights held once, not shared through the page cache); False: mmapped
+    as is; "auto": True only on CPU kinds measured to gain at the same memory (runtime/repack_choice.py).
     lora: llama.cpp LoRA files (`export SRC --adapter DIR --lora-out FILE`) applied to the text model
     at load; each must be made from this bundle's base checkpoint (GGUF bundles only).
     kv_cache: the KV cache's type, "f16" or "q8_0" (runtime/engines.KV_CACHES; q8_0 turns on llama.cpp's
     flash attention, GGUF bundles only); a prefix saved with one type is never restored into the other.
+    speculative: "auto", "on" or "off" — guessed tokens checked in batches, the same answer sooner where
+    guesses hit; draft_model: a small GGUF sharing the vocabulary that guesses too (runtime/spec_choice.py).
     """
     from medgemma_edge.runtime.gguf_import import open_model_files
 
@@ -91,16 +95,19 @@ def load(bundle_dir, device: str = "auto", threads: int | None = None, context: 
     except OSError:  # no writable cache folder: every load hashes
         remember = None
     bundle, manifest = open_model_files(bundle_dir, mmproj, remember=remember)
-    check_kv_cache(kv_cache, check_backend(bundle, manifest))
+    backend = check_backend(bundle, manifest)
+    check_kv_cache(kv_cache, backend)
+    speculative = spec_choice.wanted(speculative, draft_model, backend)
     return Model(bundle, manifest, device=device, threads=threads, context=context, fit=fit,
                  image_cache_dir=image_cache_dir, image_cache_mb=image_cache_mb, vision=vision, repack=repack,
-                 lora=lora, kv_cache=kv_cache)
+                 lora=lora, kv_cache=kv_cache, speculative=speculative, draft_model=draft_model)
 
 
 class Model:
     def __init__(self, bundle: Path, manifest: dict, *, device: str, threads, context: int | None, fit: str,
                  image_cache_dir=None, image_cache_mb: float = DEFAULT_DISK_MB, vision: str = "auto",
-                 repack: bool = False, lora=(), kv_cache: str = DEFAULT_KV_CACHE):
+                 repack="auto", lora=(), kv_cache: str = DEFAULT_KV_CACHE, speculative: bool = False,
+                 draft_model=None):
         t0 = time.perf_counter()
         self.bundle, self.manifest, self.fit, self.device = bundle, manifest, fit, device
         self.in_memory = any(Path(f["path"]).is_absolute() for f in manifest["files"])  # a .gguf opened directly
@@ -110,9 +117,11 @@ class Model:
         self.auto_context = context is None
         # kept: `unload` closes the engine and the next call opens it again the same way (runtime/residency.py)
         self._open_text = partial(open_engine, bundle, manifest, device=device, threads=self.threads,
-                                  n_ctx=context or AUTO_CONTEXT_START, repack=repack, kv_cache=kv_cache)
+                                  n_ctx=context or AUTO_CONTEXT_START, repack=repack, kv_cache=kv_cache,
+                                  flash_attn=True if speculative else None)  # why: runtime/spec_choice.py
         opened = self._open_text()
         self.engine = opened.engine
+        self.speculation = spec_choice.Speculation.open(speculative, draft_model, self.engine, self.threads)
         self.loading = False  # the engine is being opened again after `unload`
         self.kv_cache = kv_cache  # part of a saved prefix's key (runtime/prefill.prefix_key)
         self.vocab = _vocabulary(self.engine, manifest)
@@ -349,7 +358,8 @@ class Model:
         n_prompt = len(prompt.ids)
         thoughts, n_new, t_first, shown = chatfmt.ThoughtFilter(), 0, None, []
         self._fit_threads()
-        for step in gen.decode(self.engine, sampling, self.vocab, grammar):
+        look = self.speculation.lookahead(self.engine, grammar)
+        for step in gen.decode(self.engine, sampling, self.vocab, grammar, look):
             if step.token is not None:
                 n_new += 1
                 if n_new % REFIT_TOKENS == 0:
@@ -366,6 +376,8 @@ class Model:
             if n_new > 1:
                 stats.decode_tok_s = round((n_new - 1) / (time.perf_counter() - t_first), 2)
             stats.peak_rss_mb = peak_rss_mb()
+            if look is not None:
+                stats.drafted_tokens, stats.accepted_tokens = look.stats.drafted, look.stats.accepted
             if step.loop is not None:
                 stats.repetition_period, stats.repetition_tokens = step.loop.period, step.loop.tokens
             # box_2d answers on the picture as given, from the sizes the prompt's one decode found

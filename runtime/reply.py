@@ -31,6 +31,9 @@ class Stats:
     # a JSON answer cut by the token limit and closed at its last complete entry: the characters
     # dropped (runtime/json_close.py); None when not closed
     json_closed: int | None = None
+    # speculative decoding (runtime/speculative.py): tokens guessed, and of them those the model picked
+    drafted_tokens: int | None = None
+    accepted_tokens: int | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -32,6 +32,7 @@ def unload(model, wait: bool) -> bool:
             if part is not None:
                 part.close()
         model._vision = model.engine = None
+        model.speculation.close()  # a draft model opens again with the next answer
         if model.image_cache is not None:
             model.image_cache.forget_memory()
     finally:

@@ -11,7 +11,7 @@ def answer_with(monkeypatch, answer: str = BOX_ANSWER, piece: int = 9) -> None:
     """Every Model answer becomes `answer`, streamed in pieces of `piece` characters."""
     from medgemma_edge.runtime import generate
 
-    def decode(engine, sampling, vocab, constraint=None):
+    def decode(engine, sampling, vocab, constraint=None, lookahead=None):
         for i in range(0, len(answer), piece):
             yield generate.Step(i, answer[i:i + piece])
         yield generate.Step(None, "", "stop")

@@ -17,6 +17,7 @@ from medgemma_edge.runtime.errors import InputError
 from medgemma_edge.runtime.pdf import DEFAULT_DPI, DEFAULT_MAX_PAGES, MAX_DPI, MIN_DPI, TEXT_HELP, TEXT_MODES, PdfOptions
 from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
 from medgemma_edge.runtime.embed_cache import DEFAULT_DISK_MB
+from medgemma_edge.runtime import spec_choice
 from medgemma_edge.runtime.engines import DEFAULT_KV_CACHE, KV_CACHE_HELP, KV_CACHES
 from medgemma_edge.runtime.generate import DEFAULT_MAX_NEW_TOKENS
 from medgemma_edge.runtime.preprocess import FIT_HELP, FITS
@@ -79,11 +80,17 @@ _FILE_ENDINGS = (".pdf", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".ti
               help="which of the bundle's vision files runs: auto (the fastest faithful one on this machine, "
                    "by the fidelity the export measured on its own machine: `medgemma-edge verify` names it) "
                    "or an encoding it holds (f16, onnx-int8, ...); one this CPU cannot run faithfully is refused")
-@click.option("--repack-weights", "repack", is_flag=True,
-              help="faster decode on AVX-512 for a second copy of the text weights in memory and a longer load "
-                   "(benchmarks/results/REPORT.md measures both)")
+@click.option("--repack-weights/--no-repack-weights", "repack", default=None,
+              help="llama.cpp's weights repacked for this CPU (faster decode on AVX-512), read without mmap so they "
+                   "are held once but not shared with other processes through the page cache; default: on the "
+                   "CPU kinds where it was measured to pay at the same memory (benchmarks/results/REPACK.md)")
 @click.option("--kv-cache", type=click.Choice(KV_CACHES), default=DEFAULT_KV_CACHE, show_default=True,
               help=KV_CACHE_HELP)
+@click.option("--speculative", type=click.Choice(spec_choice.MODES), default="auto", show_default=True,
+              help=spec_choice.HELP)
+@click.option("--draft-model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="a small GGUF sharing the model's vocabulary (Gemma 3 270M for MedGemma 4B) that guesses tokens "
+                   "for speculative decoding")
 @click.option("--lora", "loras", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="llama.cpp LoRA file made for this bundle (export SRC --adapter DIR --lora-out FILE); repeatable")
 @click.option("--image-cache", "image_cache", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -94,7 +101,7 @@ _FILE_ENDINGS = (".pdf", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".ti
               help="size limit of the --image-cache folder; least recently used images go first")
 def ask(args, bundle, mmproj, images, prior, preset, system, think, json_schema, max_tokens, temperature, top_p, top_k, seed, repetition_guard, stats,
         window, max_slices, budget, fit, context, threads, device, vision, repack, image_cache, image_cache_mb, loras,
-        pdf_dpi, pdf_text, pdf_max_pages, level, kv_cache):
+        pdf_dpi, pdf_text, pdf_max_pages, level, kv_cache, speculative, draft_model):
     """Ask PROMPT, about the given images if any; the answer streams to stdout. FILEs before PROMPT are
     inputs as --image gives them (`ask --preset lab-report report.pdf`). PROMPT may be left out with
     a preset that has a question of its own (longitudinal-cxr, lab-report)."""
@@ -116,7 +123,8 @@ def ask(args, bundle, mmproj, images, prior, preset, system, think, json_schema,
            max_slices=max_slices, fit=fit, context=context, threads=threads, device=device, image_cache=image_cache,
            image_cache_mb=image_cache_mb,
            budget=budget, vision=vision, repack=repack, lora=loras, mmproj=mmproj, prior=prior,
-           pdf=PdfOptions(pdf_dpi, pdf_text, pdf_max_pages), level=level, kv_cache=kv_cache)
+           pdf=PdfOptions(pdf_dpi, pdf_text, pdf_max_pages), level=level, kv_cache=kv_cache,
+           speculative=speculative, draft_model=draft_model)
 
 
 def _json_answer(text: str, json_schema, last) -> str:
@@ -230,15 +238,16 @@ def answer(bundle, prompt, images=(), *, system=None, think=False, max_tokens=DE
            temperature=0.0, top_p=1.0, top_k=0, seed=None, repetition_guard=True, stats=False, window=None,
            max_slices=DEFAULT_MAX_SLICES,
            fit=None, context=None, threads=None, device="auto", image_cache=None, image_cache_mb=DEFAULT_DISK_MB, budget=None, vision="auto",
-           repack=False, json_schema=None, lora=(), mmproj=None, prior=None, pdf=None, level=None,
-           kv_cache=DEFAULT_KV_CACHE) -> None:
+           repack="auto", json_schema=None, lora=(), mmproj=None, prior=None, pdf=None, level=None,
+           kv_cache=DEFAULT_KV_CACHE, speculative="auto", draft_model=None) -> None:
     """Load `bundle`, stream the answer to `prompt` to stdout; what `ask` and `demo` run. With
     `prior`: Google's longitudinal layout (medgemma_edge/longitudinal.py), a system prompt only if given."""
     import medgemma_edge
 
     model = medgemma_edge.load(bundle, device=device, threads=threads, context=context, fit=fit,
                                image_cache_dir=image_cache, image_cache_mb=image_cache_mb, vision=vision,
-                               repack=repack, lora=lora, mmproj=mmproj, kv_cache=kv_cache)
+                               repack="auto" if repack is None else repack, lora=lora, mmproj=mmproj,
+                               kv_cache=kv_cache, speculative=speculative, draft_model=draft_model)
     if model.demo_notice:  # on stdout, so it travels with the answer wherever it is piped
         click.echo(f"[{model.demo_notice}]")
     sources, slide = _slides(model, images, level=level, max_slices=max_slices, budget=budget, fit=fit)

@@ -14,6 +14,7 @@ from medgemma_edge.cli.model_option import model_options
 
 from medgemma_edge.extras import require_extra
 from medgemma_edge.node.config import NodeConfig
+from medgemma_edge.runtime import spec_choice
 from medgemma_edge.runtime.engines import DEFAULT_KV_CACHE, KV_CACHE_HELP, KV_CACHES, check_kv_cache
 from medgemma_edge.runtime.errors import InputError
 
@@ -74,6 +75,11 @@ NODE = NodeConfig(port=0)  # the node's defaults (node/config.py imports neither
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--kv-cache", type=click.Choice(KV_CACHES), default=DEFAULT_KV_CACHE, show_default=True,
               help=KV_CACHE_HELP)
+@click.option("--speculative", type=click.Choice(spec_choice.MODES), default="auto", show_default=True,
+              help=spec_choice.HELP)
+@click.option("--draft-model", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="a small GGUF sharing the model's vocabulary (Gemma 3 270M for MedGemma 4B) that guesses tokens "
+                   "for speculative decoding")
 @click.option("--dicom-port", type=click.IntRange(0, 65535), default=None,
               help="also run a DICOM node on this port: studies pushed by a PACS or a modality are prepared "
                    "in the background and listed at /v1/studies (docs/node.md)")
@@ -100,7 +106,8 @@ NODE = NodeConfig(port=0)  # the node's defaults (node/config.py imports neither
 def serve(bundle, mmproj, host, port, api_key_file, max_queue, max_body_mb, max_images, image_cache, cors_origin,
           allow_hosts, upstream, upstream_key_file, upstream_model, upstream_kind, threads, context, device,
           dicom_port, dicom_ae, dicom_allow, spool, spool_gb, stable_s, prepare, max_slices, results_to, dicomweb,
-          audit_log, ssl_certfile, ssl_keyfile, metrics, repetition_guard, self_check, kv_cache, idle_unload):
+          audit_log, ssl_certfile, ssl_keyfile, metrics, repetition_guard, self_check, kv_cache, idle_unload,
+          speculative, draft_model):
     """Serve BUNDLE over HTTP: OpenAI's /v1/chat/completions with images and DICOM, and a kiosk page at /.
 
     The port answers at once; /health says "loading" (and chat answers 503 with Retry-After)
@@ -131,7 +138,8 @@ def serve(bundle, mmproj, host, port, api_key_file, max_queue, max_body_mb, max_
     upstream_key = read_api_key(upstream_key_file) if upstream_key_file else None
     backend = make_backend(bundle, upstream, threads=threads, context=context, device=device, image_cache=image_cache,
                            upstream_key=upstream_key, upstream_model=upstream_model, upstream_kind=upstream_kind,
-                           mmproj=mmproj, self_check=self_check, kv_cache=kv_cache)
+                           mmproj=mmproj, self_check=self_check, kv_cache=kv_cache, speculative=speculative,
+                           draft_model=draft_model)
     from medgemma_edge.server.runner import serve as run
 
     run(backend, config, node=node)
@@ -150,7 +158,7 @@ def node_config(port, host, ae, allow, spool, spool_gb, stable_s, prepare, max_s
 
 def make_backend(bundle, upstream, *, threads=None, context=None, device="auto", image_cache=None,
                  upstream_key=None, upstream_model=None, upstream_kind="auto", mmproj=None, self_check=False,
-                 kv_cache=DEFAULT_KV_CACHE):
+                 kv_cache=DEFAULT_KV_CACHE, speculative="auto", draft_model=None):
     """The upstream engine, or a loader of the local model. The bundle's manifest and files (names,
     sizes) are checked now, so a bad bundle stops with one line before the port opens; the model
     itself (hashes, weights) loads on the server's worker once the port answers."""
@@ -160,20 +168,26 @@ def make_backend(bundle, upstream, *, threads=None, context=None, device="auto",
         if kv_cache != DEFAULT_KV_CACHE:
             raise InputError("--kv-cache sets the local model's cache; an --upstream engine keeps its own "
                              "(llama-server: --cache-type-k/-v) — leave --kv-cache out")
+        if draft_model is not None or speculative == "on":
+            raise InputError("--speculative/--draft-model set the local model's decoding; an --upstream engine "
+                             "has its own (llama-server: --model-draft) — leave them out")
 
         return UpstreamBackend(upstream, api_key=upstream_key, model=upstream_model, bundle=bundle, threads=threads,
                                kind=upstream_kind)
     from medgemma_edge.runtime.engines import check_backend
     from medgemma_edge.runtime.gguf_import import open_model_files
 
-    check_kv_cache(kv_cache, check_backend(*open_model_files(bundle, mmproj, hashes=False)))
+    backend = check_backend(*open_model_files(bundle, mmproj, hashes=False))
+    check_kv_cache(kv_cache, backend)
+    spec_choice.wanted(speculative, draft_model, backend)  # refused before the port opens
 
     def load():
         import medgemma_edge
         from medgemma_edge.server.backend import LocalBackend
 
         model = medgemma_edge.load(bundle, device=device, threads=threads, context=context,
-                                   image_cache_dir=image_cache, mmproj=mmproj, kv_cache=kv_cache)
+                                   image_cache_dir=image_cache, mmproj=mmproj, kv_cache=kv_cache,
+                                   speculative=speculative, draft_model=draft_model)
         if model.demo_notice:
             click.echo(f"[{model.demo_notice}]", err=True)
         if self_check:  # before the first answer: a damaged model never serves (BundleError stops the server)

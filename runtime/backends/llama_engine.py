@@ -45,7 +45,7 @@ class LlamaEngine(LlamaTokenizing):
 
     def __init__(self, gguf_path: str, *, n_ctx: int = 4096, threads: int | None = None,
                  n_gpu_layers: int = 0, n_batch: int | None = None, repack: bool = False,
-                 kv_cache: str = DEFAULT_KV_CACHE, flash_attn: bool | None = None):
+                 kv_cache: str = DEFAULT_KV_CACHE, flash_attn: bool | None = None, mmap: bool = True):
         """kv_cache: the KV cache's type (runtime/engines.KV_CACHES). flash_attn: None turns llama.cpp's
         flash attention on exactly where the cache type needs it (see _make_context); True / False
         force it (benchmarks/bench_kv.py separates its effect from the cache type's)."""
@@ -55,12 +55,15 @@ class LlamaEngine(LlamaTokenizing):
         self._c = llama_cpp
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
-        # llama.cpp can keep a second, repacked copy of the weights for its CPU kernels: faster
-        # decode on AVX-512 (not on AVX2), but the text weights are held twice and the load is
-        # longer; with an image beside it the default path would pass the report's peak-memory goal
-        # (benchmarks/results/REPORT.md, "repacked weights"). Memory wins by default (clinic
-        # machines with 8 GB); `repack=True` asks for the speed.
+        # llama.cpp can keep a repacked copy of the weights for its CPU kernels: faster decode on
+        # AVX-512. With mmap the file's pages stay resident beside that copy (the weights held
+        # twice); read without mmap (`mmap=False`) only the copy stays, but the weights are this
+        # process's own instead of page cache shared with other processes on the same file.
+        # Which to use per CPU: runtime/repack_choice.py (benchmarks/results/REPACK.md measures).
+        # mmap=True keeps llama.cpp's default load mode (auto: mmap on a CPU).
         mparams.use_extra_bufts = bool(repack)
+        if not mmap:  # llama.h's load_mode (no `use_mmap` field: a ctypes struct would take one silently)
+            mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
         self.model = llama_cpp.llama_model_load_from_file(str(gguf_path).encode(), mparams)
         if not self.model:
             raise BundleError(f"llama.cpp could not load {os.path.basename(gguf_path)} — "

