@@ -24,7 +24,9 @@ import argparse
 import json
 import math
 import platform
+import shlex
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -111,8 +113,9 @@ def real_weights(threads, rounds, tokens) -> dict:
 
 
 def verify_costs(threads, rounds) -> dict:
-    """ms to evaluate 1…8 tokens with every row's logits at the 4B shape (flash attention, as
-    speculative mode), one plain token for reference, and a 270M token."""
+    """ms to evaluate 1…8 tokens with every row's logits (flash attention, as speculative mode): at the
+    4B shape as loaded by default, at the 4B shape with repacked weights (llama.cpp's batched kernels
+    for this CPU), and on Gemma 3 270M (its batches, and its cost per drafted token)."""
     from benchmarks import bundles
     from medgemma_edge.runtime.backends.llama_engine import LlamaEngine
     from medgemma_edge.runtime.drafters import check_vocabularies
@@ -122,15 +125,17 @@ def verify_costs(threads, rounds) -> dict:
 
     text = bundles.files(bundles.bundle(build_4b(), "q4_k_m", bundles.DEFAULT, quality="vision"))["text"]
     big = LlamaEngine(str(text), n_ctx=1024, threads=threads, flash_attn=True)
-    small = LlamaEngine(str(gemma3_270m_gguf()), n_ctx=1024, threads=threads)
+    small = LlamaEngine(str(gemma3_270m_gguf()), n_ctx=1024, threads=threads, flash_attn=True)
+    packed = LlamaEngine(str(text), n_ctx=1024, threads=threads, flash_attn=True, repack=True, mmap=False)
     try:
         check_vocabularies(big, small, "gemma-3-270m")
         vocab = f"compatible: MedGemma-4B-shaped {big.n_vocab} entries, Gemma 3 270M {small.n_vocab}"
     except Exception as err:  # noqa: BLE001 - the report says why
         vocab = f"refused: {err}"
     ids = _prompt(big, TEMPLATE)
-    big.eval_tokens(ids)
-    small.eval_tokens(ids)
+    engines = {"4b": big, "4b_repacked": packed, "270m": small}
+    for e in engines.values():
+        e.eval_tokens(ids)
     base = big.n_past
 
     def timed(engine, k, keep):
@@ -139,21 +144,24 @@ def verify_costs(threads, rounds) -> dict:
         engine.eval_tokens(ids[1:1 + k], rows=k > 1)
         return (time.perf_counter() - t0) * 1000
 
-    ms = {k: [] for k in range(1, 9)}
-    ms["270m"] = []
-    for r in range(rounds + 1):
-        for k in range(1, 9):
-            v = timed(big, k, base)
-            if r:
-                ms[k].append(v)
-        v = timed(small, 1, base)
+    ms = {name: {k: [] for k in range(1, 9)} for name in engines}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name, e in engines.items():
+            for k in range(1, 9):
+                v = timed(e, k, base)
+                if r:
+                    ms[name][k].append(v)
         if r:
-            ms["270m"].append(v)
-        say(f"  [verify] round {r}/{rounds}: " + ", ".join(f"{k}: {v[-1]:.0f} ms" for k, v in ms.items() if v))
-    big.close()
-    small.close()
-    med = {str(k): statistics.median(v) for k, v in ms.items()}
-    return {"ms": med, "spread": {str(k): [min(v), max(v)] for k, v in ms.items()}, "vocabularies": vocab}
+            say(f"  [verify] round {r}/{rounds}: " + "; ".join(
+                f"{n}: " + " ".join(f"{v[-1]:.0f}" for v in m.values()) + " ms" for n, m in ms.items()))
+    for e in engines.values():
+        e.close()
+    out = {"ms": {str(k): statistics.median(v) for k, v in ms["4b"].items()},
+           "spread": {str(k): [min(v), max(v)] for k, v in ms["4b"].items()}, "vocabularies": vocab}
+    out["ms"]["270m"] = statistics.median(ms["270m"][1])
+    for name in ("4b_repacked", "270m"):
+        out[name] = {str(k): statistics.median(v) for k, v in ms[name].items()}
+    return out
 
 
 def project(real: dict, costs: dict) -> dict:
@@ -161,13 +169,18 @@ def project(real: dict, costs: dict) -> dict:
     c = {int(k): v for k, v in costs["ms"].items() if k != "270m"}
     one, draft = c[1], costs["ms"]["270m"]
     out = {"plain_tok_s": 1000 / one, "lookup": {}, "draft_model": {}}
+    packed = {int(k): v for k, v in (costs.get("4b_repacked") or {}).items()}
+    out["lookup_repacked"] = {}
     for name, r in real.items():
         t, a, b = r["tokens"], r["accepted"], r["batches"]
         k = 1 + (r["drafted"] / b if b else 0)
         lo = min(int(k), 8)
-        ck = c[lo] + (c[min(lo + 1, 8)] - c[lo]) * (k - lo)  # interpolated cost of a batch of k rows
-        ms = (t - a - b) * one + b * ck
-        out["lookup"][name] = {"tok_s": 1000 * t / ms, "gain": one * t / ms}
+        for key, cc in (("lookup", c), ("lookup_repacked", packed)):
+            if not cc:
+                continue
+            ck = cc[lo] + (cc[min(lo + 1, 8)] - cc[lo]) * (k - lo)  # interpolated cost of a batch of k rows
+            ms = (t - a - b) * cc[1] + b * ck
+            out[key][name] = {"tok_s": 1000 * t / ms, "gain": cc[1] * t / ms}
     for alpha in ASSUMED_DRAFT_ACCEPTANCE:
         best = max(((k, (1 - alpha ** (k + 1)) / (1 - alpha) / (k * draft + c[min(k + 1, 8)]) * 1000)
                     for k in range(1, 8)), key=lambda kv: kv[1])
@@ -175,27 +188,50 @@ def project(real: dict, costs: dict) -> dict:
     return out
 
 
+def _geomean(values) -> float | None:
+    values = [v for v in values if v]
+    return round(math.exp(sum(map(math.log, values)) / len(values)), 2) if values else None
+
+
 def gain_of(real: dict) -> float | None:
-    """The measured gain speculative="auto" reads: geometric mean of the three kinds' median ratios."""
-    g = [r["gain"]["median"] for r in real.values() if r.get("gain")]
-    return round(math.exp(sum(map(math.log, g)) / len(g)), 2) if g else None
+    """The gain measured on real weights (a model of the 270M's size): geometric mean of the three
+    answers' median ratios."""
+    return _geomean(r["gain"]["median"] for r in real.values() if r.get("gain"))
+
+
+def gains(data: dict) -> dict:
+    """What speculative="auto" reads for this CPU kind (runtime/spec_choice.MEASURED_GAIN), per size of
+    model — "small": measured on Gemma 3 270M, "large": projected at the 4B shape — and answer: free
+    text (prose and template) or JSON ("…_json")."""
+    real, proj = data["real"], data["projection"]["lookup"]
+    free = [n for n in real if n != "json"]
+    return {"small": _geomean(real[n]["gain"]["median"] for n in free if real[n].get("gain")),
+            "small_json": (real["json"].get("gain") or {}).get("median") and round(real["json"]["gain"]["median"], 2),
+            "large": _geomean(proj[n]["gain"] for n in free), "large_json": round(proj["json"]["gain"], 2)}
 
 
 def main(argv=None) -> None:
+    from benchmarks.run import wait_for_quiet
     from medgemma_edge.runtime.vision_choice import SIMD_FLAGS, cpu_flags, cpu_kind
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--wait-idle", type=float, default=0, metavar="S", help="wait up to S s for a quiet machine")
     ap.add_argument("--from", dest="src", type=Path)
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
-    if args.src:
+    if args.src:  # re-render (and re-derive what auto reads from the run's own numbers)
         data = json.loads(args.src.read_text())
+        data["gain_by_kind"] = {**data.get("gain_by_kind", {}), data["cpu_kind"]: gains(data)}
+        args.src.write_text(json.dumps(data, indent=1) + "\n")
     else:
         flags = cpu_flags()
         t0 = time.time()
-        data = {"command": "python -m benchmarks.bench_speculative " + " ".join(argv or []),
+        if args.wait_idle:
+            wait_for_quiet(args.wait_idle)
+        data = {"command": shlex.join(["python", "-m", "benchmarks.bench_speculative", *argv]),
                 "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": platform.processor() or "x86_64",
                 "cpu_kind": cpu_kind(flags), "flags": sorted(flags & SIMD_FLAGS), "threads": args.threads}
         data["real"] = real_weights(args.threads, args.rounds, args.tokens)
@@ -204,7 +240,7 @@ def main(argv=None) -> None:
         data["gain"] = gain_of(data["real"])
         data["minutes"] = round((time.time() - t0) / 60, 1)
         old = json.loads((RESULTS / "speculative.json").read_text()) if (RESULTS / "speculative.json").exists() else {}
-        data["gain_by_kind"] = {**old.get("gain_by_kind", {}), data["cpu_kind"]: data["gain"]}
+        data["gain_by_kind"] = {**old.get("gain_by_kind", {}), data["cpu_kind"]: gains(data)}
         (RESULTS / "speculative.json").write_text(json.dumps(data, indent=1) + "\n")
     from benchmarks.spec_report import render
 

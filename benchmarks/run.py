@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from benchmarks import bundles, goals, report, roofline
+from benchmarks import bundles, focused, goals, report, roofline
 from benchmarks.alternate import MIN_ROUNDS, MIN_TOKENS
 from benchmarks.backends import Case, Spec, say
 from benchmarks.inputs import write_inputs
@@ -267,6 +267,9 @@ def parse_args(argv):
     p.add_argument("--decode-tokens", type=int, default=16,
                    help="tokens per question (decode comparisons decode at least MIN_TOKENS a round)")
     p.add_argument("--only", nargs="*", help="run only the backends whose names contain these words")
+    p.add_argument("--focused", nargs="*", choices=sorted(focused.PARTS), default=None,
+                   help="focused benchmarks to run after the backends (benchmarks/focused.py; default: all of "
+                        "them at the 4B shape, none with --quick; give the flag alone for none)")
     p.add_argument("--note", action="append", default=[], help="a line about this run for the report (repeatable)")
     p.add_argument("--wait-idle", type=float, default=0, metavar="S",
                    help="before each backend, wait up to S seconds for other processes to go quiet")
@@ -314,13 +317,15 @@ def main(argv=None) -> int:
         measured = run_backends(todo, case, inputs, args, ckpt, names, Path(tmp))
         alternating = run_alternating(todo, case, args, measured["errors"], Path(tmp))
         busy = run_busy(todo, case, args, measured["errors"], Path(tmp))
+    parts = (() if args.quick else tuple(focused.PARTS)) if args.focused is None else args.focused
+    focused_codes = focused.run(parts, threads, args.wait_idle) if parts else {}
     info["load_end"] = os.getloadavg()[0]
     data = {"title": title, "command": shlex.join(["python", "-m", "benchmarks.run", *argv]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": ckpt.name,
             "model_note": "tiny random test model" if args.quick else "MedGemma 4B config, random bf16 weights",
             "machine": info, "threads": threads, "case": asdict(case), "roofline": roof, **measured,
             "alternating": alternating, "alternating_tokens": decode_case(case).decode_tokens, "busy": busy,
-            "run_notes": args.note, "names": names, "seconds": round(time.perf_counter() - t_start, 1)}
+            "run_notes": args.note, "names": names, "focused": focused_codes, "seconds": round(time.perf_counter() - t_start, 1)}
     evaluated = goals.evaluate(data)
     paths = report.write(out_dir, data, evaluated)
     say(f"[bench] done in {data['seconds']:.0f} s; wrote {', '.join(str(p) for p in paths)}")

@@ -18,13 +18,22 @@ def _rate(alt: dict, name: str) -> str:
     return f"{v:.1f}" if v else "–"
 
 
+def batch_cost(costs: dict, k: float) -> float:
+    """A batch of k tokens (fractional: interpolated) in units of one token, from ms per batch size."""
+    lo = max(1, min(int(k), 8))
+    hi = min(lo + 1, 8)
+    ms = costs[str(lo)] + (costs[str(hi)] - costs[str(lo)]) * (k - lo)
+    return ms / costs["1"]
+
+
 def _why(r: dict, costs: dict) -> str:
     """The reason for a gain below 1, from the run's own numbers."""
-    c = costs["ms"]
     per_batch = r["accepted"] / r["batches"] if r["batches"] else 0
-    return (f"{r['acceptance']:.0%} of {r['drafted']} guesses kept, {per_batch:.1f} tokens saved per batch; at the "
-            f"270M shape a batch's every row costs its own logits over 262,144 entries (the output matrix is "
-            f"{168 / 268:.0%} of the model's weights), so a batch costs nearly a token a row")
+    k = 1 + r["drafted"] / r["batches"] if r["batches"] else 1
+    at = costs.get("270m_batches") or costs.get("270m")
+    cost = f"; a batch of {k:.1f} tokens costs {batch_cost(at, k):.2f}× one token on this model" if isinstance(at, dict) else ""
+    return (f"{r['acceptance']:.0%} of {r['drafted']} guesses kept, {per_batch:.1f} tokens gained per batch{cost} "
+            "(every row of a batch computes its logits over 262,144 entries)")
 
 
 def render(d: dict) -> str:
@@ -48,9 +57,16 @@ def render(d: dict) -> str:
             "is checked against plain decoding with flash attention; the last column is what flash attention "
             "itself changes against the default engine.", ""]
     g = d.get("gain")
-    out += [f"**Measured gain on this CPU kind ({d['cpu_kind']}): {g:.2f}×** (geometric mean of the three answers' "
-            f"median ratios) — `speculative=\"auto\"` is {'on' if g and g > 1 else 'off'} here "
-            "(runtime/spec_choice.MEASURED_GAIN).", ""]
+    by = (d.get("gain_by_kind") or {}).get(d["cpu_kind"]) or {}
+    by = by if isinstance(by, dict) else {}
+    onoff = lambda v: "on" if v and v > 1 else "off"  # noqa: E731
+    out += [f"**Measured gain on this CPU kind ({d['cpu_kind']}): {g:.2f}×** on Gemma 3 270M (geometric mean of the "
+            "three answers' median ratios). What `speculative=\"auto\"` reads (runtime/spec_choice.MEASURED_GAIN):", "",
+            "| model | free text (prose, template) | JSON |", "|---|---|---|"]
+    for size, label in (("small", "270M's size (measured)"), ("large", "4B shape (projected below)")):
+        free, js = by.get(size), by.get(f"{size}_json")
+        out.append(f"| {label} | {free if free else '–'}× → {onoff(free)} | {js if js else '–'}× → {onoff(js)} |")
+    out.append("")
     for name, r in real.items():
         if r.get("gain") and r["gain"]["median"] < 1:
             out.append(f"- {name}: below 1 because {_why(r, costs)}.")
@@ -62,16 +78,25 @@ def render(d: dict) -> str:
     out += ["", "## Checking k guesses in one batch at the MedGemma-4B shape (q4_k_m, random weights)", "",
             "| tokens in the batch | 1 | 2 | 3 | 4 | 5 | 6 | 7 | 8 | Gemma 3 270M, one token |",
             "|---|---|---|---|---|---|---|---|---|---|",
-            "| ms, median | " + " | ".join(f"{costs['ms'][str(k)]:.0f}" for k in range(1, 9)) +
+            "| 4B as loaded by default: ms, median | " + " | ".join(f"{costs['ms'][str(k)]:.0f}" for k in range(1, 9)) +
             f" | {costs['ms']['270m']:.0f} |",
             "| × one token | " + " | ".join(f"{costs['ms'][str(k)] / costs['ms']['1']:.2f}" for k in range(1, 9)) +
-            f" | {costs['ms']['270m'] / costs['ms']['1']:.2f} |", "",
+            f" | {costs['ms']['270m'] / costs['ms']['1']:.2f} |",
+            *[f"| {label}: × one token ({costs[key]['1']:.0f} ms) | " +
+              " | ".join(f"{costs[key][str(k)] / costs[key]['1']:.2f}" for k in range(1, 9)) + " | |"
+              for key, label in (("4b_repacked", "4B, repacked weights"), ("270m", "Gemma 3 270M"))
+              if isinstance(costs.get(key), dict)], "",
+            "At this size two cores spend about as long computing a token as reading its weights, so a batch "
+            "costs nearly a token a row unless the kernels batch well (compare the repacked row).", "",
             f"Vocabularies: {costs['vocabularies']}.", "",
             "## Projected at 4B", "",
             f"Plain decoding at the 4B shape: {proj['plain_tok_s']:.1f} tok/s (one token's cost above).", "",
             "| drafter | answer | projected tok/s | gain |", "|---|---|---|---|"]
     for name, p in proj["lookup"].items():
         out.append(f"| prompt lookup | {name} | {p['tok_s']:.1f} | {p['gain']:.2f}× |")
+    for name, p in (proj.get("lookup_repacked") or {}).items():
+        out.append(f"| prompt lookup, repacked weights (gain against plain repacked) | {name} | {p['tok_s']:.1f} | "
+                   f"{p['gain']:.2f}× |")
     for alpha, p in proj["draft_model"].items():
         out.append(f"| Gemma 3 270M draft, k = {p['k']} | acceptance {float(alpha):.0%} (assumed) | "
                    f"{p['tok_s']:.1f} | {p['gain']:.2f}× |")

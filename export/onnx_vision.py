@@ -15,7 +15,8 @@ MatMul → Softmax → MatMul: onnxruntime runs that node as a tiled (flash) ker
 eager attention, tried at 4B shape, the fused node was faster and held a small fraction of the
 memory with the same output to float rounding, for one layer and for the whole tower in an image
 question; the opset-23 Attention op is materialized, and was slower. The CUDA provider runs the
-same node.
+same node. onnx-int8-vnni-attn replaces these nodes by int8 products (export/onnx_attention.py),
+for VNNI CPUs, where float attention is most of an encode.
 
 Graph: pixel_values float32 (1, 3, S, S), normalized as the manifest says → image_embeds float32
 (1, tokens, text hidden). Built with transformers' own SiglipVisionModel and
@@ -42,6 +43,7 @@ OPSET = 17
 CONTRIB = {"com.microsoft": 1}  # the domain of onnxruntime's fused MultiHeadAttention
 INPUT, OUTPUT = "pixel_values", "image_embeds"
 ATTENTION = "medgemma_onnx_mha"  # our name in transformers' AttentionInterface
+INT8_ATTENTION = "onnx-int8-vnni-attn"  # int8-vnni weights + int8 attention products (export/onnx_attention.py)
 
 
 def _fused_attention():
@@ -149,7 +151,9 @@ def derive_vision_onnx(traced: Path, out: Path, quant: str, say=print) -> Path:
             shutil.copyfile(traced, out)
     else:
         say(f"vision onnx: {quant} weights (dynamic quantization) ...")
-        _quantize_int8(traced, out, full_range=quant == "onnx-int8-vnni")
+        _quantize_int8(traced, out, full_range=quant in ("onnx-int8-vnni", INT8_ATTENTION))
+        if quant == INT8_ATTENTION:
+            _int8_attention(out)
     say(f"vision onnx: {out.name} written in {time.perf_counter() - t0:.0f} s")
     return out
 
@@ -161,6 +165,19 @@ def write_vision_onnx(ckpt: Checkpoint, out: Path, quant: str, say=print, traced
         return derive_vision_onnx(traced, out, quant, say)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         return derive_vision_onnx(trace_vision_onnx(ckpt, Path(tmp) / "vision-f32.onnx", say), out, quant, say)
+
+
+def _int8_attention(path: Path) -> None:
+    """onnx-int8-vnni-attn: the int8-vnni graph at `path` with its attention nodes in int8 too
+    (export/onnx_attention.py says how and why; VNNI only, as the 8-bit weights are)."""
+    import onnx
+
+    from medgemma_edge.export.onnx_attention import quantize_attention
+
+    model = onnx.load(str(path))
+    if not quantize_attention(model):
+        raise ExportError("the traced vision graph has no fused attention node to quantize")
+    onnx.save(model, str(path))
 
 
 def _quantize_int8(src: Path, dst: Path, full_range: bool = False) -> None:

@@ -6,8 +6,9 @@ Plain data with no imports, so `medgemma-edge --help` lists them without the exp
 TEXT_QUANTS = ("f32", "f16", "bf16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
 K_QUANTS = ("q6_k", "q5_k_m", "q4_k_m")  # made by llama.cpp's own quantizer (export/quantize.py)
 # export/onnx_vision.py. onnx-int8: 7-bit weights, exact on every x86 CPU; onnx-int8-vnni: full 8-bit
-# weights, for CPUs with VNNI only (AVX2's int16 pair sums overflow on them; vision_choice enforces it).
-ONNX_VISION_QUANTS = ("onnx-f32", "onnx-int8", "onnx-int8-vnni")
+# weights, for CPUs with VNNI only (AVX2's int16 pair sums overflow on them; vision_choice enforces it);
+# onnx-int8-vnni-attn: those weights and int8 attention products too (export/onnx_attention.py), VNNI only.
+ONNX_VISION_QUANTS = ("onnx-f32", "onnx-int8", "onnx-int8-vnni", "onnx-int8-vnni-attn")
 GGUF_VISION_QUANTS = ("f32", "f16", "bf16", "q8_0")  # mmproj files, run by llama.cpp
 VISION_QUANTS = GGUF_VISION_QUANTS + ONNX_VISION_QUANTS
 # bf16: an mmproj with BF16 matrices (patch embedding / positions F32 and projector F16, as
@@ -17,8 +18,12 @@ VISION_QUANTS = GGUF_VISION_QUANTS + ONNX_VISION_QUANTS
 # What `export` writes by default: an f16 mmproj (llama.cpp, any device; Q8_0 projectors have
 # misbehaved before) and two int8 ONNX towers: 7-bit weights for any x86 CPU and full 8-bit
 # weights for CPUs with VNNI. `load(vision="auto")` picks the fastest faithful one (vision_choice
-# FIDELITY_MIN) on the machine that runs it. Encode time and fidelity of each file:
-# `python -m benchmarks.bench_vision`; the default export's, with peak memory: benchmarks/results/REPORT.md.
+# FIDELITY_MIN) on the machine that runs it. onnx-int8-vnni-attn (int8 attention as well) is
+# written on request (`--vision-quant`) and then ranks first on VNNI: faster than onnx-int8-vnni
+# in alternating rounds on a busy machine (benchmarks/results/ENCODER.md), not yet worth another
+# file of the same size in every default bundle until a quiet run says how much it gains.
+# Encode time and fidelity of each file: `python -m benchmarks.bench_vision`; the default export's,
+# with peak memory: benchmarks/results/REPORT.md.
 DEFAULT_VISION_QUANTS = ("f16", "onnx-int8", "onnx-int8-vnni")
 # --format onnx: the text decoder through onnxruntime-genai's model builder (export/onnx_decoder.py).
 # int8 / int4: MatMulNBits weights (block 32), int8 activations; int4 loses far more than int8

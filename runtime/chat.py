@@ -270,3 +270,20 @@ def _visible(raw: str) -> str | None:
     if len(raw) < len(THOUGHT_OPEN) and THOUGHT_OPEN.startswith(raw):
         return None  # could still become the opening marker
     return raw
+
+
+def vocabulary(engine, manifest: dict):
+    """Stop and thought tokens from the bundle itself (runtime/generate.Vocabulary): the GGUF's eos /
+    end-of-turn ids and the manifest's record of them (decode also asks llama.cpp's end-of-generation
+    test per token), and the thought markers where they are control tokens of this vocabulary."""
+    from medgemma_edge.runtime.generate import Vocabulary
+
+    special = manifest.get("special_tokens") or {}
+    ends = engine.end_ids()
+    ends.update(special[k] for k in ("eos", "end_of_turn") if isinstance(special.get(k), int))
+    shown = set()
+    for marker in (THOUGHT_OPEN, THOUGHT_CLOSE):
+        ids = engine.tokenize(marker)
+        if len(ids) == 1:  # a control token in this vocabulary: render it so the thought can be split
+            shown.add(ids[0])
+    return Vocabulary(frozenset(ends), frozenset(shown))

@@ -119,7 +119,7 @@ class ForcedText:
     grammar's state, while exactly one character (of those with a token of their own) is allowed
     and the answer may not end there, that character is appended; the text is then tokenized."""
 
-    PROBE = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    PROBE = list('"{}[],: \n') + [chr(c) for c in range(32, 127) if chr(c) not in '"{}[],: '] + ["\t"]
 
     def __init__(self, constraint, engine, max_chars: int = 48):
         import llama_cpp
@@ -140,11 +140,19 @@ class ForcedText:
             while len(text) < self.max_chars:
                 if any(_allows(c, probe, t) for t in self.ends):
                     break
-                allowed = [(ch, t) for ch, t in self.chars if _allows(c, probe, t)]
-                if len(allowed) != 1:
-                    break
-                text += allowed[0][0]
-                c.llama_sampler_accept(probe, allowed[0][1])
+                allowed = None
+                for ch, t in self.chars:  # JSON's punctuation first: a free position stops at its second
+                    if _allows(c, probe, t):
+                        if allowed is not None:
+                            allowed = None
+                            break
+                        allowed = (ch, t)
+                else:
+                    if allowed is not None:
+                        text += allowed[0]
+                        c.llama_sampler_accept(probe, allowed[1])
+                        continue
+                break
         finally:
             c.llama_sampler_free(probe)
         return self.engine.tokenize(text, special=False)[:k] if text else []

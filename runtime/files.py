@@ -132,3 +132,12 @@ def _check(st: os.stat_result, name: str, limit: int) -> int:
 def _too_big(name: str, size: int, limit: int) -> str:
     return (f"{name}: {size:,} bytes is over the {limit:,}-byte limit for one file — pass a "
             f"smaller export (one series per folder, fewer frames per file)")
+
+
+def file_id(path) -> str:
+    """A stand-in identity for a file whose manifest has no hash: name, size, mtime."""
+    import hashlib
+
+    st = os.stat(path)
+    name = os.path.basename(os.fspath(path))
+    return hashlib.sha256(f"{name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()

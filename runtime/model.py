@@ -25,6 +25,7 @@ from medgemma_edge.runtime.cache import cache_root
 from medgemma_edge.runtime.engines import DEFAULT_KV_CACHE, check_backend, check_kv_cache, open_engine
 from medgemma_edge.runtime.embed_cache import DEFAULT_DISK_MB, DEFAULT_MEMORY_ITEMS, EmbeddingCache, pixel_digest
 from medgemma_edge.runtime.errors import BundleError, BusyError, InputError
+from medgemma_edge.runtime.files import file_id
 from medgemma_edge.runtime.json_close import close_cut_answer
 from medgemma_edge.runtime.machine import OthersLoad, resolve_threads, threads_beside
 from medgemma_edge.runtime.memory import peak_rss_mb
@@ -97,7 +98,7 @@ def load(bundle_dir, device: str = "auto", threads: int | None = None, context: 
     bundle, manifest = open_model_files(bundle_dir, mmproj, remember=remember)
     backend = check_backend(bundle, manifest)
     check_kv_cache(kv_cache, backend)
-    speculative = spec_choice.wanted(speculative, draft_model, backend)
+    speculative = spec_choice.wanted(speculative, draft_model, backend, size=spec_choice.size_class(bundle, manifest))
     return Model(bundle, manifest, device=device, threads=threads, context=context, fit=fit,
                  image_cache_dir=image_cache_dir, image_cache_mb=image_cache_mb, vision=vision, repack=repack,
                  lora=lora, kv_cache=kv_cache, speculative=speculative, draft_model=draft_model)
@@ -106,7 +107,7 @@ def load(bundle_dir, device: str = "auto", threads: int | None = None, context: 
 class Model:
     def __init__(self, bundle: Path, manifest: dict, *, device: str, threads, context: int | None, fit: str,
                  image_cache_dir=None, image_cache_mb: float = DEFAULT_DISK_MB, vision: str = "auto",
-                 repack="auto", lora=(), kv_cache: str = DEFAULT_KV_CACHE, speculative: bool = False,
+                 repack="auto", lora=(), kv_cache: str = DEFAULT_KV_CACHE, speculative=frozenset(),
                  draft_model=None):
         t0 = time.perf_counter()
         self.bundle, self.manifest, self.fit, self.device = bundle, manifest, fit, device
@@ -124,15 +125,15 @@ class Model:
         self.speculation = spec_choice.Speculation.open(speculative, draft_model, self.engine, self.threads)
         self.loading = False  # the engine is being opened again after `unload`
         self.kv_cache = kv_cache  # part of a saved prefix's key (runtime/prefill.prefix_key)
-        self.vocab = _vocabulary(self.engine, manifest)
-        self.text_id = text.get("sha256") or _file_id(bundle / text["path"])
+        self.vocab = chatfmt.vocabulary(self.engine, manifest)
+        self.text_id = text.get("sha256") or file_id(bundle / text["path"])
         if manifest["backend"] == "onnx":  # the graph file is small; its weights live beside it
             self.text_id = hashlib.sha256(" ".join(f["sha256"] for f in manifest["files"] if f["role"] in
                                                    ("text", "text_data", "embeddings")).encode()).hexdigest()
         self._lora_paths = lora
         self.loras = self._load_loras(lora)
         if self.loras:  # saved prefixes (KV states) of the plain model must not serve the adapted one
-            ids = [self.text_id] + [_file_id(Path(p)) for p in lora]
+            ids = [self.text_id] + [file_id(Path(p)) for p in lora]
             self.text_id = hashlib.sha256(" ".join(ids).encode()).hexdigest()
         try:
             speeds = cache_root()
@@ -159,7 +160,7 @@ class Model:
         self.image_cache = None
         self.encode_speed = EncodeSpeed(None, "", self.threads)
         if self.vision_path is not None:
-            vision_id = self.vision_file.get("sha256") or _file_id(self.vision_path)
+            vision_id = self.vision_file.get("sha256") or file_id(self.vision_path)
             self.encode_speed = EncodeSpeed(speeds, vision_id, self.threads)
             self.image_cache = EmbeddingCache((self.image_tokens, self.engine.n_embd), vision_id,
                                               memory_items=DEFAULT_MEMORY_ITEMS, disk_dir=image_cache_dir,
@@ -411,23 +412,3 @@ def _check_image_options(think, max_slices, fit, window=None) -> None:
         raise InputError(f"max_slices must be a positive integer, got {max_slices!r:.40}")
     if fit is not None and fit not in FITS:
         raise InputError(f"unknown fit {fit!r:.40} — use one of {', '.join(FITS)}")
-
-
-def _vocabulary(engine, manifest: dict) -> gen.Vocabulary:
-    """Stop and thought tokens from the bundle itself: the GGUF's eos / end-of-turn ids and the
-    manifest's record of them (decode also asks llama.cpp's end-of-generation test per token)."""
-    special = manifest.get("special_tokens") or {}
-    ends = engine.end_ids()
-    ends.update(special[k] for k in ("eos", "end_of_turn") if isinstance(special.get(k), int))
-    shown = set()
-    for marker in (chatfmt.THOUGHT_OPEN, chatfmt.THOUGHT_CLOSE):
-        ids = engine.tokenize(marker)
-        if len(ids) == 1:  # a control token in this vocabulary: render it so the thought can be split
-            shown.add(ids[0])
-    return gen.Vocabulary(frozenset(ends), frozenset(shown))
-
-
-def _file_id(path: Path) -> str:
-    """A stand-in identity for a vision file whose manifest has no hash: name, size, mtime."""
-    st = path.stat()
-    return hashlib.sha256(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()

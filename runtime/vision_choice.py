@@ -25,12 +25,13 @@ FIDELITY_MIN = 0.999
 EXACT = ("f32", "onnx-f32")  # the reference arithmetic: no fidelity to measure
 
 # Fastest first, per kind of CPU (benchmarks/results/REPORT.md, bench_vision). int8 ONNX leads on
-# x86 (VNNI's int8 dot products widen the gap); a GPU runs llama.cpp's f16 (or onnxruntime's CUDA
+# x86 (VNNI's int8 dot products widen the gap; with VNNI, int8 attention ahead of int8-vnni's float
+# attention: benchmarks/results/ENCODER.md, alternating rounds); a GPU runs llama.cpp's f16 (or onnxruntime's CUDA
 # provider on the float graph), never the CPU's int8 kernels. bf16 (an mmproj with BF16 matrices)
 # ranks ahead of f16 where the CPU has avx512_bf16 (ggml's vdpbf16ps dot products) and last where
 # it has not (every weight widened in software); it stays behind every int8 ONNX file.
 SPEED_RANK = {
-    "vnni": ("onnx-int8-vnni", "onnx-int8", "onnx-f32", "bf16", "f16", "q8_0", "f32"),
+    "vnni": ("onnx-int8-vnni-attn", "onnx-int8-vnni", "onnx-int8", "onnx-f32", "bf16", "f16", "q8_0", "f32"),
     "avx2": ("onnx-int8", "f16", "onnx-f32", "bf16", "q8_0", "f32"),
     "other": ("f16", "bf16", "onnx-f32", "onnx-int8", "q8_0", "f32"),  # no measurement: float kernels first
     "gpu": ("f16", "bf16", "f32", "onnx-f32", "q8_0", "onnx-int8"),
@@ -43,7 +44,8 @@ SIMD_FLAGS = frozenset({"avx2", "fma", "avx512f"} | VNNI_FLAGS | BF16_FLAGS)
 # Encodings a kind of CPU cannot run faithfully, whatever the export measured on its own machine:
 # full 8-bit weights overflow AVX2's saturating int16 pair sums. The test is the CPU's own (an
 # ONNX graph on a GPU machine may still run int8 operators on the CPU).
-NEEDS = {"onnx-int8-vnni": ("vnni",)}
+# onnx-int8-vnni-attn's int8 attention products (u8 x s8, full range) overflow the same way.
+NEEDS = {"onnx-int8-vnni": ("vnni",), "onnx-int8-vnni-attn": ("vnni",)}
 REEXPORT = "re-export the bundle with --vision-quant onnx-int8 (or f16)"
 
 

@@ -18,7 +18,7 @@ def onnx_bundles(tmp_path_factory, tiny_dir):
 
     root = tmp_path_factory.mktemp("onnx-bundles")
     out = {}
-    for vq in ("onnx-f32", "onnx-int8", "onnx-int8-vnni"):
+    for vq in ("onnx-f32", "onnx-int8", "onnx-int8-vnni", "onnx-int8-vnni-attn"):
         out[vq] = root / vq
         export_gguf(tiny_dir, out[vq], quant="f32", vision_quant=vq, quality=(vq == "onnx-int8"))
     return out
@@ -41,9 +41,9 @@ def _has_vnni() -> bool:
 
 
 @pytest.mark.parametrize("vq,cos_min", [("onnx-f32", F32_COS_MIN), ("onnx-int8", INT8_COS_MIN),
-                                        ("onnx-int8-vnni", INT8_COS_MIN)])
+                                        ("onnx-int8-vnni", INT8_COS_MIN), ("onnx-int8-vnni-attn", INT8_COS_MIN)])
 def test_onnx_image_embeddings_match_transformers(onnx_bundles, tiny_dir, vq, cos_min):
-    if vq == "onnx-int8-vnni" and not _has_vnni():
+    if vq.startswith("onnx-int8-vnni") and not _has_vnni():
         # full 8-bit weights overflow AVX2's int16 pair sums (cosine ~0.98): the runtime never runs
         # this file on such a CPU (tests/test_vision_choice.py), so there is no bound to hold here
         pytest.skip("full 8-bit int8 weights are for CPUs with VNNI; this one has none")
@@ -55,6 +55,21 @@ def test_onnx_image_embeddings_match_transformers(onnx_bundles, tiny_dir, vq, co
     print(f"{vq} image embeddings {ours.shape}: cosine {cos:.7f}, worst |d| {np.abs(ours - theirs).max():.2e}")
     assert ours.shape == theirs.shape == (256, 256)
     assert cos >= cos_min, f"{vq}: cosine {cos:.7f} < {cos_min}"
+
+
+def test_int8_attention_file_matches_the_f32_file(onnx_bundles):
+    """onnx-int8-vnni-attn against onnx-f32 on the same pixels (tiny: 4096 tokens, 8 query chunks),
+    and against onnx-int8-vnni: the attention's own share of the difference."""
+    if not _has_vnni():
+        pytest.skip("int8 attention products are for CPUs with VNNI; this one has none")
+    pixels = _pixels(seed=5)
+    f32, vnni, attn = (_encoder(onnx_bundles[vq]).encode(pixels)
+                       for vq in ("onnx-f32", "onnx-int8-vnni", "onnx-int8-vnni-attn"))
+    cos, cos_vnni = ref.cosine(attn, f32), ref.cosine(attn, vnni)
+    worst = np.abs(attn - f32).max() / np.abs(f32).max()
+    msg = f"int8 attention vs f32: cosine {cos:.7f} (vs int8-vnni {cos_vnni:.7f}), worst relative |d| {worst:.2e}"
+    print(msg)
+    assert cos >= INT8_COS_MIN and cos_vnni >= INT8_COS_MIN, msg
 
 
 def test_onnx_bundle_chat_logits_match_transformers(onnx_bundles, tiny_dir):

@@ -21,6 +21,7 @@ PROMPTS = [
     'Give the findings as JSON with keys "organ" and "finding": liver normal, spleen enlarged, kidneys normal.',
 ]
 N_TOKENS = 64
+ALL = frozenset(spec_choice.ANSWERS)  # speculative for every kind of answer (Speculation.on)
 
 
 def _engine(path):
@@ -215,16 +216,19 @@ def test_sampled_answers_keep_the_models_distribution():
 # -- choosing --------------------------------------------------------------------------------------
 
 def test_speculative_modes_and_engines():
-    assert spec_choice.wanted("on", None, "gguf") and not spec_choice.wanted("off", None, "gguf")
+    assert spec_choice.wanted("on", None, "gguf") == {"text", "grammar"} and not spec_choice.wanted("off", None, "gguf")
     assert spec_choice.wanted("auto", "draft.gguf", "gguf")  # a named draft model asks for it
     assert not spec_choice.wanted("auto", None, "onnx")
     for mode, draft, backend, says in (("on", None, "onnx", "GGUF bundle"), ("fast", None, "gguf", "unknown"),
                                        ("off", "d.gguf", "gguf", "draft model")):
         with pytest.raises(InputError, match=says):
             spec_choice.wanted(mode, draft, backend)
-    for kind, gain in spec_choice.MEASURED_GAIN.items():
-        flags = {"vnni": {"avx2", "avx512f", "avx512_vnni"}, "avx2": {"avx2"}, "other": set()}[kind]
-        assert spec_choice.wanted("auto", None, "gguf", flags) == (gain is not None and gain > 1)
+    for kind, flags in {"vnni": {"avx2", "avx512f", "avx512_vnni"}, "avx2": {"avx2"}, "other": set()}.items():
+        gains = spec_choice.MEASURED_GAIN.get(kind, {})
+        for size in ("small", "large"):
+            on = spec_choice.wanted("auto", None, "gguf", flags, size)
+            assert ("text" in on) == ((gains.get(size) or 0) > 1), (kind, size)
+            assert ("grammar" in on) == ((gains.get(f"{size}_json") or 0) > 1), (kind, size)
 
 
 # -- a model loaded with speculative decoding, and text a grammar forces --------------------------
@@ -271,11 +275,11 @@ def test_forced_text_gives_the_tokens_of_token_by_token_constrained_decoding(dem
         messages = [{"role": "user", "content": f"Describe a chest X-ray finding as JSON with the keys "
                                                 f"{', '.join(schema['properties'])}."}]
         kw = dict(max_new_tokens=24, json_schema=schema, temperature=1.0 if i % 2 else 0.0, seed=i)
-        demo_model.speculation.on = True
+        demo_model.speculation.on = ALL
         fast, last = _tokens(demo_model, messages, **kw)
-        demo_model.speculation.on = False
+        demo_model.speculation.on = frozenset()
         plain, _ = _tokens(demo_model, messages, **kw)
-        demo_model.speculation.on = True
+        demo_model.speculation.on = ALL
         first = next((j for j, (a, b) in enumerate(zip(plain, fast)) if a != b), None)
         assert fast == plain, f"schema {i} seed {i}: tokens differ from token {first} of {len(plain)}"
         kept, drafted = kept + last.stats.accepted_tokens, drafted + last.stats.drafted_tokens
@@ -304,6 +308,5 @@ def test_auto_reads_the_gain_measured_per_kind_of_cpu():
 
     path = Path(__file__).parents[1] / "benchmarks" / "results" / "speculative.json"
     measured = json.loads(path.read_text()).get("gain_by_kind", {}) if path.exists() else {}
-    for kind, gain in spec_choice.MEASURED_GAIN.items():
-        assert gain == measured.get(kind), (f"MEASURED_GAIN[{kind!r}] is {gain}, benchmarks/results/speculative.json "
-                                            f"says {measured.get(kind)} — copy the measurement")
+    assert spec_choice.MEASURED_GAIN == measured, (f"MEASURED_GAIN is {spec_choice.MEASURED_GAIN}, benchmarks/results/"
+                                                   f"speculative.json says {measured} — copy the measurement")

@@ -131,7 +131,10 @@ def test_response_format_json_schema_validates(client):
     obj = client.chat.completions.create(model="any", messages=keys, response_format={"type": "json_object"},
                                          max_tokens=256)
     print(obj.choices[0].message.content, obj.choices[0].finish_reason, obj.usage.completion_tokens)
-    assert obj.choices[0].finish_reason == "stop"
+    # json_object's grammar lets whitespace follow the object, and 270M may write it until the context
+    # is full (finish_reason "length"; seen with flash attention on, as speculative decoding runs):
+    # the object itself must be whole either way
+    assert obj.choices[0].finish_reason in ("stop", "length")
     assert isinstance(json.loads(obj.choices[0].message.content), dict)
 
 

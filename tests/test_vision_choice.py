@@ -98,6 +98,21 @@ def test_full_8bit_int8_runs_only_where_vnni_is():
     assert choose_vision([VNNI8], flags=VNNI, gpu=True) is VNNI8  # its int8 operators run on this CPU
 
 
+ATTN8 = {"role": "vision", "path": "m-vision-int8-vnni-attn.onnx", "quant": "onnx-int8-vnni-attn", "fidelity": 0.9996}
+
+
+def test_int8_attention_leads_where_vnni_is_and_nowhere_else():
+    """Measured faster at 4B shape on VNNI (benchmarks/bench_encoder.py); never picked without VNNI,
+    where its full-range int8 products would overflow and no time was measured."""
+    assert choose_vision([F16, INT8, VNNI8, ATTN8], flags=VNNI) is ATTN8
+    assert choose_vision([F16, INT8, VNNI8, ATTN8], flags=AVX2) is INT8
+    assert choose_vision([ATTN8, F16], flags=AVX2) is F16
+    assert choose_vision([F16, VNNI8, {**ATTN8, "fidelity": 0.998}], flags=VNNI) is VNNI8  # under the bar
+    assert choose_vision([F16, VNNI8, ATTN8], flags=VNNI, gpu=True) is F16
+    with pytest.raises(InputError, match="needs a CPU with vnni"):
+        choose_vision([ATTN8, INT8], "onnx-int8-vnni-attn", flags=AVX2)
+
+
 @pytest.mark.parametrize("flags", [AVX2, NEON, set()])
 def test_full_8bit_int8_by_name_without_vnni_is_one_line(flags):
     """Asked for by name where it would overflow: refused, naming what the bundle holds instead."""

@@ -1,0 +1,69 @@
+"""The focused benchmarks `benchmarks.run` runs after its backends (issue 26), each in a process of
+its own writing NAME.json and its Markdown beside results.json, and the section of REPORT.md that
+sums them up from those files (a part not run yet says how to run it).
+
+    encoder      benchmarks.bench_encoder      the image encoder toward its compute limit
+    repack       benchmarks.bench_repack       repacked decode at the default's memory
+    speculative  benchmarks.bench_speculative  guessed tokens checked in batches, forced text
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from benchmarks.backends import say
+
+PARTS = {  # name: (module, results json, its Markdown, title)
+    "encoder": ("benchmarks.bench_encoder", "encoder.json", "ENCODER.md", "Image encoder toward its compute limit"),
+    "repack": ("benchmarks.bench_repack", "repack.json", "REPACK.md", "Repacked decode at the default's memory"),
+    "speculative": ("benchmarks.bench_speculative", "speculative.json", "SPECULATIVE.md",
+                    "Speculative decoding and forced text"),
+}
+
+
+def run(names, threads: int, wait_idle: float = 0) -> dict[str, int]:
+    """Run each named part (its own process, its own progress on stderr); name -> exit code."""
+    codes = {}
+    for name in names:
+        module = PARTS[name][0]
+        cmd = [sys.executable, "-m", module, "--threads", str(threads)]
+        if wait_idle:
+            cmd += ["--wait-idle", str(wait_idle)]
+        say(f"[bench] focused part {name}: {' '.join(cmd[1:])}")
+        codes[name] = subprocess.run(cmd, check=False).returncode
+    return codes
+
+
+def _when(data: dict) -> str:
+    machine = data.get("machine") or {}
+    kind = data.get("cpu_kind") or machine.get("cpu_kind") or "?"
+    return f"`{data.get('command', '?')}`, {data.get('when') or data.get('date', '?')}, CPU kind {kind}"
+
+
+def _headline(name: str, data: dict) -> str:
+    if name == "speculative":
+        js = (data.get("real", {}).get("json") or {}).get("gain") or {}
+        gain = data.get("gain")
+        return (f"measured gain on real weights {gain:.2f}× (auto {'on' if gain and gain > 1 else 'off'} on this "
+                f"kind); forced text on lab-report JSON {js.get('median', 0):.2f}× (goal ≥ 1.5×)") if gain else ""
+    if name == "repack":
+        kept = (data.get("verdict") or {}).get("kept")
+        return f"kept: {kept}" if kept else "no variant kept (see why in the file)"
+    verdict = data.get("verdict") or data.get("goal") or {}
+    return verdict.get("summary", "") if isinstance(verdict, dict) else str(verdict)
+
+
+def lines(folder: Path) -> list[str]:
+    out = []
+    for name, (module, js, md, title) in PARTS.items():
+        path = folder / js
+        if not path.exists():
+            out.append(f"- **{title}**: not measured yet — `python -m {module}` writes {js} and {md} here.")
+            continue
+        data = json.loads(path.read_text())
+        head = _headline(name, data)
+        out.append(f"- **{title}** ([{md}]({md})): {_when(data)}" + (f"; {head}" if head else "") + ".")
+    return out
