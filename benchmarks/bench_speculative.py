@@ -56,16 +56,13 @@ def _prompt(engine, text):
 
 def _decode(engine, ids, schema, tokens, speculative):
     """One greedy answer; (tok/s of the decode loop, token ids, the Lookahead's stats or None)."""
-    from medgemma_edge.runtime import constrain, drafters, generate as gen
-    from medgemma_edge.runtime.speculative import Lookahead
+    from medgemma_edge.runtime import constrain, generate as gen
+    from medgemma_edge.runtime.spec_choice import ANSWERS, Speculation
 
     engine.reset()
     engine.eval_tokens(ids)
     grammar = constrain.Constraint(engine.vocab, constrain.schema_to_gbnf(schema)) if schema else None
-    look = None
-    if speculative:
-        forced = drafters.ForcedText(grammar, engine) if grammar else None
-        look = Lookahead(engine, drafters.Chain(forced, drafters.PromptLookup()))
+    look = Speculation(frozenset(ANSWERS)).lookahead(engine, grammar) if speculative else None  # as load() builds it
     vocab = gen.Vocabulary(frozenset(engine.end_ids()), frozenset())
     t0 = time.perf_counter()
     out = [s.token for s in gen.decode(engine, gen.Sampling(max_new_tokens=tokens), vocab, grammar, look)

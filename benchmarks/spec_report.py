@@ -30,15 +30,14 @@ def _why(r: dict, costs: dict) -> str:
     """The reason for a gain below 1, from the run's own numbers."""
     per_batch = r["accepted"] / r["batches"] if r["batches"] else 0
     k = 1 + r["drafted"] / r["batches"] if r["batches"] else 1
-    at = costs.get("270m_batches") or costs.get("270m")
-    cost = f"; a batch of {k:.1f} tokens costs {batch_cost(at, k):.2f}× one token on this model" if isinstance(at, dict) else ""
+    cost = f"; a batch of {k:.1f} tokens costs {batch_cost(costs['270m'], k):.2f}× one token on this model"
     return (f"{r['acceptance']:.0%} of {r['drafted']} guesses kept, {per_batch:.1f} tokens gained per batch{cost} "
             "(every row of a batch computes its logits over 262,144 entries)")
 
 
 def render(d: dict) -> str:
     real, costs, proj = d["real"], d["costs"], d["projection"]
-    out = [f"# Speculative decoding and forced text (issue 26)", "",
+    out = ["# Speculative decoding and forced text (issue 26)", "",
            f"`{d['command'].strip()}` — {d['when']}, {d['cpu']}, CPU kind **{d['cpu_kind']}** "
            f"(SIMD {' '.join(d['flags'])}), {d['threads']} thread(s), {d['minutes']} min.", "",
            "## On real weights: Gemma 3 270M (q4_k_m), greedy", "",

@@ -23,6 +23,7 @@ without maxItems can run until max_new_tokens, and an answer cut there is not co
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 import re
@@ -121,10 +122,12 @@ class Constraint:
         self._all["id"] = np.arange(self.n_vocab, dtype=np.int32)
         self._one = np.zeros(1, dtype=TOKEN_DATA)
 
-    @property
-    def sampler(self):
-        """llama.cpp's grammar sampler (runtime/drafters.ForcedText probes a clone of it)."""
-        return self._sampler
+    def copy(self) -> "Constraint":
+        """A Constraint at this one's state, to probe ahead without moving this one (runtime/drafters
+        .ForcedText): a clone of llama.cpp's grammar sampler, the scratch arrays shared."""
+        other = copy.copy(self)
+        other._sampler = self._c.llama_sampler_clone(self._sampler)
+        return other
 
     def _apply(self, cells: np.ndarray) -> None:
         data = ctypes.cast(cells.ctypes.data, ctypes.POINTER(self._c.llama_token_data))

@@ -15,7 +15,6 @@ A guess is only a guess: the model checks it, so a bad one costs time, never a c
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 import numpy as np
@@ -122,9 +121,7 @@ class ForcedText:
     PROBE = list('"{}[],: \n') + [chr(c) for c in range(32, 127) if chr(c) not in '"{}[],: '] + ["\t"]
 
     def __init__(self, constraint, engine, max_chars: int = 48):
-        import llama_cpp
-
-        self._c, self.constraint, self.engine, self.max_chars = llama_cpp, constraint, engine, max_chars
+        self.constraint, self.engine, self.max_chars = constraint, engine, max_chars
         self.chars: list[tuple[str, int]] = []
         for ch in self.PROBE:
             ids = engine.tokenize(ch, special=False)
@@ -133,16 +130,15 @@ class ForcedText:
         self.ends = sorted(engine.end_ids())
 
     def draft(self, history: list, k: int) -> list[int]:
-        c = self._c
-        probe = c.llama_sampler_clone(self.constraint.sampler)
+        probe = self.constraint.copy()
         try:
             text = ""
             while len(text) < self.max_chars:
-                if any(_allows(c, probe, t) for t in self.ends):
+                if any(probe.allows(t) for t in self.ends):
                     break
                 allowed = None
                 for ch, t in self.chars:  # JSON's punctuation first: a free position stops at its second
-                    if _allows(c, probe, t):
+                    if probe.allows(t):
                         if allowed is not None:
                             allowed = None
                             break
@@ -150,19 +146,12 @@ class ForcedText:
                 else:
                     if allowed is not None:
                         text += allowed[0]
-                        c.llama_sampler_accept(probe, allowed[1])
+                        probe.accept(allowed[1])
                         continue
                 break
         finally:
-            c.llama_sampler_free(probe)
+            probe.close()
         return self.engine.tokenize(text, special=False)[:k] if text else []
-
-
-def _allows(c, sampler, token: int) -> bool:
-    cell = (c.llama_token_data * 1)(c.llama_token_data(token, 0.0, 0.0))
-    array = c.llama_token_data_array(data=cell, size=1, selected=-1, sorted=False)
-    c.llama_sampler_apply(sampler, ctypes.byref(array))
-    return bool(np.isfinite(cell[0].logit))
 
 
 class Chain:
