@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from medgemma_edge.cli.model_option import model_options
+from medgemma_edge.cli.model_option import model_options, speculative_options
 from medgemma_edge.cli.progress import ProgressLines
 
 from medgemma_edge.runtime.dicom.windows import WINDOW_HELP
@@ -17,7 +17,6 @@ from medgemma_edge.runtime.errors import InputError
 from medgemma_edge.runtime.pdf import DEFAULT_DPI, DEFAULT_MAX_PAGES, MAX_DPI, MIN_DPI, TEXT_HELP, TEXT_MODES, PdfOptions
 from medgemma_edge.runtime.picture import DEFAULT_MAX_SLICES
 from medgemma_edge.runtime.embed_cache import DEFAULT_DISK_MB
-from medgemma_edge.runtime import spec_choice
 from medgemma_edge.runtime.engines import DEFAULT_KV_CACHE, KV_CACHE_HELP, KV_CACHES
 from medgemma_edge.runtime.generate import DEFAULT_MAX_NEW_TOKENS
 from medgemma_edge.runtime.preprocess import FIT_HELP, FITS
@@ -86,11 +85,7 @@ _FILE_ENDINGS = (".pdf", ".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".tif", ".ti
                    "CPU kinds where it was measured to pay at the same memory (benchmarks/results/REPACK.md)")
 @click.option("--kv-cache", type=click.Choice(KV_CACHES), default=DEFAULT_KV_CACHE, show_default=True,
               help=KV_CACHE_HELP)
-@click.option("--speculative", type=click.Choice(spec_choice.MODES), default="auto", show_default=True,
-              help=spec_choice.HELP)
-@click.option("--draft-model", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="a small GGUF sharing the model's vocabulary (Gemma 3 270M for MedGemma 4B) that guesses tokens "
-                   "for speculative decoding")
+@speculative_options
 @click.option("--lora", "loras", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="llama.cpp LoRA file made for this bundle (export SRC --adapter DIR --lora-out FILE); repeatable")
 @click.option("--image-cache", "image_cache", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from medgemma_edge.cli.model_option import model_options
+from medgemma_edge.cli.model_option import model_options, speculative_options
 
 from medgemma_edge.extras import require_extra
 from medgemma_edge.node.config import NodeConfig
@@ -75,11 +75,7 @@ NODE = NodeConfig(port=0)  # the node's defaults (node/config.py imports neither
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--kv-cache", type=click.Choice(KV_CACHES), default=DEFAULT_KV_CACHE, show_default=True,
               help=KV_CACHE_HELP)
-@click.option("--speculative", type=click.Choice(spec_choice.MODES), default="auto", show_default=True,
-              help=spec_choice.HELP)
-@click.option("--draft-model", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="a small GGUF sharing the model's vocabulary (Gemma 3 270M for MedGemma 4B) that guesses tokens "
-                   "for speculative decoding")
+@speculative_options
 @click.option("--dicom-port", type=click.IntRange(0, 65535), default=None,
               help="also run a DICOM node on this port: studies pushed by a PACS or a modality are prepared "
                    "in the background and listed at /v1/studies (docs/node.md)")
