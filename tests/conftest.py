@@ -1,5 +1,12 @@
-"""Session fixtures: the reference models are built once per run into the cache directory."""
+"""Session fixtures: the reference models are built once per run into the cache directory.
 
+Disk: a whole run writes ~17 GB of bundles into pytest's temporary folder if nothing is removed, more
+than a CI machine may have free. A passing test's tmp_path goes when it ends (pyproject:
+tmp_path_retention_policy = "failed"), and what a module's fixtures made with tmp_path_factory goes
+when the module ends (`_module_temp_dirs`); the session fixtures below register theirs to keep.
+"""
+
+import shutil
 import warnings
 
 import pytest
@@ -28,10 +35,37 @@ def gemma270m_gguf():
     return gemma3_270m_gguf()
 
 
+_SESSION_DIRS = set()
+
+
+def _session_temp(tmp_path_factory, name):
+    """A tmp_path_factory folder that lives for the whole run (not removed at module end)."""
+    path = tmp_path_factory.mktemp(name)
+    _SESSION_DIRS.add(path.name)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_temp_dirs(tmp_path_factory):
+    """Remove the folders this module's fixtures made under the run's temporary folder once it ends.
+
+    Autouse at module scope: set up before the module's own fixtures, so torn down after them.
+    Folders named after a test (a test's tmp_path) are left to pytest's retention policy (removed
+    when the test passed, kept when it failed)."""
+    base = tmp_path_factory.getbasetemp()
+    before = {p.name for p in base.iterdir()}
+    yield
+    for path in base.iterdir():
+        if path.name in before or path.name in _SESSION_DIRS or path.name.startswith("test_"):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+
+
 def _export(tmp_path_factory, src, name, quant, vision_quant):
     from medgemma_edge.export.bundle import export_gguf
 
-    out = tmp_path_factory.mktemp("bundles") / name
+    out = _session_temp(tmp_path_factory, "bundles") / name
     export_gguf(src, out, quant=quant, vision_quant=vision_quant, quality=False)
     return out
 
@@ -55,7 +89,7 @@ def onnx_bundles(tmp_path_factory, tiny_dir):
     tests/test_structured_onnx.py share one export."""
     from medgemma_edge.export.bundle_onnx import export_onnx
 
-    root = tmp_path_factory.mktemp("onnx-bundles")
+    root = _session_temp(tmp_path_factory, "onnx-bundles")
     recipe = {"fp32": ("onnx-f32", False), "int8": (("onnx-int8",), True), "int4": ("onnx-int8", False)}
     built = {}
 
