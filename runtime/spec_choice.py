@@ -97,8 +97,12 @@ class Speculation:
         if not supports(engine):
             return None
         self._open_draft(engine)
-        forced = drafters.ForcedText(grammar, engine) if grammar is not None else None
-        return Lookahead(engine, drafters.Chain(forced, drafters.PromptLookup(), self.draft), self.k)
+        if grammar is None:
+            return Lookahead(engine, drafters.Chain(drafters.PromptLookup(), self.draft), self.k)
+        chain = drafters.Chain(drafters.ForcedText(grammar, engine),
+                               drafters.Grammatical(drafters.PromptLookup(), grammar),
+                               drafters.Grammatical(self.draft, grammar))
+        return Lookahead(engine, chain, self.k)
 
     def close(self) -> None:
         if self.draft is not None:

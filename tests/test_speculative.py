@@ -116,6 +116,36 @@ def test_prompt_lookup_guesses_what_followed_the_latest_match():
     assert d.draft([1, 2, 3], 4) == []
 
 
+def test_forced_text_and_grammar_cut_guesses_on_gemma_270m(gemma):
+    """ForcedText guesses a key the schema forces without its closing quote (the model writes it
+    merged with the colon); Grammatical cuts another drafter's guess at the first refused token."""
+    from medgemma_edge.runtime import constrain
+
+    schema = {"type": "object", "properties": {"reference_range": {"type": "string"}},
+              "required": ["reference_range"]}
+    grammar = constrain.Constraint(gemma.vocab, constrain.schema_to_gbnf(schema))
+    try:
+        for tok in gemma.tokenize('{"', special=False):
+            grammar.accept(tok)
+        forced = drafters.ForcedText(grammar, gemma).draft([], 8)
+        text = b"".join(gemma.piece(t) for t in forced).decode()
+        assert text == "reference_range", f"forced text guessed {text!r}"
+        assert forced == gemma.tokenize('reference_range"', special=False)[:-1]
+
+        ref, flag = gemma.tokenize("reference", special=False), gemma.tokenize("flag", special=False)
+
+        class Fixed:
+            def draft(self, history, k):
+                return (ref + flag)[:k]
+
+        cut = drafters.Grammatical(Fixed(), grammar).draft([], 8)
+        assert cut == ref, f"grammar cut the guess to {cut}, expected {ref}"
+        assert drafters.Grammatical(None, grammar).draft([], 8) == []
+        assert grammar.allows(ref[0]) and not grammar.allows(flag[0])  # the probe left the grammar as it was
+    finally:
+        grammar.close()
+
+
 # -- sampling keeps the distribution ---------------------------------------------------------------
 
 def _chi_square(counts: np.ndarray, p: np.ndarray) -> tuple[float, int, float]:
