@@ -16,15 +16,15 @@ VISION_QUANTS = GGUF_VISION_QUANTS + ONNX_VISION_QUANTS
 # encode faster on CPUs with avx512_bf16 too, f16 is the float file every device runs well, and
 # a CPU without avx512_bf16 widens every bf16 weight in software.
 # What `export` writes by default: an f16 mmproj (llama.cpp, any device; Q8_0 projectors have
-# misbehaved before) and two int8 ONNX towers: 7-bit weights for any x86 CPU and full 8-bit
-# weights for CPUs with VNNI. `load(vision="auto")` picks the fastest faithful one (vision_choice
-# FIDELITY_MIN) on the machine that runs it. onnx-int8-vnni-attn (int8 attention as well) is
-# written on request (`--vision-quant`) and then ranks first on VNNI: faster than onnx-int8-vnni
-# in alternating rounds on a busy machine (benchmarks/results/ENCODER.md), not yet worth another
-# file of the same size in every default bundle until a quiet run says how much it gains.
+# misbehaved before) and two int8 ONNX towers: 7-bit weights for any x86 CPU, and for CPUs with VNNI
+# full 8-bit weights with the attention products in int8 too (onnx-int8-vnni-attn). That file
+# replaced onnx-int8-vnni (same weights, float attention) in the default: as faithful, the same size,
+# and faster in alternating rounds on a quiet machine (benchmarks/results/ENCODER.md).
+# `load(vision="auto")` picks the fastest faithful one (vision_choice FIDELITY_MIN) on the machine
+# that runs it. onnx-int8-vnni is still written on request (`--vision-quant`).
 # Encode time and fidelity of each file: `python -m benchmarks.bench_vision`; the default export's,
 # with peak memory: benchmarks/results/REPORT.md.
-DEFAULT_VISION_QUANTS = ("f16", "onnx-int8", "onnx-int8-vnni")
+DEFAULT_VISION_QUANTS = ("f16", "onnx-int8", "onnx-int8-vnni-attn")
 # --format onnx: the text decoder through onnxruntime-genai's model builder (export/onnx_decoder.py).
 # int8 / int4: MatMulNBits weights (block 32), int8 activations; int4 loses far more than int8
 # (export/onnx_decoder.py says how it was compared; benchmarks/results/ONNX_TEXT.md has the speeds).
