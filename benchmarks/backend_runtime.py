@@ -16,14 +16,19 @@ STAT_KEYS = ("preprocess_ms", "image_encode_s", "prefill_tok_s", "decode_tok_s",
 
 
 class RuntimeBackend(Backend):
-    """vision: "auto" (what a user gets) or one of the bundle's encodings; repack: llama.cpp's
-    repacked weights (--repack-weights); image_cache_dir: the disk image cache a prepared study
-    lives in (`prepare` fills it in one process, `ask` in the next reads it)."""
+    """vision: "auto" (what a user gets) or one of the bundle's encodings; repack: "auto" (what a
+    user gets: runtime/repack_choice) or True / False (--repack-weights / --no-repack-weights);
+    image_cache_dir: the disk image cache a prepared study lives in (`prepare` fills it in one
+    process, `ask` in the next reads it); speculative: off
+    here, as a same-file comparison with llama.cpp needs — a random-weight model's answers repeat
+    in ways real text does not, so guesses would be kept at rates no clinic sees (speculative
+    decoding is measured on real weights: benchmarks/bench_speculative.py)."""
 
     def __init__(self, bundle: str, threads: int, context: int = 4096, fit: str | None = None,
-                 vision: str = "auto", repack: bool = False, image_cache_dir: str | None = None,
-                 prepare: bool = False, open_vision: bool = True):
+                 vision: str = "auto", repack="auto", image_cache_dir: str | None = None,
+                 prepare: bool = False, open_vision: bool = True, speculative: str = "off"):
         self.bundle, self.threads, self.context, self.fit = bundle, threads, context, fit
+        self.speculative = speculative
         self.vision, self.repack, self.image_cache_dir = vision, repack, image_cache_dir
         self.open_vision = open_vision  # False for text-only entries: their RSS is the text model's
         self.model = None
@@ -49,7 +54,8 @@ class RuntimeBackend(Backend):
         t0 = time.perf_counter()
         self.model = medgemma_edge.load(self.bundle, device="cpu", threads=self.threads,
                                         context=self.context, fit=self.fit, vision=self.vision,
-                                        repack=self.repack, image_cache_dir=self.image_cache_dir)
+                                        repack=self.repack, image_cache_dir=self.image_cache_dir,
+                                        speculative=self.speculative)
         text_s = time.perf_counter() - t0
         if self.model.vision_path is not None and self.open_vision:
             # The runtime opens the vision file on the first image; open it now, so that "load"

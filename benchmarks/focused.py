@@ -37,21 +37,29 @@ def run(names, threads: int, wait_idle: float = 0) -> dict[str, int]:
     return codes
 
 
+def _kind(data: dict) -> str:
+    return data.get("cpu_kind") or (data.get("machine") or {}).get("cpu_kind") or "?"
+
+
 def _when(data: dict) -> str:
-    machine = data.get("machine") or {}
-    kind = data.get("cpu_kind") or machine.get("cpu_kind") or "?"
-    return f"`{data.get('command', '?')}`, {data.get('when') or data.get('date', '?')}, CPU kind {kind}"
+    return f"`{data.get('command', '?')}`, {data.get('when') or data.get('date', '?')}, CPU kind {_kind(data)}"
 
 
 def _headline(name: str, data: dict) -> str:
     if name == "speculative":
         js = (data.get("real", {}).get("json") or {}).get("gain") or {}
         gain = data.get("gain")
-        return (f"measured gain on real weights {gain:.2f}× (auto {'on' if gain and gain > 1 else 'off'} on this "
-                f"kind); forced text on lab-report JSON {js.get('median', 0):.2f}× (goal ≥ 1.5×)") if gain else ""
+        kind = (data.get("gain_by_kind") or {}).get(data.get("cpu_kind")) or {}
+        auto = ", ".join(f"{what} {'on' if (kind.get(key) or 0) > 1 else 'off'}"
+                         for what, key in (("free text", "small"), ("JSON", "small_json")))
+        return (f"measured gain on real weights {gain:.2f}× (auto on this kind: {auto}); forced text on "
+                f"lab-report JSON {js.get('median', 0):.2f}× (goal ≥ 1.5×)") if gain else ""
     if name == "repack":
-        kept = (data.get("verdict") or {}).get("kept")
-        return f"kept: {kept}" if kept else "no variant kept (see why in the file)"
+        from medgemma_edge.runtime.repack_choice import HELD
+
+        kept, kind = (data.get("verdict") or {}).get("kept"), _kind(data)
+        auto = f"auto repacks on {kind}" if kind in HELD else f"auto keeps the plain load on {kind} (repack_choice.HELD)"
+        return f"goal met by {kept}; {auto}" if kept else "no variant kept (see why in the file)"
     verdict = data.get("verdict") or data.get("goal") or {}
     return verdict.get("summary", "") if isinstance(verdict, dict) else str(verdict)
 

@@ -51,7 +51,9 @@ def render(d: dict) -> str:
                    f"({r['acceptance']:.0%}) in {r['batches']} batches | {'yes' if r['speculative_equals_plain_fa'] else '**no**'} | "
                    f"{'none' if r['fa_first_difference'] is None else r['fa_first_difference']} of {r['tokens']} |")
     out += ["", "Drafters: prompt lookup (n-grams of the prompt and the answer, n = 3…1); for JSON first the text "
-            "the grammar forces (runtime/drafters.py). Speculative mode runs flash attention, whose kernel gives "
+            "the grammar forces, less its last token where a free position follows (the model writes that token "
+            "merged with the next character), then prompt lookup cut at the first token the grammar refuses "
+            "(runtime/drafters.py). Speculative mode runs flash attention, whose kernel gives "
             "a position the same logits alone or in a batch (the default unfused kernel does not), so its answer "
             "is checked against plain decoding with flash attention; the last column is what flash attention "
             "itself changes against the default engine.", ""]

@@ -44,7 +44,7 @@ def test_auto_decides_per_cpu_kind():
 
 def test_held_kinds_are_the_committed_measurement():
     """HELD names a kind of CPU only where repack.json's run on that kind kept repacked + no mmap,
-    and its verdict follows from its own numbers (judge recomputed)."""
+    and the committed verdict follows from its own numbers (judge recomputed)."""
     from benchmarks.bench_repack import KEPT, judge
 
     data = json.loads(RESULTS.read_text())
@@ -52,7 +52,9 @@ def test_held_kinds_are_the_committed_measurement():
     assert kind == data["machine"]["cpu_kind"]
     verdict = judge(data)
     assert verdict["kept"] == data["verdict"]["kept"]
-    assert (kind in HELD) == (verdict["kept"] == KEPT), (kind, HELD, verdict["kept"])
+    if kind in HELD:  # a kind is on only where its run kept repacked + no mmap (met is not enough:
+        # the default waits for both kinds of CPU, runtime/repack_choice.py)
+        assert verdict["kept"] == KEPT, (kind, HELD, verdict["kept"])
     assert HELD <= {kind}, "a kind in HELD without a committed measurement"
 
 
