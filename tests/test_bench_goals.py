@@ -92,11 +92,15 @@ def test_the_memory_conclusion_is_computed_from_the_run():
     """The repacked-weights clause compares the measured RSS with the goal's bound: shrink the
     measured memory cost and the conclusion turns."""
     data = committed()
-    assert "above the 4.5 GB bound" in _decode_reason(data), _decode_reason(data)
-    cheap = copy.deepcopy(data)
-    names = cheap["names"]
-    cheap["results"][names["repacked"]]["peak_rss_mb"] = cheap["results"][names["text_q4"]]["peak_rss_mb"] + 10
-    assert "within the 4.5 GB bound" in _decode_reason(cheap), _decode_reason(cheap)
+    names, gib = data["names"], 1e9 / 2**20  # MiB in a GB
+    dear, cheap = copy.deepcopy(data), copy.deepcopy(data)
+    for d in (dear, cheap):
+        d["results"][names["ours"]]["peak_rss_mb"] = 4.0 * gib  # the default path, one image: 4.0 GB
+    text_rss = data["results"][names["text_q4"]]["peak_rss_mb"]
+    dear["results"][names["repacked"]]["peak_rss_mb"] = text_rss + 1.0 * gib  # +1 GB: 5.0 GB
+    cheap["results"][names["repacked"]]["peak_rss_mb"] = text_rss + 0.1 * gib  # +0.1 GB: 4.1 GB
+    assert "makes 5.00 GB, above the 4.5 GB bound" in _decode_reason(dear), _decode_reason(dear)
+    assert "makes 4.10 GB, within the 4.5 GB bound" in _decode_reason(cheap), _decode_reason(cheap)
 
 
 def test_reasons_hold_no_prose_numbers():
