@@ -19,10 +19,10 @@ class RuntimeBackend(Backend):
     """vision: "auto" (what a user gets) or one of the bundle's encodings; repack: "auto" (what a
     user gets: runtime/repack_choice) or True / False (--repack-weights / --no-repack-weights);
     image_cache_dir: the disk image cache a prepared study lives in (`prepare` fills it in one
-    process, `ask` in the next reads it); speculative: off
-    here, as a same-file comparison with llama.cpp needs — a random-weight model's answers repeat
-    in ways real text does not, so guesses would be kept at rates no clinic sees (speculative
-    decoding is measured on real weights: benchmarks/bench_speculative.py)."""
+    process, `ask` in the next reads it); speculative: off here, as a same-file comparison with
+    llama.cpp needs — a random-weight model's answers repeat in ways real text does not, so guesses
+    would be kept at rates no clinic sees (speculative decoding is measured on real weights:
+    benchmarks/bench_speculative.py)."""
 
     def __init__(self, bundle: str, threads: int, context: int = 4096, fit: str | None = None,
                  vision: str = "auto", repack="auto", image_cache_dir: str | None = None,

@@ -55,17 +55,18 @@ def _group(node: str, op: str) -> str:
     return "rest"
 
 
-def profile(path: Path, pixels: np.ndarray, threads: int) -> dict:
-    """One encode under onnxruntime's profiler, session options as OnnxVisionEncoder's."""
+def profile(path: Path, pixels: np.ndarray, threads: int, mean, std) -> dict:
+    """One encode under onnxruntime's profiler, with OnnxVisionEncoder's session options and pixels."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads, opts.log_severity_level = threads, 1, 3
-    opts.add_session_config_entry("session.disable_prepacking", "1")
+    from medgemma_edge.runtime.backends.onnx_vision import session_options
+    from medgemma_edge.runtime.preprocess import normalize_views
+
+    opts = session_options(threads)
     opts.enable_profiling = True
     opts.profile_file_prefix = str(Path("/tmp") / f"bench_encoder_{path.stem}")
     sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    x = ((pixels.astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)[None]
+    x = normalize_views(pixels[None], mean, std)
     t0 = time.perf_counter()
     sess.run(None, {sess.get_inputs()[0].name: x})
     wall = time.perf_counter() - t0
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
     if not args.no_profile:
         for q in timed:
             say(f"[encoder] {q}: profiled encode ...")
-            profiles[q] = profile(paths[q], pixels, args.threads)
+            profiles[q] = profile(paths[q], pixels, args.threads, image["mean"], image["std"])
     best = new or current
     median = statistics.median(times[best])
     met = median <= GOAL_S[kind] and fidelity[best]["cosine"] >= COS_MIN

@@ -136,30 +136,31 @@ class ForcedText:
 
     def draft(self, history: list, k: int) -> list[int]:
         probe = self.constraint.copy()
-        free = False  # stopped where the grammar allows several characters
+        free = False  # stopped where the grammar allows several characters (or none)
         try:
             text = ""
-            while len(text) < self.max_chars:
-                if any(probe.allows(t) for t in self.ends):
+            while len(text) < self.max_chars and not any(probe.allows(t) for t in self.ends):
+                only = self._only_char(probe)
+                if only is None:
+                    free = True
                     break
-                allowed = None
-                for ch, t in self.chars:  # JSON's punctuation first: a free position stops at its second
-                    if probe.allows(t):
-                        if allowed is not None:
-                            allowed = None
-                            break
-                        allowed = (ch, t)
-                else:
-                    if allowed is not None:
-                        text += allowed[0]
-                        probe.accept(allowed[1])
-                        continue
-                free = True
-                break
+                text += only[0]
+                probe.accept(only[1])
         finally:
             probe.close()
         ids = self.engine.tokenize(text, special=False) if text else []
         return ids[:len(ids) - free][:k]
+
+    def _only_char(self, probe):
+        """(char, token) when the grammar allows exactly one probed character, else None; JSON's
+        punctuation is probed first, so a free position stops at its second allowed character."""
+        found = None
+        for ch, t in self.chars:
+            if probe.allows(t):
+                if found is not None:
+                    return None
+                found = (ch, t)
+        return found
 
 
 class Grammatical:

@@ -22,22 +22,32 @@ from medgemma_edge.runtime.errors import BundleError, InputError
 from medgemma_edge.runtime.preprocess import normalize_views
 
 
+def session_options(threads: int = 0):
+    """onnxruntime's options for a vision tower (also what benchmarks/bench_encoder.py profiles with)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = resolve_threads(threads)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Memory (the text model is resident beside it): prepacking keeps a second, repacked copy
+    # of every weight matrix for no measurable speed here (each matmul has 4096 rows; packing B
+    # per call is ~1/4096 of it). Turning the arena off instead of shrinking it after each encode
+    # (OnnxVisionEncoder) left glibc holding the freed blocks. Peak memory of an image question:
+    # benchmarks/results/REPORT.md.
+    opts.add_session_config_entry("session.disable_prepacking", "1")
+    return opts
+
+
 class OnnxVisionEncoder:
     def __init__(self, path: str, n_embd: int, threads: int = 0, device: str = "cpu",
                  mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = resolve_threads(threads)
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3  # errors only
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Memory (the text model is resident beside it): prepacking keeps a second, repacked copy
-        # of every weight matrix for no measurable speed here (each matmul has 4096 rows; packing B
-        # per call is ~1/4096 of it); arena shrinkage hands the activations back after each encode
-        # instead of holding them for the next image. Turning the arena off instead left glibc
-        # holding the freed blocks. Peak memory of an image question: benchmarks/results/REPORT.md.
-        opts.add_session_config_entry("session.disable_prepacking", "1")
+        opts = session_options(threads)
+        # arena shrinkage hands the activations back after each encode instead of holding them for
+        # the next image (session_options says why the arena stays on)
         self._run_options = ort.RunOptions()
         self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         providers = choose_providers(device, ort.get_available_providers())
