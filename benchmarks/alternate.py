@@ -23,6 +23,25 @@ MIN_TOKENS = 64  # fewer: a round's rate is dominated by the first tokens' timer
 SPREAD = "IQR"  # how reports name the spread of the per-round ratios (interquartile range)
 
 
+def decode_args(description: str, argv=None):
+    """The command line of a decode comparison on one bundle (--bundle, default: the demo bundle,
+    made on first use; --tokens, --rounds, --threads)."""
+    import argparse
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--bundle", type=Path, default=None)
+    ap.add_argument("--tokens", type=int, default=MIN_TOKENS)
+    ap.add_argument("--rounds", type=int, default=MIN_ROUNDS)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.bundle is None:
+        from medgemma_edge.demo import demo_bundle
+
+        args.bundle = demo_bundle(progress=print)
+    return args
+
+
 def alternate(runs: dict[str, Callable[[], float | None]], rounds: int, label: str = "alternating") -> dict:
     """Call every run once to warm it up (first-call allocations, page faults on the weights), then
     `rounds` times each in turn; each run returns its decode tok/s (None: nothing decoded)."""

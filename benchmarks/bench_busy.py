@@ -11,14 +11,12 @@ decodes; the goal is called on the per-round busy / quiet ratios.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from benchmarks.alternate import MIN_ROUNDS, MIN_TOKENS, alternate, paired
+from benchmarks.alternate import MIN_ROUNDS, MIN_TOKENS, alternate, decode_args, paired
 from benchmarks.goals import BUSY_OVER_QUIET, paired_goal
 from benchmarks.tables import num, paired_ratio
 
@@ -61,16 +59,7 @@ def main(argv=None) -> dict:
     import medgemma_edge
     from medgemma_edge.runtime.vision_choice import cpu_flags
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", type=Path, default=None)
-    ap.add_argument("--tokens", type=int, default=MIN_TOKENS)
-    ap.add_argument("--rounds", type=int, default=MIN_ROUNDS)
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args(argv)
-    if args.bundle is None:
-        from medgemma_edge.demo import demo_bundle
-
-        args.bundle = demo_bundle(progress=print)
+    args = decode_args(__doc__.splitlines()[0], argv)
     flags = sorted(f for f in cpu_flags() if f.startswith(("avx2", "avx512f", "avx512_vnni", "avx512_bf16")))
     model = medgemma_edge.load(args.bundle, threads=args.threads, context=1024)
     res = measure(model, args.tokens, args.rounds)

@@ -11,30 +11,19 @@ one bundle. Goal: ours ≥ 0.97 × `Llama` (benchmarks.goals.DECODE_VS_LLAMA).
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 
 def main(argv=None) -> dict:
     from benchmarks import bundles
-    from benchmarks.alternate import MIN_ROUNDS, MIN_TOKENS, paired_rates
+    from benchmarks.alternate import decode_args, paired_rates
     from benchmarks.backends import Case, Spec
     from benchmarks.goals import DECODE_VS_LLAMA, paired_goal
     from benchmarks.tables import paired_ratio
     from benchmarks.worker import run_alternating
     from medgemma_edge.runtime.machine import physical_cores
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--bundle", type=Path, default=None)
-    ap.add_argument("--tokens", type=int, default=MIN_TOKENS)
-    ap.add_argument("--rounds", type=int, default=MIN_ROUNDS)
-    ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args(argv)
-    if args.bundle is None:
-        from medgemma_edge.demo import demo_bundle
-
-        args.bundle = demo_bundle(progress=print)
+    args = decode_args(__doc__.splitlines()[0], argv)
     threads = args.threads or physical_cores()
     gguf = bundles.files(args.bundle)["text"]
     specs = [Spec("llama.cpp Llama", "llama.cpp", {"text_gguf": str(gguf), "threads": threads}, image=False),

@@ -17,6 +17,7 @@ mmproj without flash attention, the reference. Files are exported once into the 
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -40,14 +41,32 @@ VARIANTS = [
 
 
 def vision_file(plan, folder: Path, quant: str) -> Path:
+    """The vision file `quant` of `plan` in `folder`, exported there unless the one there was made
+    by the same export code (the stamp beside it)."""
+    from benchmarks.bundles import export_digest
+    from medgemma_edge.export.onnx_vision import INT8_ATTENTION, int8_attention_file
+
+    digest = export_digest()
+
+    def fresh(path: Path) -> bool:
+        stamp = path.with_name(path.name + ".stamp")
+        return path.is_file() and stamp.is_file() and stamp.read_text() == digest
+
     path = folder / plan.vision_name(quant)
-    if not path.is_file():
-        say(f"[vision] exporting {path.name} ...")
-        if quant.startswith("onnx-") and plan.onnx_traced is None and (folder / plan.vision_name("onnx-f32")).is_file():
-            plan.onnx_traced = folder / plan.vision_name("onnx-f32")  # the traced graph itself
-        tmp = path.with_name(path.name + ".part" + path.suffix)
+    if fresh(path):
+        return path
+    say(f"[vision] exporting {path.name} ...")
+    f32, vnni = folder / plan.vision_name("onnx-f32"), folder / plan.vision_name("onnx-int8-vnni")
+    if quant.startswith("onnx-") and quant != "onnx-f32" and plan.onnx_traced is None and fresh(f32):
+        plan.onnx_traced = f32  # the traced graph itself
+    tmp = path.with_name(path.name + ".part" + path.suffix)
+    if quant == INT8_ATTENTION and fresh(vnni):
+        shutil.copyfile(vnni, tmp)  # the same 8-bit weights: the export's own rewrite, no second quantization
+        int8_attention_file(tmp)
+    else:
         plan.write_vision(tmp, quant, scratch=folder)
-        tmp.replace(path)
+    tmp.replace(path)
+    path.with_name(path.name + ".stamp").write_text(digest)
     return path
 
 

@@ -15,13 +15,24 @@ from medgemma_edge.runtime.cache import cache_root
 STAMP = ".bench-stamp"
 
 
+def export_digest() -> str:
+    """A digest of the export code (every export/*.py): a cached file made by other code is stale
+    (the version number does not move with each change to a graph or a quantizer)."""
+    import medgemma_edge.export as export
+
+    h = hashlib.sha256()
+    for path in sorted(Path(export.__file__).parent.glob("*.py")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _stamp(src: Path, quant: str, vision_quant: str) -> str:
     from medgemma_edge.runtime import __version__
 
     config = hashlib.sha256((src / "config.json").read_bytes()).hexdigest()[:16]
     weights = sorted((p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in src.glob("*.safetensors"))
     return json.dumps({"config": config, "weights": weights, "quant": quant, "vision": vision_quant,
-                       "tool": __version__})
+                       "tool": __version__, "export": export_digest()})
 
 
 DEFAULT = "default"  # vision_quant: every file of export's default (export.quants.DEFAULT_VISION_QUANTS)

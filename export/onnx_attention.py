@@ -17,7 +17,7 @@ normalization stays the float softmax's: renormalizing over the rounded weights 
 of ones beside V) tripled one 4B-shaped layer's distance from the float output (1 - cosine
 0.0023 against 0.0007), because rows lose their small weights to rounding; one scale for all of P (1/255) lost most of the image
 (cosine 0.34 at 4B shape, whose random-weight attention is diffuse). The scores are computed in
-query chunks (CHUNK_ROWS rows of every head at a time), so that a chunk's scores are 128 MB, not
+query chunks (CHUNK_ROWS rows of every head at a time), so that a chunk's scores are 64 MB, not
 the whole 1 GB.
 
 u8 × s8 products with full 8-bit ranges overflow the int16 pair sums of AVX2 without VNNI, as the
@@ -34,8 +34,12 @@ MHA = "MultiHeadAttention"
 # against the float node (ratio of times, median of 7, on a busy machine): 128 rows 0.94, 256 0.87,
 # 512 0.76-0.81, 1024 0.81, all 4096 at once 0.76; per-head chunks (1 head × 512 or 1024 rows)
 # 0.97-1.03. Whole tower against int8-vnni, 3 rounds: 256 rows 0.88, 512 rows 0.82 (within the
-# noise of each other). 512 rows: as fast as no chunking, ~0.3 GB of scores alive instead of ~2.3 GB.
-CHUNK_ROWS = 512
+# noise of each other). Then with FastGelu (export/onnx_vision.py), 4 alternating rounds on a quiet
+# machine: 256 rows 1.01× the time of 512, and 0.99 GB peak memory of the session for one image
+# against 1.08 GB (the scores and their softmax, 64 MB each, not 128): an image question's peak
+# beside the text model is what REPORT.md bounds. Smaller chunks fit the scores in cache but pay
+# per node (one 4B layer, alternating: 128 rows 1.18×, 64 rows 1.36× the time of 512).
+CHUNK_ROWS = 256
 
 
 def _chunks(tokens: int, rows: int = CHUNK_ROWS) -> int:

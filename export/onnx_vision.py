@@ -18,6 +18,13 @@ question; the opset-23 Attention op is materialized, and was slower. The CUDA pr
 same node. onnx-int8-vnni-attn replaces these nodes by int8 products (export/onnx_attention.py),
 for VNNI CPUs, where float attention is most of an encode.
 
+The MLP's activation (SigLIP's gelu_pytorch_tanh) is one com.microsoft FastGelu node, the same
+formula, instead of the nine elementwise nodes (Mul, Tanh, Add …) it traces to at opset 17, which
+onnxruntime does not fuse: at 4B shape each of those passes reads and writes 4096 × 4304 floats,
+27 layers. Against the unfused graph (int8-vnni-attn, 2 threads, alternating rounds): 0.945× the
+time per image and 70 MB less peak memory, image embeddings within float rounding (cosine 0.99997,
+through the int8 activations' rounding).
+
 Graph: pixel_values float32 (1, 3, S, S), normalized as the manifest says → image_embeds float32
 (1, tokens, text hidden). Built with transformers' own SiglipVisionModel and
 Gemma3MultiModalProjector (the reference code; only the attention kernel is swapped, through
@@ -76,11 +83,36 @@ def _fused_attention():
     return attention
 
 
+FAST_GELU = ("gelu_pytorch_tanh",)  # activations that are FastGelu's formula: x/2 · (1 + tanh(√(2/π)(x + 0.044715x³)))
+
+
+def _fast_gelu():
+    """A module that computes GELU (tanh approximation) and traces to one FastGelu node."""
+    import torch
+
+    class FastGelu(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return torch.nn.functional.gelu(x, approximate="tanh")
+
+        @staticmethod
+        def symbolic(g, x):
+            out = g.op("com.microsoft::FastGelu", x)
+            out.setType(x.type())
+            return out
+
+    class Act(torch.nn.Module):
+        def forward(self, x):
+            return FastGelu.apply(x)
+
+    return Act()
+
+
 def _tower(ckpt: Checkpoint):
     import torch
     from transformers import AttentionInterface, AutoConfig
     from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
-    from transformers.models.siglip.modeling_siglip import SiglipAttention, SiglipVisionModel
+    from transformers.models.siglip.modeling_siglip import SiglipAttention, SiglipMLP, SiglipVisionModel
 
     cfg = AutoConfig.from_pretrained(ckpt.path)
     cfg.vision_config._attn_implementation = "eager"
@@ -100,6 +132,8 @@ def _tower(ckpt: Checkpoint):
     for module in tower.modules():
         if isinstance(module, SiglipAttention):
             module.config._attn_implementation = ATTENTION
+        if isinstance(module, SiglipMLP) and cfg.vision_config.hidden_act in FAST_GELU:
+            module.activation_fn = _fast_gelu()
     state = {}
     for (part, name), ref in ckpt.tensors.items():
         if part == "vision":
@@ -153,7 +187,7 @@ def derive_vision_onnx(traced: Path, out: Path, quant: str, say=print) -> Path:
         say(f"vision onnx: {quant} weights (dynamic quantization) ...")
         _quantize_int8(traced, out, full_range=quant in ("onnx-int8-vnni", INT8_ATTENTION))
         if quant == INT8_ATTENTION:
-            _int8_attention(out)
+            int8_attention_file(out)
     say(f"vision onnx: {out.name} written in {time.perf_counter() - t0:.0f} s")
     return out
 
@@ -167,7 +201,7 @@ def write_vision_onnx(ckpt: Checkpoint, out: Path, quant: str, say=print, traced
         return derive_vision_onnx(trace_vision_onnx(ckpt, Path(tmp) / "vision-f32.onnx", say), out, quant, say)
 
 
-def _int8_attention(path: Path) -> None:
+def int8_attention_file(path: Path) -> None:
     """onnx-int8-vnni-attn: the int8-vnni graph at `path` with its attention nodes in int8 too
     (export/onnx_attention.py says how and why; VNNI only, as the 8-bit weights are)."""
     import onnx

@@ -57,8 +57,21 @@ def test_onnx_image_embeddings_match_transformers(onnx_bundles, tiny_dir, vq, co
     assert cos >= cos_min, f"{vq}: cosine {cos:.7f} < {cos_min}"
 
 
+def test_mlp_activation_is_one_fast_gelu_node(onnx_bundles):
+    """The traced tower's GELU is onnxruntime's FastGelu (one node per layer), not opset 17's nine
+    elementwise nodes; the image embeddings test above holds it to transformers' own GELU."""
+    import onnx
+
+    for vq in ("onnx-f32", "onnx-int8"):
+        bundle = onnx_bundles[vq]
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        path = bundle / next(f["path"] for f in manifest["files"] if f["role"] == "vision")
+        ops = [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+        assert ops.count("FastGelu") == 2 and "Tanh" not in ops, f"{vq}: {sorted(set(ops))}"
+
+
 def test_int8_attention_file_matches_the_f32_file(onnx_bundles):
-    """onnx-int8-vnni-attn against onnx-f32 on the same pixels (tiny: 4096 tokens, 8 query chunks),
+    """onnx-int8-vnni-attn against onnx-f32 on the same pixels (tiny: 4096 tokens, 16 query chunks),
     and against onnx-int8-vnni: the attention's own share of the difference."""
     if not _has_vnni():
         pytest.skip("int8 attention products are for CPUs with VNNI; this one has none")

@@ -57,7 +57,7 @@ def test_rewrite_is_a_valid_graph_without_float_attention():
     ops = [n.op_type for n in model.graph.node]
     assert "MultiHeadAttention" not in ops and ops.count("MatMulIntegerToFloat") == 2 * 4, ops
     assert ops.count("Softmax") == 4
-    assert [_chunks(t) for t in (4096, 1024, 256, 100, 4900)] == [8, 2, 1, 1, 10]  # each divides its tokens
+    assert [_chunks(t) for t in (4096, 1024, 256, 100, 4900)] == [16, 4, 1, 1, 20]  # each divides its tokens
 
 
 def test_int8_attention_matches_float_attention():

@@ -1,0 +1,32 @@
+"""benchmarks' cached vision files (bench_vision.vision_file): made again when the export code changes,
+and the int8-attention shortcut (the int8-vnni file rewritten) equal to the export's own file."""
+
+import hashlib
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_cached_vision_files_follow_the_export_code(tiny_dir, tmp_path):
+    from benchmarks.bench_vision import vision_file
+    from benchmarks.bundles import export_digest
+    from medgemma_edge.export.bundle import ExportPlan
+
+    plan = ExportPlan.read(tiny_dir)
+    f32 = vision_file(plan, tmp_path, "onnx-f32")
+    stamp = f32.with_name(f32.name + ".stamp")
+    assert stamp.read_text() == export_digest()
+    made = f32.stat().st_mtime_ns
+    assert vision_file(ExportPlan.read(tiny_dir), tmp_path, "onnx-f32").stat().st_mtime_ns == made  # cached
+    stamp.write_text("made by other export code")
+    assert vision_file(ExportPlan.read(tiny_dir), tmp_path, "onnx-f32").stat().st_mtime_ns != made  # made again
+    assert stamp.read_text() == export_digest()
+
+    plan = ExportPlan.read(tiny_dir)
+    vision_file(plan, tmp_path, "onnx-int8-vnni")
+    shortcut = vision_file(plan, tmp_path, "onnx-int8-vnni-attn")  # from the int8-vnni file
+    (tmp_path / "own").mkdir()
+    own = tmp_path / "own" / "attn.onnx"
+    ExportPlan.read(tiny_dir).write_vision(own, "onnx-int8-vnni-attn", scratch=tmp_path / "own")
+    assert _sha(shortcut) == _sha(own), "the rewritten int8-vnni file differs from the export's int8-attention file"
