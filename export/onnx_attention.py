@@ -34,11 +34,14 @@ MHA = "MultiHeadAttention"
 # against the float node (ratio of times, median of 7, on a busy machine): 128 rows 0.94, 256 0.87,
 # 512 0.76-0.81, 1024 0.81, all 4096 at once 0.76; per-head chunks (1 head × 512 or 1024 rows)
 # 0.97-1.03. Whole tower against int8-vnni, 3 rounds: 256 rows 0.88, 512 rows 0.82 (within the
-# noise of each other). Then with FastGelu (export/onnx_vision.py), 4 alternating rounds on a quiet
-# machine: 256 rows 1.01× the time of 512, and 0.99 GB peak memory of the session for one image
-# against 1.08 GB (the scores and their softmax, 64 MB each, not 128): an image question's peak
-# beside the text model is what REPORT.md bounds. Smaller chunks fit the scores in cache but pay
-# per node (one 4B layer, alternating: 128 rows 1.18×, 64 rows 1.36× the time of 512).
+# noise of each other). Then with FastGelu (export/onnx_vision.py), on a quiet machine: 256 rows
+# 0.99 GB peak memory of the session for one image against 1.08 GB with 512 (the scores and their
+# softmax, 64 MB each, not 128), for an image question within REPORT.md's 4.5 GB bound (4.39 GB;
+# 512 rows had 4.55 before FastGelu); warm encodes alike (5 alternating rounds: 512 rows 0.995×
+# the time of 256), but twice the nodes cost at session creation (open 1.15–1.59 s against
+# 0.73 s, first encode 0.3–0.6 s slower: a cold question ~1 s later). Smaller chunks fit the
+# scores in cache but pay per node (one 4B layer, alternating: 128 rows 1.18×, 64 rows 1.36× the
+# time of 512).
 CHUNK_ROWS = 256
 
 
