@@ -18,7 +18,8 @@ of ones beside V) tripled one 4B-shaped layer's distance from the float output (
 0.0023 against 0.0007), because rows lose their small weights to rounding; one scale for all of P (1/255) lost most of the image
 (cosine 0.34 at 4B shape, whose random-weight attention is diffuse). The scores are computed in
 query chunks (CHUNK_ROWS rows of every head at a time), so that a chunk's scores are 64 MB, not
-the whole 1 GB.
+the whole 1 GB, by one Scan node per layer whose body is one chunk's nodes: written out chunk by
+chunk (16 copies of the nodes per layer at 4B) the graph took 1.15–1.59 s to open instead of 0.45 s.
 
 u8 × s8 products with full 8-bit ranges overflow the int16 pair sums of AVX2 without VNNI, as the
 onnx-int8-vnni weights do: a file with int8 attention is for VNNI CPUs only (runtime/vision_choice
@@ -30,18 +31,14 @@ from __future__ import annotations
 import numpy as np
 
 MHA = "MultiHeadAttention"
-# Query rows per chunk (of every head). At 4B shape, one layer on two cores in alternating rounds
-# against the float node (ratio of times, median of 7, on a busy machine): 128 rows 0.94, 256 0.87,
-# 512 0.76-0.81, 1024 0.81, all 4096 at once 0.76; per-head chunks (1 head × 512 or 1024 rows)
-# 0.97-1.03. Whole tower against int8-vnni, 3 rounds: 256 rows 0.88, 512 rows 0.82 (within the
-# noise of each other). Then with FastGelu (export/onnx_vision.py), on a quiet machine: 256 rows
-# 0.99 GB peak memory of the session for one image against 1.08 GB with 512 (the scores and their
-# softmax, 64 MB each, not 128), for an image question within REPORT.md's 4.5 GB bound (4.39 GB;
-# 512 rows had 4.55 before FastGelu); warm encodes alike (5 alternating rounds: 512 rows 0.995×
-# the time of 256), but twice the nodes cost at session creation (open 1.15–1.59 s against
-# 0.73 s, first encode 0.3–0.6 s slower: a cold question ~1 s later). Smaller chunks fit the
-# scores in cache but pay per node (one 4B layer, alternating: 128 rows 1.18×, 64 rows 1.36× the
-# time of 512).
+# Query rows per chunk (of every head). Written out chunk by chunk, at 4B shape, one layer on two
+# cores against the float node (ratio of times, median of 7, busy machine): 128 rows 0.94, 256
+# 0.87, 512 0.76-0.81, 1024 0.81, all 4096 at once 0.76; per-head chunks 0.97-1.03; whole towers
+# with FastGelu (export/onnx_vision.py), quiet: 512 rows 0.995× the time of 256, session peak for
+# one image 1.08 GB against 0.99 GB (scores and softmax 64 MB each, not 128: REPORT.md bounds an
+# image question's peak at 4.5 GB), but twice the nodes to open (1.15-1.59 s against 0.73 s). As
+# one Scan (below) the node count no longer grows with the chunks: 256 rows open in 0.45 s, peak
+# 1.00 GB (128 rows: 0.42 s, 0.97 GB), one layer 0.88× the chunks written out (2 rounds, busy).
 CHUNK_ROWS = 256
 
 
@@ -96,7 +93,7 @@ def _constants(graph, tokens: int) -> dict:
 
     values = {
         "c127": np.float32(127), "eps": np.float32(1e-12), "inv255": np.float32(1 / 255),
-        "one": np.float32(1), "zp0": np.uint8(0), "flat1": np.array([-1], np.int64),
+        "one": np.float32(1), "zp0": np.uint8(0),
         "keys2": np.array([-1, tokens], np.int64),
     }
     names = {}
@@ -117,10 +114,12 @@ def _int8_attention(p: str, q: str, k: str, v: str, out: str, heads: int, scale:
         helper.make_node(op, ins, outs, name=f"{p}_{outs[0]}", domain="com.microsoft" if op == "MatMulIntegerToFloat" else "", **kw))
     t = lambda name: f"{p}_{name}"  # noqa: E731
     shape = numpy_helper.from_array(np.array([0, 0, heads, -1], np.int64), t("shape4"))
-    flat = numpy_helper.from_array(np.array([0, 0, -1], np.int64), t("shape3"))
+    flat = numpy_helper.from_array(np.array([1, tokens, -1], np.int64), t("shape3"))
     attn_scale = numpy_helper.from_array(np.float32(scale), t("scale"))
     shape_p = numpy_helper.from_array(np.array([1, heads, -1, tokens], np.int64), t("shape_p"))
-    for const in (shape, flat, attn_scale, shape_p):
+    shape_s = numpy_helper.from_array(np.array([1, heads, -1, 1], np.int64), t("shape_s"))
+    chunked = numpy_helper.from_array(np.array([chunks, tokens // chunks, heads, -1], np.int64), t("chunked"))
+    for const in (shape, flat, attn_scale, shape_p, shape_s, chunked):
         nodes.append(helper.make_node("Constant", [], [const.name], value=const))
 
     def symmetric(x: str, axis: int, name: str):  # s8 values of x (1, N, H, D), scales reduced over `axis`
@@ -136,10 +135,12 @@ def _int8_attention(p: str, q: str, k: str, v: str, out: str, heads: int, scale:
     for x in (q, k, v):
         add("Reshape", [x, shape.name], [t(x.replace("/", "_") + "_4")])
     q4, k4, v4 = (t(x.replace("/", "_") + "_4") for x in (q, k, v))
-    # Q: (1, H, N, D) u8 with one scale and zero point; the attention scale joins its scale
-    add("Transpose", [q4], [t("qh")], perm=[0, 2, 1, 3])
-    add("DynamicQuantizeLinear", [t("qh")], [t("qu"), t("qu_s"), t("qu_zp")])
+    # Q: u8 with one scale and zero point (the attention scale joins its scale), split into the
+    # chunks the Scan walks: (1, N, H, D) → (C, H, R, D)
+    add("DynamicQuantizeLinear", [q4], [t("qu"), t("qu_s"), t("qu_zp")])
     add("Mul", [t("qu_s"), attn_scale.name], [t("qa_s")])
+    add("Reshape", [t("qu"), chunked.name], [t("qc4")])
+    add("Transpose", [t("qc4")], [t("qcs")], perm=[0, 2, 1, 3])
     # K: s8 per (head, key) → (1, H, D, N) with scales (1, H, 1, N)
     kq, ks = symmetric(k4, 3, "k")
     add("Transpose", [kq], [t("kt")], perm=[0, 2, 3, 1])
@@ -148,29 +149,25 @@ def _int8_attention(p: str, q: str, k: str, v: str, out: str, heads: int, scale:
     vq, vs = symmetric(v4, 1, "v")
     add("Transpose", [vq], [t("vh")], perm=[0, 2, 1, 3])
     add("Transpose", [vs], [t("vh_s")], perm=[0, 2, 1, 3])
-    parts = [t(f"qu{i}") for i in range(chunks)]
-    if chunks > 1:
-        add("Split", [t("qu")], parts, axis=2)
-    else:
-        add("Identity", [t("qu")], parts)
-    outs = []
-    for i, qc in enumerate(parts):
-        add("MatMulIntegerToFloat", [qc, t("kt"), t("qa_s"), t("kt_s"), t("qu_zp")], [t(f"s{i}")])
-        add("Softmax", [t(f"s{i}")], [t(f"p{i}")], axis=-1)
-        add("ReduceMax", [t(f"p{i}")], [t(f"pm{i}")], axes=[3], keepdims=1)
-        add("Mul", [t(f"pm{i}"), c["inv255"]], [t(f"ps{i}")])
-        # per-row u8 scales: QuantizeLinear per axis 0 of a (rows, keys) view, one pass over P
-        add("Reshape", [t(f"p{i}"), c["keys2"]], [t(f"pf{i}")])
-        add("Reshape", [t(f"ps{i}"), c["flat1"]], [t(f"psf{i}")])
-        add("QuantizeLinear", [t(f"pf{i}"), t(f"psf{i}")], [t(f"pqf{i}")], axis=0)
-        add("Reshape", [t(f"pqf{i}"), t("shape_p")], [t(f"pq{i}")])
-        add("MatMulIntegerToFloat", [t(f"pq{i}"), t("vh"), c["one"], t("vh_s"), c["zp0"]], [t(f"o{i}x")])
-        add("Mul", [t(f"o{i}x"), t(f"ps{i}")], [t(f"o{i}")])
-        outs.append(t(f"o{i}"))
-    if chunks > 1:
-        add("Concat", outs, [t("oh")], axis=2)
-    else:
-        add("Identity", outs, [t("oh")])
-    add("Transpose", [t("oh")], [t("ot")], perm=[0, 2, 1, 3])
+    # one chunk of queries (H, R, D) against every key; K, V and the constants come from the outer graph
+    body, b = [], lambda name: f"{p}_chunk_{name}"  # noqa: E731
+    step = lambda op, ins, outs, **kw: body.append(  # noqa: E731
+        helper.make_node(op, ins, outs, name=outs[0], domain="com.microsoft" if op == "MatMulIntegerToFloat" else "", **kw))
+    step("MatMulIntegerToFloat", [b("q"), t("kt"), t("qa_s"), t("kt_s"), t("qu_zp")], [b("s")])  # (1, H, R, N)
+    step("Softmax", [b("s")], [b("p")], axis=-1)
+    # per-row u8 scales (the row's largest weight / 255): QuantizeLinear per axis 0 of a (rows, keys) view
+    step("Reshape", [b("p"), c["keys2"]], [b("pf")])
+    step("ReduceMax", [b("pf")], [b("pm")], axes=[1], keepdims=0)
+    step("Mul", [b("pm"), c["inv255"]], [b("ps")])
+    step("QuantizeLinear", [b("pf"), b("ps")], [b("pqf")], axis=0)
+    step("Reshape", [b("pqf"), shape_p.name], [b("pq")])
+    step("MatMulIntegerToFloat", [b("pq"), t("vh"), c["one"], t("vh_s"), c["zp0"]], [b("ox")])  # (1, H, R, D)
+    step("Reshape", [b("ps"), shape_s.name], [b("ps4")])
+    step("Mul", [b("ox"), b("ps4")], [b("o")])
+    info = lambda name, typ: helper.make_tensor_value_info(name, typ, None)  # noqa: E731
+    graph = helper.make_graph(body, f"{p}_chunk", [info(b("q"), TensorProto.UINT8)], [info(b("o"), TensorProto.FLOAT)])
+    nodes.append(helper.make_node("Scan", [t("qcs")], [t("os")], name=f"{p}_scan", body=graph, num_scan_inputs=1))
+    # (C, 1, H, R, D) → (1, C, R, H, D) → (1, N, H*D)
+    add("Transpose", [t("os")], [t("ot")], perm=[1, 0, 3, 2, 4])
     add("Reshape", [t("ot"), flat.name], [out])
     return nodes
