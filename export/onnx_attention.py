@@ -19,7 +19,8 @@ of ones beside V) tripled one 4B-shaped layer's distance from the float output (
 (cosine 0.34 at 4B shape, whose random-weight attention is diffuse). The scores are computed in
 query chunks (CHUNK_ROWS rows of every head at a time), so that a chunk's scores are 64 MB, not
 the whole 1 GB, by one Scan node per layer whose body is one chunk's nodes: written out chunk by
-chunk (16 copies of the nodes per layer at 4B) the graph took 1.15–1.59 s to open instead of 0.45 s.
+chunk (16 copies of the nodes per layer at 4B) the graph took several times as long to open, as
+onnxruntime's optimizers walk every node.
 
 u8 × s8 products with full 8-bit ranges overflow the int16 pair sums of AVX2 without VNNI, as the
 onnx-int8-vnni weights do: a file with int8 attention is for VNNI CPUs only (runtime/vision_choice
@@ -33,12 +34,10 @@ import numpy as np
 MHA = "MultiHeadAttention"
 # Query rows per chunk (of every head). Written out chunk by chunk, at 4B shape, one layer on two
 # cores against the float node (ratio of times, median of 7, busy machine): 128 rows 0.94, 256
-# 0.87, 512 0.76-0.81, 1024 0.81, all 4096 at once 0.76; per-head chunks 0.97-1.03; whole towers
-# with FastGelu (export/onnx_vision.py), quiet: 512 rows 0.995× the time of 256, session peak for
-# one image 1.08 GB against 0.99 GB (scores and softmax 64 MB each, not 128: REPORT.md bounds an
-# image question's peak at 4.5 GB), but twice the nodes to open (1.15-1.59 s against 0.73 s). As
-# one Scan (below) the node count no longer grows with the chunks: 256 rows open in 0.45 s, peak
-# 1.00 GB (128 rows: 0.42 s, 0.97 GB), one layer 0.88× the chunks written out (2 rounds, busy).
+# 0.87, 512 0.76-0.81, 1024 0.81, all 4096 at once 0.76; per-head chunks 0.97-1.03. Whole towers:
+# 512 rows as fast as 256, but their scores and softmax (128 MB each, not 64) raise an image
+# question's peak memory, which REPORT.md bounds; as one Scan (below) the chunk size no longer
+# changes the node count. `python -m benchmarks.bench_encoder` measures the file the export makes.
 CHUNK_ROWS = 256
 
 

@@ -21,9 +21,8 @@ for VNNI CPUs, where float attention is most of an encode.
 The MLP's activation (SigLIP's gelu_pytorch_tanh) is one com.microsoft FastGelu node, the same
 formula, instead of the nine elementwise nodes (Mul, Tanh, Add …) it traces to at opset 17, which
 onnxruntime does not fuse: at 4B shape each of those passes reads and writes 4096 × 4304 floats,
-27 layers. Against the unfused graph (int8-vnni-attn, 2 threads, alternating rounds): 0.945× the
-time per image and 70 MB less peak memory, image embeddings within float rounding (cosine 0.99997,
-through the int8 activations' rounding).
+27 layers. Against the unfused graph it encodes faster with less peak memory, its image embeddings
+within float rounding (benchmarks/results/ENCODER.md profiles the tower per operator).
 
 Graph: pixel_values float32 (1, 3, S, S), normalized as the manifest says → image_embeds float32
 (1, tokens, text hidden). Built with transformers' own SiglipVisionModel and
