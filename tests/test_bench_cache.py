@@ -30,3 +30,13 @@ def test_cached_vision_files_follow_the_export_code(tiny_dir, tmp_path):
     own = tmp_path / "own" / "attn.onnx"
     ExportPlan.read(tiny_dir).write_vision(own, "onnx-int8-vnni-attn", scratch=tmp_path / "own")
     assert _sha(shortcut) == _sha(own), "the rewritten int8-vnni file differs from the export's int8-attention file"
+
+
+def test_the_export_digest_follows_code_not_prose():
+    from benchmarks.bundles import code_digest
+
+    src = '"""Module."""\nX = 1  # one\n\n\ndef f():\n    """Doc."""\n    return X\n'
+    prose = '"""Module, reworded."""\nX = 1  # a different comment\n\n\ndef f():\n    """Other doc."""\n    return X\n'
+    code = src.replace("X = 1", "X = 2")
+    assert code_digest(src) == code_digest(prose)
+    assert code_digest(src) != code_digest(code)
