@@ -4,6 +4,7 @@ next to the checkpoint they come from and rebuilt when the checkpoint's config o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -28,6 +29,7 @@ def code_digest(source: str) -> str:
     return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
 def export_digest() -> str:
     """A digest of the export code (every export/*.py): a cached file made by other code is stale
     (the version number does not move with each change to a graph or a quantizer)."""

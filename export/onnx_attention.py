@@ -103,14 +103,20 @@ def _constants(graph, tokens: int) -> dict:
     return names
 
 
+def _node(op: str, ins: list, outs: list, **attrs):
+    """One node, named after its first output (outputs carry the layer's prefix)."""
+    from onnx import helper
+
+    return helper.make_node(op, ins, outs, name=outs[0], domain="com.microsoft" if op == "MatMulIntegerToFloat" else "", **attrs)
+
+
 def _int8_attention(p: str, q: str, k: str, v: str, out: str, heads: int, scale: float, tokens: int,
                     chunks: int, c: dict) -> list:
     """Nodes computing MultiHeadAttention(q, k, v) of (1, N, heads*D) float inputs in int8."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = []
-    add = lambda op, ins, outs, **kw: nodes.append(  # noqa: E731
-        helper.make_node(op, ins, outs, name=f"{p}_{outs[0]}", domain="com.microsoft" if op == "MatMulIntegerToFloat" else "", **kw))
+    add = lambda op, ins, outs, **kw: nodes.append(_node(op, ins, outs, **kw))  # noqa: E731
     t = lambda name: f"{p}_{name}"  # noqa: E731
     shape = numpy_helper.from_array(np.array([0, 0, heads, -1], np.int64), t("shape4"))
     flat = numpy_helper.from_array(np.array([1, tokens, -1], np.int64), t("shape3"))
@@ -150,8 +156,7 @@ def _int8_attention(p: str, q: str, k: str, v: str, out: str, heads: int, scale:
     add("Transpose", [vs], [t("vh_s")], perm=[0, 2, 1, 3])
     # one chunk of queries (H, R, D) against every key; K, V and the constants come from the outer graph
     body, b = [], lambda name: f"{p}_chunk_{name}"  # noqa: E731
-    step = lambda op, ins, outs, **kw: body.append(  # noqa: E731
-        helper.make_node(op, ins, outs, name=outs[0], domain="com.microsoft" if op == "MatMulIntegerToFloat" else "", **kw))
+    step = lambda op, ins, outs, **kw: body.append(_node(op, ins, outs, **kw))  # noqa: E731
     step("MatMulIntegerToFloat", [b("q"), t("kt"), t("qa_s"), t("kt_s"), t("qu_zp")], [b("s")])  # (1, H, R, N)
     step("Softmax", [b("s")], [b("p")], axis=-1)
     # per-row u8 scales (the row's largest weight / 255): QuantizeLinear per axis 0 of a (rows, keys) view
