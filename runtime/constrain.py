@@ -141,6 +141,13 @@ class Constraint:
         self._apply(self._one)
         return bool(np.isfinite(self._one["logit"][0]))
 
+    def allowed(self, tokens: np.ndarray) -> np.ndarray:
+        """Which of `tokens` (ids in the vocabulary) the grammar allows next: one pass over them."""
+        cells = np.zeros(len(tokens), dtype=TOKEN_DATA)
+        cells["id"] = tokens
+        self._apply(cells)
+        return np.isin(tokens, cells["id"][np.isfinite(cells["logit"])])  # by id, should llama.cpp reorder
+
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """float32 logits with every token the grammar refuses at -inf (rows past the vocabulary too)."""
         cells = self._all

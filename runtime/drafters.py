@@ -119,11 +119,19 @@ class ForcedText:
     grammar's state, while exactly one character (of those with a token of their own) is allowed
     and the answer may not end there, that character is appended; the text is then tokenized.
 
-    Where the forced text runs into a free position, its last token is left out: the model tends to
-    write it merged with what follows (a key's closing quote as `":`, measured on Gemma 3 270M), so
-    guessing it alone mostly costs a row (benchmarks/bench_speculative.py)."""
+    Optional whitespace (JSON's `space` after `{`, `,`, `:`) is a choice the grammar leaves to the
+    model; where only whitespace or one other character is allowed, the answer's own habit decides:
+    the character that followed the same punctuation last time in the recent text (a space, or none).
+    Without such a precedent, or where it was a newline, the forced text ends there.
 
+    Where the forced text runs into a free position, its last token is left out (a model tends to
+    write it merged with what follows: a key's closing quote as `":`) unless it opens a value (a
+    quote or bracket after a space, colon or comma), which Gemma 3 270M writes as a token of its own
+    (benchmarks/bench_speculative.py)."""
+
+    sure = True  # certain text (or the answer's own spacing): runtime/speculative checks it whole
     PROBE = list('"{}[],: \n') + [chr(c) for c in range(32, 127) if chr(c) not in '"{}[],: '] + ["\t"]
+    RECENT = 48  # tokens of the answer read for its spacing habit
 
     def __init__(self, constraint, engine, max_chars: int = 48):
         self.constraint, self.engine, self.max_chars = constraint, engine, max_chars
@@ -133,34 +141,62 @@ class ForcedText:
             if len(ids) == 1:
                 self.chars.append((ch, ids[0]))
         self.ends = sorted(engine.end_ids())
+        self._ids = np.array([t for _, t in self.chars] + self.ends, dtype=np.int32)  # one probe per position
 
     def draft(self, history: list, k: int) -> list[int]:
+        recent = b"".join(self.engine.piece(t) for t in history[-self.RECENT:] if isinstance(t, int))
+        recent = recent.decode("utf-8", errors="ignore")
         probe = self.constraint.copy()
         free = False  # stopped where the grammar allows several characters (or none)
         try:
             text = ""
-            while len(text) < self.max_chars and not any(probe.allows(t) for t in self.ends):
-                only = self._only_char(probe)
-                if only is None:
+            while len(text) < self.max_chars:
+                ok = probe.allowed(self._ids)
+                if ok[len(self.chars):].any():  # the answer may end here
+                    break
+                step = self._next_char(ok, recent + text)
+                if step is None:
                     free = True
                     break
-                text += only[0]
-                probe.accept(only[1])
+                text += step[0]
+                probe.accept(step[1])
         finally:
             probe.close()
         ids = self.engine.tokenize(text, special=False) if text else []
-        return ids[:len(ids) - free][:k]
+        whole = recent + text
+        opens = len(whole) > 1 and whole[-1] in '"[{' and whole[-2] in ' :,[{'  # a value begins
+        return ids[:len(ids) - (free and not opens)][:k]
 
-    def _only_char(self, probe):
-        """(char, token) when the grammar allows exactly one probed character, else None; JSON's
-        punctuation is probed first, so a free position stops at its second allowed character."""
-        found = None
-        for ch, t in self.chars:
-            if probe.allows(t):
-                if found is not None:
+    def _next_char(self, ok, before: str):
+        """(char, token) when the grammar allows (`ok`, per probed character) exactly one character,
+        or only whitespace and one other character (the answer's habit picks: `_habit`); else None."""
+        found, spaces = None, []
+        for (ch, t), allowed in zip(self.chars, ok):
+            if allowed:
+                if ch.isspace():
+                    spaces.append((ch, t))
+                elif found is not None:
                     return None
-                found = (ch, t)
-        return found
+                else:
+                    found = (ch, t)
+        if not spaces:
+            return found
+        if found is None or not before:
+            return None
+        habit = _habit(before)
+        if habit is None:
+            return None
+        return found if habit == "" else next((s for s in spaces if s[0] == habit), None)
+
+
+def _habit(text: str) -> str | None:
+    """What followed the last character of `text` at its previous occurrence: " " (a space),
+    "" (no whitespace), None where there is no precedent or it was other whitespace."""
+    at = text.rfind(text[-1], 0, len(text) - 1)
+    if at < 0:
+        return None
+    after = text[at + 1]
+    return after if after == " " else (None if after.isspace() else "")
 
 
 class Grammatical:
@@ -189,10 +225,13 @@ class Chain:
 
     def __init__(self, *drafters):
         self.drafters = [d for d in drafters if d is not None]
+        self.source = None  # the drafter whose guess the last call returned
 
     def draft(self, history: list, k: int) -> list[int]:
         for d in self.drafters:
             guess = d.draft(history, k)
             if guess:
+                self.source = d
                 return guess
+        self.source = None
         return []

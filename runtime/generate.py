@@ -118,6 +118,9 @@ def choose_token(logits: np.ndarray, s: Sampling, rng: np.random.Generator, cons
     if constraint is None:
         return pick_token(logits, s, rng)
     if s.temperature == 0:
+        top = int(np.argmax(logits))  # most steps: the model's own pick is allowed (one pass, no sort)
+        if constraint.allows(top):
+            return top
         k = min(GREEDY_TRIES, len(logits) - 1)
         best = np.argpartition(-logits, k)[:k]
         for tok in best[np.lexsort((best, -logits[best]))]:  # by logit, ties by id as argmax

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_DRAFT = 4  # tokens guessed per batch (benchmarks/bench_speculative.py measures 1…8)
+SURE_DRAFT = 8  # tokens per batch from a drafter whose guesses are near certain (text a grammar forces)
 
 
 @dataclass
@@ -60,8 +61,9 @@ class Lookahead:
         self.rows: list[np.ndarray] = []
         self.stats = SpecStats()
         # guesses asked for next: one more than the last batch had confirmed, at most k (a drafter
-        # whose guesses miss costs one row a batch, not k)
-        self.want, self._hits = self.k, 0
+        # whose guesses miss costs one row a batch, not k); a drafter with `sure = True` (text a
+        # grammar forces: only its tokenization can differ) is checked whole, up to SURE_DRAFT
+        self.want, self._hits, self._sure = self.k, 0, False
 
     @property
     def n_past(self) -> int:
@@ -85,11 +87,14 @@ class Lookahead:
             self.stats.accepted += 1
             self._hits += 1
             return
-        if self.rows:  # a batch ends: the next asks for one guess more than it confirmed
+        if self.rows and not self._sure:  # a batch ends: the next asks for one guess more than it confirmed
             self.want = min(self.k, self._hits + 1)
         self.drop()
-        k = min(self.want, room - 1, self.engine.n_ctx - self.engine.n_past - 1)
+        k = min(max(self.k, SURE_DRAFT), room - 1, self.engine.n_ctx - self.engine.n_past - 1)
         guesses = [int(t) for t in self.drafter.draft(history, k)][:k] if k > 0 else []
+        # guesses of a sure drafter (forced text) are all checked; others as many as `want`
+        self._sure = bool(getattr(getattr(self.drafter, "source", self.drafter), "sure", False))
+        guesses = guesses if self._sure else guesses[:self.want]
         if not guesses:
             self.engine.eval_tokens([tok])
             return

@@ -146,6 +146,70 @@ def test_forced_text_and_grammar_cut_guesses_on_gemma_270m(gemma):
         grammar.close()
 
 
+@pytest.mark.parametrize("answer, forced", [
+    ('{"organ": "liver", "size": "12 cm",', ' "finding": "'),  # the answer's spacing: after "," and ":"
+    ('{"organ":"liver","size":"12 cm",', '"finding":"'),  # compact: no space where the answer put none
+    ('{"organ":', ''),  # the first ":" has no precedent: the space after it is left to the model
+])
+def test_forced_text_follows_the_answers_own_spacing(gemma, answer, forced):
+    """Optional whitespace is the model's choice: ForcedText goes on through it the way the answer so
+    far did (a space after the same punctuation, or none) and keeps a value's opening quote, which
+    the model writes as a token of its own; without a precedent it stops."""
+    from medgemma_edge.runtime import constrain
+
+    props = {k: {"type": "string"} for k in ("organ", "size", "finding")}
+    schema = {"type": "object", "properties": props, "required": list(props)}
+    grammar = constrain.Constraint(gemma.vocab, constrain.schema_to_gbnf(schema))
+    try:
+        history = gemma.tokenize(answer, special=False)
+        for tok in history:
+            grammar.accept(tok)
+        guess = drafters.ForcedText(grammar, gemma).draft(history, 8)
+        text = b"".join(gemma.piece(t) for t in guess).decode()
+        assert text == forced, f"after {answer!r} forced text guessed {text!r}, expected {forced!r}"
+    finally:
+        grammar.close()
+
+
+class _Rows:
+    """An engine stand-in that records its batches (every row's logits: zeros, so token 0 is picked)."""
+
+    n_ctx, n_vocab = 1024, 8
+
+    def __init__(self):
+        self.n_past, self.batches = 0, []
+
+    def eval_tokens(self, ids, rows=False):
+        self.batches.append(list(ids))
+        self.n_past += len(ids)
+
+    def logits_rows(self):
+        return np.zeros((len(self.batches[-1]), self.n_vocab), dtype=np.float32)
+
+    def truncate(self, keep):
+        self.n_past = keep
+
+
+def test_a_sure_drafters_guesses_are_checked_whole():
+    """A drafter whose guesses missed is asked for one guess more than it had confirmed; text a
+    grammar forces (`sure`) is checked whole, up to SURE_DRAFT tokens, whatever the last batch kept."""
+
+    class Guess:
+        def __init__(self, sure):
+            self.sure = sure
+
+        def draft(self, history, k):
+            return [5] * k
+
+    for sure, want in ((False, [1, 5]), (True, [1] + [5] * spec.SURE_DRAFT)):
+        engine = _Rows()
+        look = spec.Lookahead(engine, drafters.Chain(Guess(sure)), k=4)
+        look.advance(1, [1], room=100)  # first batch: k guesses, all refused (the model picks 0)
+        look.advance(0, [1, 0], room=100)
+        look.advance(1, [1, 0, 1], room=100)
+        assert engine.batches[-1] == want, f"sure={sure}: batch {engine.batches[-1]}"
+
+
 # -- sampling keeps the distribution ---------------------------------------------------------------
 
 def _chi_square(counts: np.ndarray, p: np.ndarray) -> tuple[float, int, float]:
