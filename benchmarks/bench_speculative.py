@@ -34,6 +34,7 @@ import numpy as np
 
 from benchmarks.alternate import alternate, paired_rates
 from benchmarks.backends import say
+from benchmarks.spec_report import priced
 
 RESULTS = Path(__file__).parent / "results"
 LAB = ("Patient lab results 2026-11-02: Hemoglobin 13.2 g/dL (13.5-17.5) LOW; WBC 7.1 x10^9/L (4.0-11.0); "
@@ -168,18 +169,12 @@ def project(real: dict, costs: dict) -> dict:
     c = {int(k): v for k, v in costs["ms"].items() if k != "270m"}
     one, draft = c[1], costs["ms"]["270m"]
     out = {"plain_tok_s": 1000 / one, "lookup": {}, "draft_model": {}}
-    packed = {int(k): v for k, v in (costs.get("4b_repacked") or {}).items()}
     out["lookup_repacked"] = {}
-    for name, r in real.items():
-        t, a, b = r["tokens"], r["accepted"], r["batches"]
-        k = 1 + (r["drafted"] / b if b else 0)
-        lo = min(int(k), 8)
-        for key, cc in (("lookup", c), ("lookup_repacked", packed)):
-            if not cc:
-                continue
-            ck = cc[lo] + (cc[min(lo + 1, 8)] - cc[lo]) * (k - lo)  # interpolated cost of a batch of k rows
-            ms = (t - a - b) * cc[1] + b * ck
-            out[key][name] = {"tok_s": 1000 * t / ms, "gain": cc[1] * t / ms}
+    for name, r in real.items():  # ms tables keyed "1"…"8" (batch_cost reads those)
+        for key, cc in (("lookup", costs["ms"]), ("lookup_repacked", costs.get("4b_repacked"))):
+            if cc:
+                gain = priced(r, cc)
+                out[key][name] = {"tok_s": 1000 * gain / cc["1"], "gain": gain}
     for alpha in ASSUMED_DRAFT_ACCEPTANCE:
         best = max(((k, (1 - alpha ** (k + 1)) / (1 - alpha) / (k * draft + c[min(k + 1, 8)]) * 1000)
                     for k in range(1, 8)), key=lambda kv: kv[1])

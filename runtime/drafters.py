@@ -227,9 +227,11 @@ class Chain:
         self.drafters = [d for d in drafters if d is not None]
         self.source = None  # the drafter whose guess the last call returned
 
-    def draft(self, history: list, k: int) -> list[int]:
+    def draft(self, history: list, k: int, want: int | None = None) -> list[int]:
+        """`want`: at most this many guesses from a drafter that is not `sure` (k from one that is)."""
         for d in self.drafters:
-            guess = d.draft(history, k)
+            n = k if want is None or getattr(d, "sure", False) else min(k, want)
+            guess = d.draft(history, n)[:n]
             if guess:
                 self.source = d
                 return guess

@@ -56,6 +56,9 @@ class Lookahead:
     """
 
     def __init__(self, engine, drafter, k: int = DEFAULT_DRAFT):
+        from medgemma_edge.runtime.drafters import Chain
+
+        drafter = drafter if isinstance(drafter, Chain) else Chain(drafter)  # Chain knows who guessed
         self.engine, self.drafter, self.k = engine, drafter, max(1, int(k))
         self.pending: list[int] = []
         self.rows: list[np.ndarray] = []
@@ -91,10 +94,9 @@ class Lookahead:
             self.want = min(self.k, self._hits + 1)
         self.drop()
         k = min(max(self.k, SURE_DRAFT), room - 1, self.engine.n_ctx - self.engine.n_past - 1)
-        guesses = [int(t) for t in self.drafter.draft(history, k)][:k] if k > 0 else []
-        # guesses of a sure drafter (forced text) are all checked; others as many as `want`
-        self._sure = bool(getattr(getattr(self.drafter, "source", self.drafter), "sure", False))
-        guesses = guesses if self._sure else guesses[:self.want]
+        # a sure drafter (forced text) is asked for all k guesses, the others for as many as `want`
+        guesses = [int(t) for t in self.drafter.draft(history, k, want=self.want)][:k] if k > 0 else []
+        self._sure = bool(getattr(self.drafter.source, "sure", False))
         if not guesses:
             self.engine.eval_tokens([tok])
             return
