@@ -16,7 +16,7 @@ a missed goal is explained from those shares.
 
 Goal: ≤ 14 s per image on AVX-512 VNNI (mark ≤ 10 s), ≤ 28 s on AVX2, cosine ≥ 0.999 against f32.
 Files are exported once into the cache (bench/vision/, as bench_vision does: one traced graph).
-Writes benchmarks/results/encoder.json and ENCODER.md.
+Writes encoder.json and ENCODER.md to --out (default benchmarks/results).
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--wait-idle", type=float, default=0, metavar="S", help="wait up to S s for a quiet machine first")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--out", type=Path, default=RESULTS, help="report folder (default: benchmarks/results)")
     args = p.parse_args(argv)
     flags = cpu_flags()
     kind = cpu_kind(flags)
@@ -170,7 +171,9 @@ def main(argv=None) -> int:
         for q in timed:
             say(f"[encoder] {q}: profiled encode ...")
             profiles[q] = profile(paths[q], pixels, args.threads, image["mean"], image["std"])
-    best = new or current
+    # the goal is called on the faster faithful file (the new one need not win on every kind of CPU)
+    faithful = [q for q in timed if fidelity[q]["cosine"] >= COS_MIN] or timed
+    best = min(faithful, key=lambda q: statistics.median(times[q]))
     median = statistics.median(times[best])
     met = median <= GOAL_S[kind] and fidelity[best]["cosine"] >= COS_MIN
     data = {
@@ -186,13 +189,13 @@ def main(argv=None) -> int:
                  "median_s": median, "met": met, "mark_met": bool(MARK_S.get(kind) and median <= MARK_S[kind])},
     }
     if not met:
-        base = (statistics.median(times[current]), profiles.get(current)) if new else None
+        base = (statistics.median(times[current]), profiles.get(current)) if new and best != current else None
         data["goal"]["reason"] = (reason(kind, median, profiles.get(best), base)
                                   if median > GOAL_S[kind] else f"cosine {fidelity[best]['cosine']:.6f} < {COS_MIN}")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "encoder.json").write_text(json.dumps(data, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "encoder.json").write_text(json.dumps(data, indent=2) + "\n")
     md = report(data, SPREAD)
-    (RESULTS / "ENCODER.md").write_text(md)
+    (args.out / "ENCODER.md").write_text(md)
     print(md)
     return 0
 

@@ -15,7 +15,7 @@
    assuming the 4B model keeps the guesses the 270M kept; and a 270M draft model for 4B at assumed
    acceptance rates (MedGemma 4B cannot be run here to measure its own).
 The gain on real weights per kind of CPU is what `speculative="auto"` reads (runtime/spec_choice.py).
-Writes benchmarks/results/speculative.json and SPECULATIVE.md.
+Writes speculative.json and SPECULATIVE.md to --out (default benchmarks/results).
 """
 
 from __future__ import annotations
@@ -214,6 +214,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tokens", type=int, default=96)
     ap.add_argument("--wait-idle", type=float, default=0, metavar="S", help="wait up to S s for a quiet machine")
     ap.add_argument("--from", dest="src", type=Path)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="report folder (default: benchmarks/results)")
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     if args.src:  # re-render (and re-derive what auto reads from the run's own numbers)
@@ -233,12 +234,14 @@ def main(argv=None) -> None:
         data["projection"] = project(data["real"], data["costs"])
         data["gain"] = gain_of(data["real"])
         data["minutes"] = round((time.time() - t0) / 60, 1)
-        old = json.loads((RESULTS / "speculative.json").read_text()) if (RESULTS / "speculative.json").exists() else {}
+        old = args.out / "speculative.json"
+        old = json.loads(old.read_text()) if old.exists() else {}
         data["gain_by_kind"] = {**old.get("gain_by_kind", {}), data["cpu_kind"]: gains(data)}
-        (RESULTS / "speculative.json").write_text(json.dumps(data, indent=1) + "\n")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "speculative.json").write_text(json.dumps(data, indent=1) + "\n")
     from benchmarks.spec_report import render
 
-    (RESULTS / "SPECULATIVE.md").write_text(render(data))
+    ((args.src.parent if args.src else args.out) / "SPECULATIVE.md").write_text(render(data))
     print(render(data))
 
 

@@ -24,12 +24,13 @@ PARTS = {  # name: (module, results json, its Markdown, title)
 }
 
 
-def run(names, threads: int, wait_idle: float = 0) -> dict[str, int]:
-    """Run each named part (its own process, its own progress on stderr); name -> exit code."""
+def run(names, threads: int, wait_idle: float = 0, out: Path | None = None) -> dict[str, int]:
+    """Run each named part (its own process, its own progress on stderr), writing its files to `out`
+    (default: each part's own, benchmarks/results); name -> exit code."""
     codes = {}
     for name in names:
         module = PARTS[name][0]
-        cmd = [sys.executable, "-m", module, "--threads", str(threads)]
+        cmd = [sys.executable, "-m", module, "--threads", str(threads)] + (["--out", str(out)] if out else [])
         if wait_idle:
             cmd += ["--wait-idle", str(wait_idle)]
         say(f"[bench] focused part {name}: {' '.join(cmd[1:])}")
@@ -74,4 +75,24 @@ def lines(folder: Path) -> list[str]:
         data = json.loads(path.read_text())
         head = _headline(name, data)
         out.append(f"- **{title}** ([{md}]({md})): {_when(data)}" + (f"; {head}" if head else "") + ".")
+    return out
+
+
+def other_runs(folder: Path) -> list[str]:
+    """The same report on other kinds of CPU (issue 26 asks for one run per kind): a run kept in a
+    subfolder (`python -m benchmarks.run --out benchmarks/results/avx2`), or, from such a subfolder,
+    the run in the folder above it; one line each, its goal counts read from its results.json."""
+    here = folder.resolve()
+    found = [(f"{p.parent.name}/REPORT.md", p) for p in sorted(here.glob("*/results.json"))]
+    if (here.parent / "results.json").is_file():
+        found.insert(0, ("../REPORT.md", here.parent / "results.json"))
+    out = []
+    for link, path in found:
+        data = json.loads(path.read_text())
+        machine = data.get("machine") or {}
+        seen = [g.get("status") for g in data.get("goals") or []]
+        tally = ", ".join(f"{seen.count(s)} {s}" for s in dict.fromkeys(["met", "within noise", "missed", *seen])
+                          if s in seen) or "none recorded"
+        out.append(f"- [{link}]({link}): {machine.get('cpu', '?')} ({', '.join(machine.get('simd') or []) or '?'}), "
+                   f"{data.get('date', '?')}; goals: {tally}.")
     return out

@@ -175,7 +175,8 @@ def kv_lines(kv: dict | None) -> list[str]:
             "`benchmarks/bench_kv.py` in a run of its own:", "", *summary_lines(kv, "KV_CACHE.md")]
 
 
-def markdown(data: dict, goals: list[Goal], kv: dict | None = None, focused: list[str] | None = None) -> str:
+def markdown(data: dict, goals: list[Goal], kv: dict | None = None, focused: list[str] | None = None,
+             others: list[str] | None = None) -> str:
     out = [f"# Benchmark: {data['title']}", "",
            f"One run of `{data['command']}` on {data['date']}, model `{data['model']}` "
            f"({data['model_note']}), {data.get('threads', '?')} thread(s) per backend, "
@@ -187,6 +188,7 @@ def markdown(data: dict, goals: list[Goal], kv: dict | None = None, focused: lis
            "## KV cache precision (--kv-cache)", "", *kv_lines(kv), "",
            *(["## Focused benchmarks (each in a run of its own, benchmarks/focused.py)", "", *focused, ""]
              if focused else []),
+           *(["## The same report on other kinds of CPU", "", *others, ""] if others else []),
            "## Stages per backend", "", *stage_table(data["results"]), "",
            "Text-only entries (no image) show their text prompt's prefill, decode and TTFT. *others' load*: "
            "CPU cores that other processes on the machine used, on average, while that backend ran; above "
@@ -261,7 +263,8 @@ def write(out_dir: Path, data: dict, goals: list[Goal]) -> list[Path]:
     data = portable({**data, "goals": [g.record() for g in goals]})
     paths = [out_dir / "results.json", out_dir / "REPORT.md"]
     paths[0].write_text(json.dumps(data, indent=2) + "\n")
-    paths[1].write_text(markdown(data, goals, kv_report.read(out_dir), focused.lines(out_dir)))
+    paths[1].write_text(markdown(data, goals, kv_report.read(out_dir), focused.lines(out_dir),
+                                  focused.other_runs(out_dir)))
     if chart(out_dir / "chart.png", goals, data):
         paths.append(out_dir / "chart.png")
     return paths

@@ -31,6 +31,7 @@ from benchmarks.alternate import MIN_ROUNDS, MIN_TOKENS
 from benchmarks.backends import Case, Spec, say
 from benchmarks.inputs import write_inputs
 from medgemma_edge.runtime.cache import cache_root
+from medgemma_edge.runtime.vision_choice import NEEDS, cpu_flags, cpu_kind
 
 RESULTS = Path(__file__).parent / "results"
 FP32_WORKING_BYTES = 1.5e9  # transformers fp32: 4 bytes per parameter plus activations (4096-patch attention)
@@ -198,6 +199,11 @@ def run_backends(todo: list[Spec], case: Case, inputs, args, ckpt: Path, names: 
         if spec.options.get("vision") and spec.options["vision"] == chosen:
             say(f"  [{spec.name}] skipped: {OURS} ran this vision path ('auto' chose it)")
             continue
+        needs = NEEDS.get(spec.options.get("vision"), ())
+        if needs and cpu_kind(cpu_flags()) not in needs:  # the runtime refuses it here (wrong embeddings)
+            out["errors"][spec.name] = f"skipped: this vision file needs a CPU with {' or '.join(needs)}"
+            say(f"  [{spec.name}] {out['errors'][spec.name]}")
+            continue
         if args.wait_idle:
             wait_for_quiet(args.wait_idle)
         bundles.warm(_files_of(spec))
@@ -318,7 +324,7 @@ def main(argv=None) -> int:
         alternating = run_alternating(todo, case, args, measured["errors"], Path(tmp))
         busy = run_busy(todo, case, args, measured["errors"], Path(tmp))
     parts = (() if args.quick else tuple(focused.PARTS)) if args.focused is None else args.focused
-    focused_codes = focused.run(parts, threads, args.wait_idle) if parts else {}
+    focused_codes = focused.run(parts, threads, args.wait_idle, out_dir) if parts else {}
     info["load_end"] = os.getloadavg()[0]
     data = {"title": title, "command": shlex.join(["python", "-m", "benchmarks.run", *argv]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": ckpt.name,

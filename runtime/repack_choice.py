@@ -25,11 +25,13 @@ AUTO = "auto"
 # benchmarks/bench_repack.py (decode at least as fast as llama.cpp's own `Llama`, peak RSS within
 # RSS_GOAL of the plain mmapped load); the run and its CPU flags are in benchmarks/results/repack.json,
 # and tests/test_repack.py checks this table against it.
-# Empty for now: the AVX-512 VNNI run (repack.json) met the goal (decode at least Llama's, peak RSS within
-# RSS_GOAL), but the issue makes it the default only once it holds on both kinds of CPU, and AVX2 is not
-# measured yet. It also has costs the goal does not weigh: on that run's machine reading the 4B file
-# without mmap loads slower and the repacked kernels prefill slower (REPACK.md's load column;
-# the note of issue 26 has the prefill numbers).
+# Empty: measured on both kinds of CPU, the default does not change. On AVX-512 VNNI
+# (benchmarks/results/repack.json) repacked + no mmap met the goal, but on AVX2
+# (benchmarks/results/avx2/repack.json) repacking gained nothing over the plain load, which already
+# decodes at `Llama`'s speed there, and the issue makes it the default only where it holds on both.
+# On VNNI it also costs what the goal does not weigh: reading the 4B file without mmap loads slower
+# (REPACK.md's load column, against the report's load goal) and the repacked kernels prefill slower
+# (the note of issue 26). `--repack-weights` / `load(repack=True)` turn it on for a long-lived server.
 HELD: frozenset[str] = frozenset()
 
 

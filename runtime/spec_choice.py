@@ -2,7 +2,8 @@
 `load(speculative="auto" | "on" | "off", draft_model=None)`, `--speculative`, `--draft-model`.
 
 auto: on where this kind of CPU measured a gain over plain decoding (MEASURED_GAIN, from
-benchmarks/results/speculative.json; tests/test_speculative.py keeps the two in step), for the
+benchmarks/results/speculative.json and the other kinds' runs in benchmarks/results/KIND/;
+tests/test_speculative.py keeps them in step), for the
 model's size (measured on Gemma 3 270M; projected at MedGemma 4B's shape from its measured batch
 costs) and the kind of answer (free text; JSON or a grammar), or where the caller named a draft
 model; off elsewhere and on ONNX bundles (their decoder returns the last position's logits only).
@@ -23,7 +24,10 @@ MODES = ("auto", "on", "off")
 # .cpu_kind), by `python -m benchmarks.bench_speculative`: per size of model ("small": measured on
 # Gemma 3 270M, "large": projected at the 4B shape) and answer ("…_json": held to a schema). A kind
 # not listed was not measured: auto stays off there.
-MEASURED_GAIN: dict[str, dict[str, float]] = {"vnni": {"small": 1.21, "small_json": 1.21, "large": 1.01, "large_json": 1.11}}
+MEASURED_GAIN: dict[str, dict[str, float]] = {
+    "vnni": {"small": 1.21, "small_json": 1.21, "large": 1.01, "large_json": 1.11},  # benchmarks/results/
+    "avx2": {"small": 1.11, "small_json": 1.11, "large": 1.05, "large_json": 1.12},  # benchmarks/results/avx2/
+}
 LARGE_BYTES = 1_000_000_000  # a text file at least this big counts as "large" (4B q4_k_m: 2.5 GB; 270M: 0.25 GB)
 ANSWERS = ("text", "grammar")
 HELP = ("speculative decoding: tokens guessed from the prompt and the answer so far (and a --draft-model), "
