@@ -5,7 +5,7 @@
 Every variant of the same vision tower (the MedGemma-4B-shaped checkpoint, or `tiny` with --quick)
 encodes the same 896² X-ray, one after another in this process: llama.cpp's mtmd with the mmproj
 at F32 / F16 / BF16 / Q8_0, flash attention on and off, and onnxruntime with the tower at f32,
-int8 (7-bit weights) and, on CPUs with VNNI only, int8-vnni (8-bit weights; it overflows
+int8 (unsigned 8-bit weights) and, on CPUs with VNNI only, int8-vnni (signed 8-bit weights; it overflows
 elsewhere, so the runtime never runs it there) and int8-vnni-attn (those weights, int8 attention;
 benchmarks/bench_encoder.py times it against int8-vnni in alternating rounds). BF16 runs everywhere but is only fast with
 avx512_bf16; the table says when this CPU lacks it. Fidelity is the cosine (whole output and
@@ -34,7 +34,7 @@ VARIANTS = [
     ("mmproj bf16, flash attn on", "bf16", 1),
     ("mmproj q8_0, flash attn on", "q8_0", 1),
     ("onnx f32", "onnx-f32", None),
-    ("onnx int8 (7-bit weights)", "onnx-int8", None),
+    ("onnx int8 (u8 weights)", "onnx-int8", None),
     ("onnx int8-vnni (8-bit weights)", "onnx-int8-vnni", None),
     ("onnx int8-vnni-attn (8-bit weights, int8 attention)", "onnx-int8-vnni-attn", None),
 ]

@@ -219,20 +219,25 @@ def _quantize_int8(src: Path, dst: Path, full_range: bool = False) -> None:
 
     graph = onnx.load(str(src), load_external_data=False).graph
     projector = [n.name for n in graph.node if n.op_type == "MatMul" and "multi_modal_projector" in n.name]
-    # 7-bit weights, one scale per output channel. On AVX2 without VNNI onnxruntime multiplies
-    # u8 x s8 pairs into saturating int16 sums, which full 8-bit weights can overflow: tiny's image
-    # embeddings lose their fidelity that way and keep it with 7 bits (tests/test_export_onnx_vision).
-    # Tried at 4B shape, per-channel scales beat one scale per tensor at 7 bits in both encode time
-    # and fidelity; `python -m benchmarks.bench_vision` measures the files the export makes.
-    # full_range (onnx-int8-vnni): 8-bit weights per channel, for CPUs whose VNNI instructions sum
-    # u8 x s8 products in int32, where nothing saturates; the runtime never runs it elsewhere.
-    # The attention nodes (activation x activation) stay float: only MatMuls with a constant B
-    # are quantized (quantize_dynamic's default).
+    # onnx-int8: unsigned 8-bit weights, one scale and zero point per output channel. onnxruntime
+    # multiplies u8 activations by u8 weights in 16-bit lanes summed in int32 on every x86 CPU, so
+    # nothing saturates. Signed weights would take its u8 x s8 kernels, whose AVX2 pair sums are
+    # saturating int16: full 8 bits overflow there (tiny's image embeddings lose their fidelity,
+    # tests/test_export_onnx_vision), and 7 bits (what this file held before), exact but coarser,
+    # fell below vision_choice.FIDELITY_MIN at MedGemma-4B shape on AVX2, so `auto` encoded with
+    # the f16 mmproj there; u8 weights keep the fidelity for a slightly slower encode than 7 bits
+    # (benchmarks/results/avx2/ENCODER.md). Per-channel scales beat one scale per tensor at 4B
+    # shape in both encode time and fidelity; `python -m benchmarks.bench_vision` measures the files.
+    # full_range (onnx-int8-vnni): signed 8-bit weights per channel, for CPUs whose VNNI
+    # instructions sum u8 x s8 products in int32, faster than u8 x u8; the runtime never runs it
+    # elsewhere. The attention nodes (activation x activation) stay float: only MatMuls with a
+    # constant B are quantized (quantize_dynamic's default).
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to run "pre-processing" first is for calibrated (static) quantization
     try:
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                         nodes_to_exclude=projector, per_channel=True, reduce_range=not full_range)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8 if full_range else QuantType.QUInt8,
+                         op_types_to_quantize=["MatMul"], nodes_to_exclude=projector, per_channel=True,
+                         reduce_range=False)
     finally:
         root.setLevel(level)
