@@ -225,8 +225,9 @@ def _quantize_int8(src: Path, dst: Path, full_range: bool = False) -> None:
     # saturating int16: full 8 bits overflow there (tiny's image embeddings lose their fidelity,
     # tests/test_export_onnx_vision), and 7 bits (what this file held before), exact but coarser,
     # fell below vision_choice.FIDELITY_MIN at MedGemma-4B shape on AVX2, so `auto` encoded with
-    # the f16 mmproj there; u8 weights keep the fidelity for a slightly slower encode than 7 bits
-    # (benchmarks/results/avx2/ENCODER.md). Per-channel scales beat one scale per tensor at 4B
+    # the f16 mmproj there; u8 weights keep the fidelity, for an encode as fast or slightly slower
+    # in alternating rounds (the note of issue 26; benchmarks/results/avx2/ENCODER.md times the file
+    # the export makes). Per-channel scales beat one scale per tensor at 4B
     # shape in both encode time and fidelity; `python -m benchmarks.bench_vision` measures the files.
     # full_range (onnx-int8-vnni): signed 8-bit weights per channel, for CPUs whose VNNI
     # instructions sum u8 x s8 products in int32, faster than u8 x u8; the runtime never runs it
