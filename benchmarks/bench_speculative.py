@@ -219,7 +219,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.src:  # re-render (and re-derive what auto reads from the run's own numbers)
         data = json.loads(args.src.read_text())
-        data["gain_by_kind"] = {**data.get("gain_by_kind", {}), data["cpu_kind"]: gains(data)}
+        data["gain_by_kind"] = {data["cpu_kind"]: gains(data)}
         args.src.write_text(json.dumps(data, indent=1) + "\n")
     else:
         flags = cpu_flags()
@@ -234,9 +234,8 @@ def main(argv=None) -> None:
         data["projection"] = project(data["real"], data["costs"])
         data["gain"] = gain_of(data["real"])
         data["minutes"] = round((time.time() - t0) / 60, 1)
-        old = args.out / "speculative.json"
-        old = json.loads(old.read_text()) if old.exists() else {}
-        data["gain_by_kind"] = {**old.get("gain_by_kind", {}), data["cpu_kind"]: gains(data)}
+        # this run's kind only: a run on another kind keeps its own file (--out benchmarks/results/KIND)
+        data["gain_by_kind"] = {data["cpu_kind"]: gains(data)}
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "speculative.json").write_text(json.dumps(data, indent=1) + "\n")
     from benchmarks.spec_report import render

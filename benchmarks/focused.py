@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.backends import say
+from benchmarks.goals import MET, MISSED, NOISE
 
 PARTS = {  # name: (module, results json, its Markdown, title)
     "encoder": ("benchmarks.bench_encoder", "encoder.json", "ENCODER.md", "Image encoder toward its compute limit"),
@@ -91,8 +92,8 @@ def other_runs(folder: Path) -> list[str]:
         data = json.loads(path.read_text())
         machine = data.get("machine") or {}
         seen = [g.get("status") for g in data.get("goals") or []]
-        tally = ", ".join(f"{seen.count(s)} {s}" for s in dict.fromkeys(["met", "within noise", "missed", *seen])
-                          if s in seen) or "none recorded"
+        tally = ", ".join(f"{seen.count(s)} {s}" for s in dict.fromkeys([MET, NOISE, MISSED, *seen]) if s in seen)
+        tally = tally or "none recorded"
         out.append(f"- [{link}]({link}): {machine.get('cpu', '?')} ({', '.join(machine.get('simd') or []) or '?'}), "
                    f"{data.get('date', '?')}; goals: {tally}.")
     return out

@@ -31,7 +31,7 @@ from benchmarks.alternate import MIN_ROUNDS, MIN_TOKENS
 from benchmarks.backends import Case, Spec, say
 from benchmarks.inputs import write_inputs
 from medgemma_edge.runtime.cache import cache_root
-from medgemma_edge.runtime.vision_choice import NEEDS, cpu_flags, cpu_kind
+from medgemma_edge.runtime.vision_choice import NEEDS, cpu_flags, runs_here
 
 RESULTS = Path(__file__).parent / "results"
 FP32_WORKING_BYTES = 1.5e9  # transformers fp32: 4 bytes per parameter plus activations (4096-patch attention)
@@ -185,6 +185,7 @@ def _files_of(spec: Spec) -> list[Path]:
 def run_backends(todo: list[Spec], case: Case, inputs, args, ckpt: Path, names: dict, tmp: Path) -> dict:
     """Every backend in its own processes: preprocessing (if asked), then the model phase."""
     out = {"results": {}, "preprocess": {}, "errors": {}}
+    flags = cpu_flags()
     for i, spec in enumerate(todo, 1):
         say(f"[bench] ({i}/{len(todo)}) {spec.name}")
         if spec.kind == "transformers" and spec.options.get("dtype") == "float32":
@@ -199,9 +200,9 @@ def run_backends(todo: list[Spec], case: Case, inputs, args, ckpt: Path, names: 
         if spec.options.get("vision") and spec.options["vision"] == chosen:
             say(f"  [{spec.name}] skipped: {OURS} ran this vision path ('auto' chose it)")
             continue
-        needs = NEEDS.get(spec.options.get("vision"), ())
-        if needs and cpu_kind(cpu_flags()) not in needs:  # the runtime refuses it here (wrong embeddings)
-            out["errors"][spec.name] = f"skipped: this vision file needs a CPU with {' or '.join(needs)}"
+        vq = spec.options.get("vision")
+        if vq and not runs_here({"quant": vq}, flags):  # the runtime refuses it here (wrong embeddings)
+            out["errors"][spec.name] = f"skipped: this vision file needs a CPU with {' or '.join(NEEDS[vq])}"
             say(f"  [{spec.name}] {out['errors'][spec.name]}")
             continue
         if args.wait_idle:
