@@ -25,13 +25,17 @@ AUTO = "auto"
 # benchmarks/bench_repack.py (decode at least as fast as llama.cpp's own `Llama`, peak RSS within
 # RSS_GOAL of the plain mmapped load); the run and its CPU flags are in benchmarks/results/repack.json,
 # and tests/test_repack.py checks this table against it.
-# Empty: measured on both kinds of CPU, the default does not change. On AVX-512 VNNI
-# (benchmarks/results/repack.json) repacked + no mmap met the goal, but on AVX2
-# (benchmarks/results/avx2/repack.json) repacking gained nothing over the plain load, which already
-# decodes at `Llama`'s speed there, and the issue makes it the default only where it holds on both.
-# On VNNI it also costs what the goal does not weigh: reading the 4B file without mmap loads slower
-# (REPACK.md's load column, against the report's load goal) and the repacked kernels prefill slower
-# (the note of issue 26). `--repack-weights` / `load(repack=True)` turn it on for a long-lived server.
+# Empty: measured on both kinds of CPU, the default does not change, because repacking makes the
+# first answer slower on both. Repacked + no mmap met the goal on AVX-512 VNNI
+# (benchmarks/results/repack.json: 1.03x `Llama`, 1.24x our plain load) and, in the second AVX2 run,
+# on AVX2 (benchmarks/results/avx2/repack.json: 1.04x `Llama`, IQR 0.99-1.05x; the first AVX2 run
+# measured 0.98x). But on AVX2 it decodes no faster than our own plain load (0.98x, IQR 0.95-1.03x:
+# the plain load already runs at `Llama`'s speed there), and on both kinds reading the 4B file
+# without mmap loads seconds slower (REPACK.md's load column) and the repacked kernels prefill at
+# about half the plain load's rate (REPORT.md's stages table, "ours q4_k_m, repacked weights"
+# against "text only"): an image question's ~330 prompt positions cost more than a short answer's
+# decode gains. `--repack-weights` / `load(repack=True)` turn it on for a long-lived server with
+# long answers.
 HELD: frozenset[str] = frozenset()
 
 
