@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import encoder_floor
 from benchmarks.backends import say
 
 RESULTS = Path(__file__).parent / "results"
@@ -86,13 +87,19 @@ def profile(path: Path, pixels: np.ndarray, threads: int, mean, std) -> dict:
             "ops": [{"op": op, "s": round(s, 3), "share": round(s / total, 4)} for op, s in ops.most_common(12)]}
 
 
-def reason(kind: str, median_s: float, prof: dict | None, base: tuple[float, dict] | None = None) -> str:
-    """Why a missed goal was missed, from the profile shares of the run."""
+def scaled_groups(median_s: float, prof: dict) -> dict:
+    """The profile's groups in this run's median seconds (one profiled encode runs slower)."""
+    return {k: v * median_s / prof["kernel_s"] for k, v in prof["groups_s"].items()}
+
+
+def reason(kind: str, median_s: float, prof: dict | None, base: tuple[float, dict] | None = None,
+           floor_text: str | None = None) -> str:
+    """Why a missed goal was missed, from the profile shares of the run (and the floor its lone
+    GEMMs measured: benchmarks/encoder_floor.py)."""
     goal = GOAL_S[kind]
     if not prof:
         return f"median {median_s:.1f} s > {goal:.0f} s (no profile taken: --no-profile)"
-    scale = median_s / prof["kernel_s"]  # profile seconds → this run's median seconds
-    g = {k: v * scale for k, v in prof["groups_s"].items()}
+    g = scaled_groups(median_s, prof)
     text = (f"median {median_s:.1f} s > {goal:.0f} s: attention {g.get('attention', 0):.1f} s "
             f"({g.get('attention', 0) / median_s:.0%}), int8 linear layers {g.get('linear layers', 0):.1f} s, "
             f"rest {g.get('rest', 0):.1f} s (profile shares scaled to the median)")
@@ -105,6 +112,8 @@ def reason(kind: str, median_s: float, prof: dict | None, base: tuple[float, dic
     if base and base[1]:  # (median s, profile) of the current file
         b = base[1]["groups_s"].get("attention", 0) * base[0] / base[1]["kernel_s"]
         text += f" (the current file's float attention, scaled to its median: {b:.1f} s)"
+    if floor_text:
+        text += "; " + floor_text
     return text
 
 
@@ -175,6 +184,14 @@ def main(argv=None) -> int:
     faithful = [q for q in timed if fidelity[q]["cosine"] >= COS_MIN] or timed
     best = min(faithful, key=lambda q: statistics.median(times[q]))
     median = statistics.median(times[best])
+    floor = None
+    if profiles.get(best):
+        say("[encoder] lone GEMM rates through onnxruntime (the floor with its kernels) ...")
+        w = encoder_floor.work(plan.vision, int(pixels.shape[0]))
+        rates = encoder_floor.gemm_rates(w["tokens"], plan.vision.hidden_size, plan.vision.intermediate_size,
+                                         args.threads, signed_weights=best.startswith("onnx-int8-vnni"))
+        floor = {"rates": rates, **encoder_floor.floor(w, rates, scaled_groups(median, profiles[best]),
+                                                       int8_attention=best.endswith("-attn"))}
     met = median <= GOAL_S[kind] and fidelity[best]["cosine"] >= COS_MIN
     data = {
         "command": " ".join(["python -m benchmarks.bench_encoder", *(sys.argv[1:] if argv is None else argv)]),
@@ -184,13 +201,14 @@ def main(argv=None) -> int:
         "files": {q: {"path": paths[q].name, "mb": round(paths[q].stat().st_size / 1e6), "rounds_s": times[q],
                       "median_s": statistics.median(times[q]), "min_s": min(times[q]), "max_s": max(times[q]),
                       **fidelity[q], "profile": profiles.get(q)} for q in timed},
-        "ratio": paired(times[new], times[current]) if new else None,
+        "ratio": paired(times[new], times[current]) if new else None, "floor": floor,
         "goal": {"s": GOAL_S[kind], "mark_s": MARK_S.get(kind), "cos_min": COS_MIN, "file": best,
                  "median_s": median, "met": met, "mark_met": bool(MARK_S.get(kind) and median <= MARK_S[kind])},
     }
     if not met:
         base = (statistics.median(times[current]), profiles.get(current)) if new and best != current else None
-        data["goal"]["reason"] = (reason(kind, median, profiles.get(best), base)
+        floor_text = encoder_floor.explain(floor, floor["rates"], GOAL_S[kind]) if floor else None
+        data["goal"]["reason"] = (reason(kind, median, profiles.get(best), base, floor_text)
                                   if median > GOAL_S[kind] else f"cosine {fidelity[best]['cosine']:.6f} < {COS_MIN}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "encoder.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -220,6 +238,9 @@ def report(data: dict, spread: str = "IQR") -> str:
                   f"{'met' if g['met'] else 'missed'} at {g['median_s']:.1f} s{mark}."]
     if g.get("reason"):
         lines.append(f"Why: {g['reason']}.")
+    f = data.get("floor")
+    if f and g["met"]:
+        lines.append(f"Floor with onnxruntime's kernels on this CPU (benchmarks/encoder_floor.py): {f['floor_s']:.1f} s.")
     for q, f in data["files"].items():
         prof = f.get("profile")
         if not prof:

@@ -1,0 +1,111 @@
+"""The encode's floor with onnxruntime's own kernels on this CPU (issue #26, encoder part).
+
+An encode is mostly two kinds of products: the attention's (QKᵀ and AV, activation by activation:
+float in MultiHeadAttention, int8 in the -attn rewrite) and the linear layers' (activation by
+weight: int8 DynamicQuantizeMatMul). bench_encoder times each group in its profile; this module
+measures, in the same run and process, how fast onnxruntime multiplies at all on this CPU: one lone
+MatMul of the encoder's largest layer shape ([tokens, width] · [width, mlp]), float and int8 with the
+file's weight type, under the encoder's own session options. Dividing each group's multiply-adds by
+that rate gives the time the group would take if it ran as fast as a lone, large GEMM, and their sum
+(plus the profile's rest) is the floor of an encode with these kernels. A goal under that floor asks
+for kernels onnxruntime does not have on this CPU; a goal over it says where the gap is.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def work(vision, image_size: int | None = None) -> dict:
+    """Multiply-adds of one encode's attention products and linear layers (SigLIP, MedGemma's tower:
+    q, k, v, out and two MLP layers per layer; the patch embedding and projector are under 1 %)."""
+    d, m, layers = vision.hidden_size, vision.intermediate_size, vision.num_hidden_layers
+    t = ((image_size or vision.image_size) // vision.patch_size) ** 2
+    return {"tokens": t, "attention": float(layers * 2 * t * t * d), "linear": float(layers * t * (4 * d * d + 2 * d * m))}
+
+
+def _matmul_model(rows: int, k: int, n: int):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32) * k ** -0.5
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="layer/MatMul")], "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [rows, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [rows, n])], [numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _best_s(sess, feed: dict, repeat: int) -> float:
+    sess.run(None, feed)  # warm-up: threads, arena
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def gemm_rates(rows: int, k: int, n: int, threads: int, signed_weights: bool, repeat: int = 3) -> dict:
+    """G multiply-adds/s of one [rows, k] · [k, n] MatMul through onnxruntime: float32, and int8 as
+    export/onnx_vision quantizes the linear layers (dynamic u8 activations; weights per channel,
+    signed for the -vnni files, unsigned for onnx-int8)."""
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from medgemma_edge.runtime.backends.onnx_vision import session_options
+
+    model = _matmul_model(rows, k, n)
+    x = np.random.default_rng(1).standard_normal((rows, k), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "f32.onnx", Path(tmp) / "int8.onnx"
+        onnx.save(model, str(src))
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)
+        try:
+            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8 if signed_weights else QuantType.QUInt8,
+                             op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=False)
+        finally:
+            root.setLevel(level)
+        macs = float(rows) * k * n
+        rates = {}
+        for name, path in (("float", src), ("int8", dst)):
+            sess = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+            rates[name] = round(macs / _best_s(sess, {"x": x}, repeat) / 1e9, 1)
+            del sess
+    return {"shape": [rows, k, n], "threads": threads, "signed_weights": signed_weights,
+            "float_gmac_s": rates["float"], "int8_gmac_s": rates["int8"]}
+
+
+def floor(w: dict, rates: dict, groups_s: dict, int8_attention: bool) -> dict:
+    """Seconds each group would take at the lone GEMM's rate, against the seconds it took (groups_s:
+    the profile's groups scaled to the median encode), and the floor of an encode with these kernels."""
+    attn_rate = rates["int8_gmac_s"] if int8_attention else rates["float_gmac_s"]
+    attn_s = w["attention"] / (attn_rate * 1e9)
+    linear_s = w["linear"] / (rates["int8_gmac_s"] * 1e9)
+    rest = groups_s.get("rest", 0.0)
+    took_a, took_l = groups_s.get("attention", 0.0), groups_s.get("linear layers", 0.0)
+    return {"attention_s": round(attn_s, 2), "linear_s": round(linear_s, 2), "rest_s": round(rest, 2),
+            "floor_s": round(attn_s + linear_s + rest, 2), "attention_rate": "int8" if int8_attention else "float",
+            "attention_gmac_s": round(w["attention"] / took_a / 1e9, 1) if took_a else None,
+            "linear_gmac_s": round(w["linear"] / took_l / 1e9, 1) if took_l else None}
+
+
+def explain(f: dict, rates: dict, goal_s: float) -> str:
+    """The floor as a clause of the goal's reason."""
+    text = (f"at this run's lone-GEMM rates through onnxruntime ({rates['float_gmac_s']:.0f} G float and "
+            f"{rates['int8_gmac_s']:.0f} G int8 multiply-adds/s, [{'×'.join(map(str, rates['shape']))}], "
+            f"{rates['threads']} threads) the attention's products need ≥ {f['attention_s']:.1f} s in "
+            f"{f['attention_rate']} (they ran at {f['attention_gmac_s']} G/s) and the linear layers ≥ "
+            f"{f['linear_s']:.1f} s (they ran at {f['linear_gmac_s']} G/s): floor {f['floor_s']:.1f} s with the rest")
+    if f["floor_s"] > goal_s:
+        text += f", above the goal's {goal_s:.0f} s: it needs faster kernels than onnxruntime has on this CPU"
+    else:
+        text += f", under the goal's {goal_s:.0f} s: the gap is the kernels' efficiency at the encoder's shapes"
+    return text
