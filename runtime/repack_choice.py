@@ -27,15 +27,14 @@ AUTO = "auto"
 # and tests/test_repack.py checks this table against it.
 # Empty: measured on both kinds of CPU, the default does not change, because repacking makes the
 # first answer slower on both. Repacked + no mmap met the goal on AVX-512 VNNI
-# (benchmarks/results/repack.json: 1.03x `Llama`, 1.24x our plain load) and, in the second AVX2 run,
-# on AVX2 (benchmarks/results/avx2/repack.json: 1.04x `Llama`, IQR 0.99-1.05x; the first AVX2 run
-# measured 0.98x). But on AVX2 it decodes no faster than our own plain load (0.98x, IQR 0.95-1.03x:
-# the plain load already runs at `Llama`'s speed there), and on both kinds reading the 4B file
-# without mmap loads seconds slower (REPACK.md's load column) and the repacked kernels prefill at
-# about half the plain load's rate (REPORT.md's stages table, "ours q4_k_m, repacked weights"
-# against "text only"): an image question's ~330 prompt positions cost more than a short answer's
-# decode gains. `--repack-weights` / `load(repack=True)` turn it on for a long-lived server with
-# long answers.
+# (benchmarks/results/repack.json, well ahead of our plain load) and, in the second AVX2 run, on AVX2
+# (benchmarks/results/avx2/repack.json, within noise of `Llama`; the first AVX2 run missed). But on
+# AVX2 it decodes no faster than our own plain load, which already runs at `Llama`'s speed there
+# (REPACK.md's "/ ours plain" column), and on both kinds reading the 4B file without mmap loads
+# seconds slower (its load column) and the repacked kernels prefill slower (each REPORT.md's stages
+# table: "ours q4_k_m, repacked weights" against "text only"; about half the rate on VNNI): an image
+# question's ~330 prompt positions cost more than a short answer's decode gains.
+# `--repack-weights` / `load(repack=True)` turn it on for a long-lived server with long answers.
 HELD: frozenset[str] = frozenset()
 
 
