@@ -99,6 +99,13 @@ def files(bundle_dir: Path) -> dict[str, Path]:
     return out
 
 
+def model_files(bundle_dir: Path) -> list[Path]:
+    """The text file and every vision file of a bundle: what a load may read (vision="auto" opens
+    whichever of its vision files this CPU runs best, not necessarily the first)."""
+    manifest = json.loads((bundle_dir / "manifest.json").read_text())
+    return [bundle_dir / f["path"] for f in manifest["files"] if f["role"] in ("text", "vision")]
+
+
 def vision_quants(bundle_dir: Path) -> list[str]:
     """The encodings of the bundle's vision files, in manifest order."""
     manifest = json.loads((bundle_dir / "manifest.json").read_text())

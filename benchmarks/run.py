@@ -178,7 +178,7 @@ def _files_of(spec: Spec) -> list[Path]:
     """The model files a backend will read, so they can be pre-read into the page cache."""
     paths = [Path(v) for k, v in spec.options.items() if k in ("text_gguf", "mmproj")]
     if "bundle" in spec.options:
-        paths += [p for r, p in bundles.files(Path(spec.options["bundle"])).items() if r in ("text", "vision")]
+        paths += bundles.model_files(Path(spec.options["bundle"]))
     return paths
 
 

@@ -40,3 +40,21 @@ def test_the_export_digest_follows_code_not_prose():
     code = src.replace("X = 1", "X = 2")
     assert code_digest(src) == code_digest(prose)
     assert code_digest(src) != code_digest(code)
+
+
+def test_the_bench_warms_every_file_a_load_may_read(tmp_path):
+    """Loads are measured from the page cache: every vision file is read first, not only the
+    bundle's first one (vision="auto" opened onnx-int8 on AVX2, the bench had warmed the f16 mmproj)."""
+    import json
+
+    from benchmarks.backends import Spec
+    from benchmarks.run import _files_of
+
+    files = [{"role": "text", "path": "t.gguf"}, {"role": "vision", "path": "mmproj-f16.gguf", "quant": "f16"},
+             {"role": "vision", "path": "vision-int8.onnx", "quant": "onnx-int8"},
+             {"role": "vision", "path": "vision-int8-vnni.onnx", "quant": "onnx-int8-vnni"},
+             {"role": "tokenizer", "path": "tokenizer.json"}]
+    (tmp_path / "manifest.json").write_text(json.dumps({"files": files}))
+    spec = Spec("ours q4_k_m", "ours", {"bundle": str(tmp_path)})
+    assert [p.name for p in _files_of(spec)] == ["t.gguf", "mmproj-f16.gguf", "vision-int8.onnx",
+                                                 "vision-int8-vnni.onnx"]
