@@ -190,8 +190,8 @@ def main(argv=None) -> int:
         w = encoder_floor.work(plan.vision, int(pixels.shape[0]))
         rates = encoder_floor.gemm_rates(w["tokens"], plan.vision.hidden_size, plan.vision.intermediate_size,
                                          args.threads, signed_weights=best.startswith("onnx-int8-vnni"))
-        floor = {"rates": rates, **encoder_floor.floor(w, rates, scaled_groups(median, profiles[best]),
-                                                       int8_attention=best.endswith("-attn"))}
+        floor = encoder_floor.floor(w, rates, scaled_groups(median, profiles[best]),
+                                    int8_attention=best.endswith("-attn"))
     met = median <= GOAL_S[kind] and fidelity[best]["cosine"] >= COS_MIN
     data = {
         "command": " ".join(["python -m benchmarks.bench_encoder", *(sys.argv[1:] if argv is None else argv)]),
@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     }
     if not met:
         base = (statistics.median(times[current]), profiles.get(current)) if new and best != current else None
-        floor_text = encoder_floor.explain(floor, floor["rates"], GOAL_S[kind]) if floor else None
+        floor_text = encoder_floor.explain(floor, GOAL_S[kind]) if floor else None
         data["goal"]["reason"] = (reason(kind, median, profiles.get(best), base, floor_text)
                                   if median > GOAL_S[kind] else f"cosine {fidelity[best]['cosine']:.6f} < {COS_MIN}")
     args.out.mkdir(parents=True, exist_ok=True)

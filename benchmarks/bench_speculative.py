@@ -219,8 +219,6 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.src:  # re-render (and re-derive what auto reads from the run's own numbers)
         data = json.loads(args.src.read_text())
-        data["gain_by_kind"] = {data["cpu_kind"]: gains(data)}
-        args.src.write_text(json.dumps(data, indent=1) + "\n")
     else:
         flags = cpu_flags()
         t0 = time.time()
@@ -234,13 +232,14 @@ def main(argv=None) -> None:
         data["projection"] = project(data["real"], data["costs"])
         data["gain"] = gain_of(data["real"])
         data["minutes"] = round((time.time() - t0) / 60, 1)
-        # this run's kind only: a run on another kind keeps its own file (--out benchmarks/results/KIND)
-        data["gain_by_kind"] = {data["cpu_kind"]: gains(data)}
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "speculative.json").write_text(json.dumps(data, indent=1) + "\n")
+    # this run's kind only: a run on another kind keeps its own file (--out benchmarks/results/KIND)
+    data["gain_by_kind"] = {data["cpu_kind"]: gains(data)}
+    path = args.src or args.out / "speculative.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
     from benchmarks.spec_report import render
 
-    ((args.src.parent if args.src else args.out) / "SPECULATIVE.md").write_text(render(data))
+    (path.parent / "SPECULATIVE.md").write_text(render(data))
     print(render(data))
 
 

@@ -13,9 +13,7 @@ for kernels onnxruntime does not have on this CPU; a goal over it says where the
 
 from __future__ import annotations
 
-import logging
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -40,65 +38,50 @@ def _matmul_model(rows: int, k: int, n: int):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _best_s(sess, feed: dict, repeat: int) -> float:
-    sess.run(None, feed)  # warm-up: threads, arena
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def gemm_rates(rows: int, k: int, n: int, threads: int, signed_weights: bool, repeat: int = 3) -> dict:
     """G multiply-adds/s of one [rows, k] · [k, n] MatMul through onnxruntime: float32, and int8 as
-    export/onnx_vision quantizes the linear layers (dynamic u8 activations; weights per channel,
-    signed for the -vnni files, unsigned for onnx-int8)."""
+    the export quantizes the linear layers (export/onnx_vision._quantize_int8: dynamic u8 activations;
+    weights per channel, signed for the -vnni files, unsigned for onnx-int8)."""
     import onnx
     import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from benchmarks.roofline import best_s
+    from medgemma_edge.export.onnx_vision import _quantize_int8
     from medgemma_edge.runtime.backends.onnx_vision import session_options
 
-    model = _matmul_model(rows, k, n)
     x = np.random.default_rng(1).standard_normal((rows, k), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "f32.onnx", Path(tmp) / "int8.onnx"
-        onnx.save(model, str(src))
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)
-        try:
-            quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8 if signed_weights else QuantType.QUInt8,
-                             op_types_to_quantize=["MatMul"], per_channel=True, reduce_range=False)
-        finally:
-            root.setLevel(level)
+        onnx.save(_matmul_model(rows, k, n), str(src))
+        _quantize_int8(src, dst, full_range=signed_weights)
         macs = float(rows) * k * n
         rates = {}
         for name, path in (("float", src), ("int8", dst)):
             sess = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
-            rates[name] = round(macs / _best_s(sess, {"x": x}, repeat) / 1e9, 1)
+            rates[name] = round(macs / best_s(lambda: sess.run(None, {"x": x}), repeat) / 1e9, 1)
             del sess
     return {"shape": [rows, k, n], "threads": threads, "signed_weights": signed_weights,
             "float_gmac_s": rates["float"], "int8_gmac_s": rates["int8"]}
 
 
 def floor(w: dict, rates: dict, groups_s: dict, int8_attention: bool) -> dict:
-    """Seconds each group would take at the lone GEMM's rate, against the seconds it took (groups_s:
-    the profile's groups scaled to the median encode), and the floor of an encode with these kernels."""
+    """Seconds each group would take at the lone GEMM's rate (rates: gemm_rates), against the seconds
+    it took (groups_s: the profile's groups scaled to the median encode), and the floor of an encode
+    with these kernels; the rates are kept in it."""
     attn_rate = rates["int8_gmac_s"] if int8_attention else rates["float_gmac_s"]
     attn_s = w["attention"] / (attn_rate * 1e9)
     linear_s = w["linear"] / (rates["int8_gmac_s"] * 1e9)
     rest = groups_s.get("rest", 0.0)
     took_a, took_l = groups_s.get("attention", 0.0), groups_s.get("linear layers", 0.0)
-    return {"attention_s": round(attn_s, 2), "linear_s": round(linear_s, 2), "rest_s": round(rest, 2),
+    return {"rates": rates, "attention_s": round(attn_s, 2), "linear_s": round(linear_s, 2), "rest_s": round(rest, 2),
             "floor_s": round(attn_s + linear_s + rest, 2), "attention_rate": "int8" if int8_attention else "float",
             "attention_gmac_s": round(w["attention"] / took_a / 1e9, 1) if took_a else None,
             "linear_gmac_s": round(w["linear"] / took_l / 1e9, 1) if took_l else None}
 
 
-def explain(f: dict, rates: dict, goal_s: float) -> str:
-    """The floor as a clause of the goal's reason."""
+def explain(f: dict, goal_s: float) -> str:
+    """The floor (floor's result) as a clause of the goal's reason."""
+    rates = f["rates"]
     text = (f"at this run's lone-GEMM rates through onnxruntime ({rates['float_gmac_s']:.0f} G float and "
             f"{rates['int8_gmac_s']:.0f} G int8 multiply-adds/s, [{'×'.join(map(str, rates['shape']))}], "
             f"{rates['threads']} threads) the attention's products need ≥ {f['attention_s']:.1f} s in "

@@ -25,7 +25,7 @@ BANDWIDTH_BYTES = 1 << 30  # 1 GiB: far beyond every cache
 GEMM_N = 2048
 
 
-def _best(fn, repeat: int) -> float:
+def best_s(fn, repeat: int) -> float:
     fn()  # first touch, thread start-up
     times = []
     for _ in range(repeat):
@@ -42,11 +42,11 @@ def memory_bandwidth(threads: int, repeat: int = 5, nbytes: int = BANDWIDTH_BYTE
     src = np.ones(nbytes // 4, dtype=np.float32)
     parts = np.array_split(src, threads)
     with ThreadPoolExecutor(threads) as pool:
-        max_s = _best(lambda: list(pool.map(np.max, parts)), repeat)
-        dot_s = _best(lambda: list(pool.map(lambda x: np.dot(x, x), parts)), repeat)
+        max_s = best_s(lambda: list(pool.map(np.max, parts)), repeat)
+        dot_s = best_s(lambda: list(pool.map(lambda x: np.dot(x, x), parts)), repeat)
         dst = np.empty_like(src)
         dparts = np.array_split(dst, threads)
-        copy_s = _best(lambda: list(pool.map(lambda i: np.copyto(dparts[i], parts[i]), range(threads))), repeat)
+        copy_s = best_s(lambda: list(pool.map(lambda i: np.copyto(dparts[i], parts[i]), range(threads))), repeat)
     return {"read_gb_s": round(nbytes / min(max_s, dot_s) / 1e9, 2),
             "read_max_gb_s": round(nbytes / max_s / 1e9, 2), "read_dot_gb_s": round(nbytes / dot_s / 1e9, 2),
             "copy_gb_s": round(2 * nbytes / copy_s / 1e9, 2), "bytes": nbytes, "threads": threads}
@@ -57,7 +57,7 @@ def gemm_throughput(repeat: int = 3, n: int = GEMM_N) -> dict:
     rng = np.random.default_rng(0)
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
-    dt = _best(lambda: a @ b, repeat)
+    dt = best_s(lambda: a @ b, repeat)
     return {"gflop_s": round(2 * n ** 3 / dt / 1e9, 1), "n": n}
 
 

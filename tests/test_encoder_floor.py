@@ -32,8 +32,8 @@ def test_floor_and_its_verdict():
     assert (f["attention_s"], f["linear_s"], f["floor_s"]) == (10.0, 10.0, 20.5)
     assert (f["attention_gmac_s"], f["linear_gmac_s"]) == (50.0, 125.0)
     assert encoder_floor.floor(w, rates, took, int8_attention=True)["attention_s"] == 5.0
-    assert "above the goal's 14 s" in encoder_floor.explain(f, rates, 14.0)
-    assert "under the goal's 28 s" in encoder_floor.explain(f, rates, 28.0)
+    assert "above the goal's 14 s" in encoder_floor.explain(f, 14.0)
+    assert "under the goal's 28 s" in encoder_floor.explain(f, 28.0)
 
 
 @pytest.mark.parametrize("signed", [False, True])
