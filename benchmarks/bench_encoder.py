@@ -186,7 +186,7 @@ def main(argv=None) -> int:
     median = statistics.median(times[best])
     floor = None
     if profiles.get(best):
-        say("[encoder] lone GEMM rates through onnxruntime (the floor with its kernels) ...")
+        say("[encoder] lone GEMM rates (onnxruntime float and int8, numpy BLAS: the floor with each kernel) ...")
         w = encoder_floor.work(plan.vision, int(pixels.shape[0]))
         rates = encoder_floor.gemm_rates(w["tokens"], plan.vision.hidden_size, plan.vision.intermediate_size,
                                          args.threads, signed_weights=best.startswith("onnx-int8-vnni"))
